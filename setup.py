@@ -7,6 +7,8 @@ on a machine with no GPU and no CUDA toolkit. setuptools' build_ext is reused
 only for its compiler handling; the output name is fixed and carries no Python
 ABI tag.
 """
+import os
+
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -15,8 +17,9 @@ AGENT = "tally.libtally_agent"
 
 class BuildAgent(build_ext):
     def get_ext_filename(self, fullname):
-        if fullname == AGENT:
-            return "tally/libtally_agent.so"
+        # Called with the dotted name and, by distutils, with its last part alone.
+        if fullname in (AGENT, AGENT.rpartition(".")[2]):
+            return os.path.join(*fullname.split(".")) + ".so"
         return super().get_ext_filename(fullname)
 
     def get_export_symbols(self, ext):

@@ -1,0 +1,1 @@
+int tally_agent_placeholder;
