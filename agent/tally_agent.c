@@ -1,1 +1,425 @@
-int tally_agent_placeholder;
+/* tally agent: loaded into every CUDA process by the driver through
+ * CUDA_INJECTION64_PATH (see DESIGN.md, facts 2 and 3: CUPTI callbacks see every
+ * launch on CUDA 13, symbol interposition does not).
+ *
+ * What it does:
+ *   - subscribes to every kernel- and graph-launch callback the driver offers,
+ *     found by name at run time so new launch entry points are covered;
+ *   - counts launches per entry point (written to TALLY_STATS_DIR at exit);
+ *   - with TALLY_TRACE_DIR set, records every kernel execution through the
+ *     CUPTI Activity API as JSON lines (one file per process).
+ *
+ * Rule one: never break the user's program. Every failure (no libcupti, a
+ * profiler already subscribed, an unwritable trace dir) prints one warning
+ * line and leaves the program running unchanged.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cuda_decls.h"
+
+#define EXPORT __attribute__((visibility("default")))
+#define MAX_CBID 4096          /* driver callback ids are < 1000 in CUDA 13 */
+#define TRACE_BUFFER_BYTES (8u << 20)
+#define PATH_BYTES 4096
+
+enum launch_kind { LAUNCH_NONE = 0, LAUNCH_KERNEL = 1, LAUNCH_GRAPH = 2 };
+
+/* ---------------------------------------------------------------- logging */
+
+static atomic_int warned;
+
+/* One warning per process: the user needs to know tally is off, once. */
+static void warn_failopen(const char *fmt, ...) {
+    if (atomic_exchange(&warned, 1)) return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "tally: warning: %s; the program runs without tally\n", line);
+}
+
+static int env_flag(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+/* ------------------------------------------------------------------ CUPTI */
+
+static struct {
+    void *handle;
+    char path[PATH_BYTES];
+    CUptiResult (*subscribe)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
+    CUptiResult (*unsubscribe)(CUpti_SubscriberHandle);
+    CUptiResult (*enable_callback)(uint32_t, CUpti_SubscriberHandle, CUpti_CallbackDomain,
+                                   CUpti_CallbackId);
+    CUptiResult (*get_callback_name)(CUpti_CallbackDomain, uint32_t, const char **);
+    CUptiResult (*get_result_string)(CUptiResult, const char **);
+    CUptiResult (*activity_enable)(CUpti_ActivityKind);
+    CUptiResult (*activity_register_callbacks)(CUpti_BuffersCallbackRequestFunc,
+                                               CUpti_BuffersCallbackCompleteFunc);
+    CUptiResult (*activity_flush_all)(uint32_t);
+    CUptiResult (*activity_get_next_record)(uint8_t *, size_t, void **);
+    CUptiResult (*activity_get_num_dropped_records)(CUcontext, uint32_t, size_t *);
+} cupti;
+
+static const char *cupti_error(CUptiResult r) {
+    const char *s = NULL;
+    if (cupti.get_result_string && cupti.get_result_string(r, &s) == CUPTI_SUCCESS && s) return s;
+    return "unknown CUPTI error";
+}
+
+static int try_dlopen_cupti(const char *path) {
+    void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+    if (!h) return 0;
+    cupti.handle = h;
+    /* dlinfo would give the resolved file; the name we asked for is enough to report. */
+    snprintf(cupti.path, sizeof cupti.path, "%s", path);
+    return 1;
+}
+
+/* Search order: TALLY_CUPTI_PATH (explicit, no fallback if it fails), the
+ * candidate list the launcher computed (wheel dirs next to the program's
+ * Python, toolkit dirs, LD_LIBRARY_PATH), then the dynamic loader's own
+ * search and the usual toolkit locations for a manually set
+ * CUDA_INJECTION64_PATH. */
+static int load_cupti(char *why, size_t why_len) {
+    const char *explicit_path = getenv("TALLY_CUPTI_PATH");
+    if (explicit_path && *explicit_path) {
+        if (try_dlopen_cupti(explicit_path)) goto resolve;
+        snprintf(why, why_len, "TALLY_CUPTI_PATH=%s cannot be loaded (%s)", explicit_path, dlerror());
+        return 0;
+    }
+    const char *search = getenv("TALLY_CUPTI_SEARCH");
+    if (search && *search) {
+        char *copy = strdup(search), *save = NULL;
+        for (char *p = strtok_r(copy, ":", &save); p; p = strtok_r(NULL, ":", &save))
+            if (try_dlopen_cupti(p)) break;
+        free(copy);
+        if (cupti.handle) goto resolve;
+    }
+    static const char *fallbacks[] = {
+        "libcupti.so", "libcupti.so.13", "libcupti.so.12",
+        "/usr/local/cuda/extras/CUPTI/lib64/libcupti.so",
+        "/usr/local/cuda/targets/x86_64-linux/lib/libcupti.so",
+        "/usr/local/cuda/lib64/libcupti.so",
+    };
+    for (size_t i = 0; i < sizeof fallbacks / sizeof fallbacks[0]; i++)
+        if (try_dlopen_cupti(fallbacks[i])) goto resolve;
+    snprintf(why, why_len, "libcupti not found (set TALLY_CUPTI_PATH, or see `tally doctor`)");
+    return 0;
+
+resolve:;
+#define RESOLVE(field, symbol, required)                                              \
+    do {                                                                               \
+        *(void **)&cupti.field = dlsym(cupti.handle, symbol);                          \
+        if (!cupti.field && (required)) {                                              \
+            snprintf(why, why_len, "libcupti %s lacks %s", cupti.path, symbol); \
+            return 0;                                                                  \
+        }                                                                              \
+    } while (0)
+    RESOLVE(subscribe, "cuptiSubscribe", 1);
+    RESOLVE(unsubscribe, "cuptiUnsubscribe", 1);
+    RESOLVE(enable_callback, "cuptiEnableCallback", 1);
+    RESOLVE(get_callback_name, "cuptiGetCallbackName", 1);
+    RESOLVE(get_result_string, "cuptiGetResultString", 0);
+    RESOLVE(activity_enable, "cuptiActivityEnable", 0);
+    RESOLVE(activity_register_callbacks, "cuptiActivityRegisterCallbacks", 0);
+    RESOLVE(activity_flush_all, "cuptiActivityFlushAll", 0);
+    RESOLVE(activity_get_next_record, "cuptiActivityGetNextRecord", 0);
+    RESOLVE(activity_get_num_dropped_records, "cuptiActivityGetNumDroppedRecords", 0);
+#undef RESOLVE
+    return 1;
+}
+
+/* ------------------------------------------------ launch entry points */
+
+static uint8_t launch_kind_of[MAX_CBID];
+static const char *callback_name[MAX_CBID];
+static _Atomic uint64_t launches_by_cbid[MAX_CBID];
+static int n_launch_callbacks;
+
+/* Classify a driver entry point by name. Names are stable across CUDA
+ * versions while ids are only appended, so matching names covers every launch
+ * entry point of whatever CUDA version is running (cuLaunchKernel, _ptsz,
+ * cuLaunchKernelEx, cuLaunchCooperativeKernel*, legacy cuLaunch/cuLaunchGrid*,
+ * cuGraphLaunch*). cuLaunchHostFunc runs host code, not a kernel. */
+static int classify_launch(const char *name) {
+    if (!name) return LAUNCH_NONE;
+    if (strncmp(name, "cuGraphLaunch", 13) == 0) return LAUNCH_GRAPH;
+    if (strncmp(name, "cuLaunchHostFunc", 16) == 0) return LAUNCH_NONE;
+    if (strncmp(name, "cuLaunch", 8) == 0) return LAUNCH_KERNEL;
+    return LAUNCH_NONE;
+}
+
+/* ------------------------------------------------------------ tracing */
+
+static struct {
+    int enabled;
+    FILE *out;
+    pthread_mutex_t lock;
+    uint64_t kernels_written;
+} trace = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void json_string(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; s && *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static void on_buffer_requested(uint8_t **buffer, size_t *size, size_t *max_records) {
+    *size = TRACE_BUFFER_BYTES;
+    *max_records = 0;
+    if (posix_memalign((void **)buffer, 8, TRACE_BUFFER_BYTES) != 0) {
+        *buffer = NULL;
+        *size = 0;
+    }
+}
+
+static void on_buffer_completed(CUcontext ctx, uint32_t stream_id, uint8_t *buffer,
+                                      size_t size, size_t valid) {
+    (void)ctx;
+    (void)stream_id;
+    (void)size;
+    void *record = NULL;
+    pthread_mutex_lock(&trace.lock);
+    while (trace.out && cupti.activity_get_next_record(buffer, valid, &record) == CUPTI_SUCCESS) {
+        const tally_ActivityHeader *h = record;
+        if (h->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && h->kind != CUPTI_ACTIVITY_KIND_KERNEL)
+            continue;
+        const tally_ActivityKernelPrefix *k = record;
+        fputs("{\"type\":\"kernel\",\"name\":", trace.out);
+        json_string(trace.out, k->name);
+        fprintf(trace.out,
+                ",\"grid\":[%d,%d,%d],\"block\":[%d,%d,%d],\"static_smem\":%d,\"dynamic_smem\":%d,"
+                "\"registers\":%u,\"device\":%u,\"context\":%u,\"stream\":%u,\"correlation\":%u,"
+                "\"start_ns\":%llu,\"end_ns\":%llu}\n",
+                k->gridX, k->gridY, k->gridZ, k->blockX, k->blockY, k->blockZ,
+                k->staticSharedMemory, k->dynamicSharedMemory, (unsigned)k->registersPerThread,
+                k->deviceId, k->contextId, k->streamId, k->correlationId,
+                (unsigned long long)k->start, (unsigned long long)k->end);
+        trace.kernels_written++;
+    }
+    pthread_mutex_unlock(&trace.lock);
+    free(buffer);
+}
+
+static void trace_graph_launch(uint32_t correlation_id, const tally_cuGraphLaunch_params *p) {
+    pthread_mutex_lock(&trace.lock);
+    if (trace.out)
+        fprintf(trace.out, "{\"type\":\"graph_launch\",\"correlation\":%u,\"graph_exec\":\"%p\",\"stream\":\"%p\"}\n",
+                correlation_id, (void *)p->hGraphExec, (void *)p->hStream);
+    pthread_mutex_unlock(&trace.lock);
+}
+
+static void start_trace(const char *dir) {
+    char path[PATH_BYTES];
+    snprintf(path, sizeof path, "%s/trace-%d.jsonl", dir, (int)getpid());
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        warn_failopen("cannot write the trace file %s (%s)", path, strerror(errno));
+        return;
+    }
+    if (!cupti.activity_enable || !cupti.activity_register_callbacks ||
+        !cupti.activity_get_next_record || !cupti.activity_flush_all) {
+        fclose(f);
+        warn_failopen("libcupti %s lacks the Activity API; no trace is recorded", cupti.path);
+        return;
+    }
+    CUptiResult r = cupti.activity_register_callbacks(on_buffer_requested, on_buffer_completed);
+    if (r == CUPTI_SUCCESS) r = cupti.activity_enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    if (r != CUPTI_SUCCESS) {
+        fclose(f);
+        warn_failopen("CUPTI activity tracing could not start (%s)", cupti_error(r));
+        return;
+    }
+    trace.out = f;
+    trace.enabled = 1;
+}
+
+/* ----------------------------------------------------------- callback */
+
+static CUpti_SubscriberHandle subscriber;
+static atomic_int active;             /* 1 once subscribed; 0 when failed open */
+static _Atomic uint64_t callbacks_seen; /* every callback, launch or not */
+
+static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_CallbackId cbid,
+                          const void *cbdata) {
+    (void)userdata;
+    if (domain != CUPTI_CB_DOMAIN_DRIVER_API || cbid >= MAX_CBID) return;
+    const CUpti_CallbackData *d = cbdata;
+    atomic_fetch_add_explicit(&callbacks_seen, 1, memory_order_relaxed);
+    if (d->callbackSite != CUPTI_API_ENTER) return;
+    int kind = launch_kind_of[cbid];
+    if (kind == LAUNCH_NONE) return;
+    atomic_fetch_add_explicit(&launches_by_cbid[cbid], 1, memory_order_relaxed);
+    if (kind == LAUNCH_GRAPH && trace.enabled && d->functionParams)
+        trace_graph_launch(d->correlationId, d->functionParams);
+}
+
+/* ------------------------------------------------------ stats at exit */
+
+static char stats_dir[PATH_BYTES];
+static char failopen_reason[512];
+static int forked_child;
+
+static void write_stats(void) {
+    if (!stats_dir[0]) return;
+    uint64_t kernels = 0, graphs = 0;
+    for (int i = 0; i < MAX_CBID; i++) {
+        uint64_t n = atomic_load(&launches_by_cbid[i]);
+        if (launch_kind_of[i] == LAUNCH_KERNEL) kernels += n;
+        else if (launch_kind_of[i] == LAUNCH_GRAPH) graphs += n;
+    }
+    /* A forked child that never used CUDA inherited the parent's counters;
+     * reporting them would double count. */
+    if (forked_child && kernels == 0 && graphs == 0) return;
+    char path[PATH_BYTES], tmp[PATH_BYTES + 8];
+    snprintf(path, sizeof path, "%s/stats-%d.json", stats_dir, (int)getpid());
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fprintf(f, "{\"pid\":%d,\"active\":%s,\"failopen_reason\":", (int)getpid(),
+            atomic_load(&active) ? "true" : "false");
+    json_string(f, failopen_reason);
+    fputs(",\"cupti\":", f);
+    json_string(f, cupti.path);
+    fprintf(f, ",\"launch_callbacks\":%d,\"kernel_launches\":%llu,\"graph_launches\":%llu,"
+               "\"callbacks\":%llu,\"trace_kernels\":%llu",
+            n_launch_callbacks, (unsigned long long)kernels, (unsigned long long)graphs,
+            (unsigned long long)atomic_load(&callbacks_seen),
+            (unsigned long long)trace.kernels_written);
+    size_t dropped = 0;
+    if (trace.enabled && cupti.activity_get_num_dropped_records)
+        cupti.activity_get_num_dropped_records(NULL, 0, &dropped);
+    fprintf(f, ",\"trace_dropped\":%zu,\"by_entry_point\":{", dropped);
+    int first = 1;
+    for (int i = 0; i < MAX_CBID; i++) {
+        uint64_t n = atomic_load(&launches_by_cbid[i]);
+        if (!n) continue;
+        if (!first) fputc(',', f);
+        first = 0;
+        json_string(f, callback_name[i]);
+        fprintf(f, ":%llu", (unsigned long long)n);
+    }
+    fputs("}}\n", f);
+    fclose(f);
+    rename(tmp, path);
+}
+
+static void at_exit(void) {
+    if (trace.enabled && !forked_child) {
+        cupti.activity_flush_all(1);
+        pthread_mutex_lock(&trace.lock);
+        if (trace.out) fclose(trace.out);
+        trace.out = NULL;
+        pthread_mutex_unlock(&trace.lock);
+    }
+    write_stats();
+}
+
+static void after_fork_in_child(void) {
+    /* CUDA cannot be used across fork; the child starts its own accounting
+     * and does not inherit the parent's open trace file. */
+    forked_child = 1;
+    for (int i = 0; i < MAX_CBID; i++) atomic_store(&launches_by_cbid[i], 0);
+    atomic_store(&callbacks_seen, 0);
+    trace.out = NULL;
+    trace.enabled = 0;
+    pthread_mutex_init(&trace.lock, NULL);
+}
+
+/* ------------------------------------------------------------ startup */
+
+/* A profiler that was injected before tally (its CUDA_INJECTION64_PATH was
+ * moved to TALLY_CHAINED_INJECTION by the launcher) keeps working: it is
+ * initialized first, and if it took the CUPTI subscriber, tally fails open. */
+static void run_chained_injection(void) {
+    const char *path = getenv("TALLY_CHAINED_INJECTION");
+    if (!path || !*path) return;
+    void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+    int (*init)(void) = h ? (int (*)(void))dlsym(h, "InitializeInjection") : NULL;
+    if (init) init();
+    else fprintf(stderr, "tally: warning: chained injection %s could not be loaded\n", path);
+}
+
+static void fail_open(const char *reason) {
+    snprintf(failopen_reason, sizeof failopen_reason, "%s", reason);
+    warn_failopen("%s", reason);
+}
+
+static void initialize(void) {
+    const char *dir = getenv("TALLY_STATS_DIR");
+    if (dir) snprintf(stats_dir, sizeof stats_dir, "%s", dir);
+    atexit(at_exit);
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+    run_chained_injection();
+
+    char why[1024] = "";
+    if (!load_cupti(why, sizeof why)) {
+        fail_open(why);
+        return;
+    }
+    CUptiResult r = cupti.subscribe(&subscriber, (CUpti_CallbackFunc)on_driver_api, NULL);
+    if (r == CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED || r == CUPTI_ERROR_MAX_LIMIT_REACHED) {
+        fail_open("another CUPTI subscriber (a profiler?) already holds the callback API");
+        return;
+    }
+    if (r != CUPTI_SUCCESS) {
+        char reason[512];
+        snprintf(reason, sizeof reason, "cuptiSubscribe failed (%s)", cupti_error(r));
+        fail_open(reason);
+        return;
+    }
+    /* Ids beyond the last one are rejected by cuptiGetCallbackName; gaps are
+     * possible, so scan the whole range rather than stopping at the first. */
+    for (uint32_t cbid = 1; cbid < MAX_CBID; cbid++) {
+        const char *name = NULL;
+        if (cupti.get_callback_name(CUPTI_CB_DOMAIN_DRIVER_API, cbid, &name) != CUPTI_SUCCESS || !name)
+            continue;
+        int kind = classify_launch(name);
+        if (kind == LAUNCH_NONE) continue;
+        if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) != CUPTI_SUCCESS)
+            continue;
+        callback_name[cbid] = name;
+        launch_kind_of[cbid] = (uint8_t)kind;
+        n_launch_callbacks++;
+    }
+    if (n_launch_callbacks == 0) {
+        cupti.unsubscribe(subscriber);
+        fail_open("CUPTI offered no kernel-launch callbacks");
+        return;
+    }
+    atomic_store(&active, 1);
+    const char *trace_dir = getenv("TALLY_TRACE_DIR");
+    if (trace_dir && *trace_dir) start_trace(trace_dir);
+    if (env_flag("TALLY_VERBOSE"))
+        fprintf(stderr, "tally: agent active in pid %d (%s, %d launch entry points)\n",
+                (int)getpid(), cupti.path, n_launch_callbacks);
+}
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+/* Called by the CUDA driver during cuInit when CUDA_INJECTION64_PATH names
+ * this library. Returning 1 tells the driver injection succeeded; tally
+ * always returns 1 because a failed tally must not fail the program. */
+EXPORT int InitializeInjection(void) {
+    pthread_once(&init_once, initialize);
+    return 1;
+}
