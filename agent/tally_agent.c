@@ -423,3 +423,20 @@ EXPORT int InitializeInjection(void) {
     pthread_once(&init_once, initialize);
     return 1;
 }
+
+/* Introspection for programs and tests that want to know what the agent saw
+ * (tally.agent.counters() in Python): out[0] kernel launches, out[1] graph
+ * launches, out[2] launch entry points subscribed. Returns 1 while the agent
+ * is active, 0 when it failed open. */
+EXPORT int tally_agent_counters(uint64_t out[3]) {
+    uint64_t kernels = 0, graphs = 0;
+    for (int i = 0; i < MAX_CBID; i++) {
+        uint64_t n = atomic_load_explicit(&launches_by_cbid[i], memory_order_relaxed);
+        if (launch_kind_of[i] == LAUNCH_KERNEL) kernels += n;
+        else if (launch_kind_of[i] == LAUNCH_GRAPH) graphs += n;
+    }
+    out[0] = kernels;
+    out[1] = graphs;
+    out[2] = (uint64_t)n_launch_callbacks;
+    return atomic_load(&active);
+}

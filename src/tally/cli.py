@@ -85,8 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("tally: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line, like every other tally error; the help is one flag away.
+        where = exc.ctx.command_path if exc.ctx else "tally"
+        click.echo(f"tally: error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"tally: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

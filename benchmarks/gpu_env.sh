@@ -1,0 +1,8 @@
+# Source this on a GPU machine without network before running a benchmark:
+# installs wheels carried in .whl/ (if any) and builds the agent in place.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src:$PYTHONPATH
+python3 setup.py -q build_ext --inplace 2>/dev/null || { echo "agent build failed"; return 1; }
