@@ -89,7 +89,7 @@ def check_mps() -> Check:
     except TallyError as exc:
         return Check("MPS", False, str(exc),
                      "install the NVIDIA driver's MPS binaries (nvidia-cuda-mps-control, nvidia-cuda-mps-server)")
-    return Check("MPS", True, ", ".join(str(p) for p in (found.values() if isinstance(found, dict) else found)))
+    return Check("MPS", True, f"{found.control}, {found.server}")
 
 
 def check_ptxas() -> Check:
@@ -117,9 +117,18 @@ def check_injection_conflict() -> Check:
     return Check("CUDA_INJECTION64_PATH", True, "not set by anything else", required=False)
 
 
+CHECKS = (check_agent, check_driver, check_gpus, check_cupti, check_mps, check_ptxas, check_injection_conflict)
+
+
 def run_checks() -> list[Check]:
-    return [check_agent(), check_driver(), check_gpus(), check_cupti(), check_mps(), check_ptxas(),
-            check_injection_conflict()]
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check())
+        except Exception as exc:  # a broken check is reported, never a traceback
+            name = check.__name__.removeprefix("check_")
+            results.append(Check(name, False, f"the check itself failed: {exc!r}", "report this as a tally bug"))
+    return results
 
 
 @click.command("doctor")
