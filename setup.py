@@ -34,9 +34,9 @@ setup(
     ext_modules=[
         Extension(
             AGENT,
-            sources=["agent/tally_agent.c"],
+            sources=["agent/tally_agent.c", "agent/sched.c", "agent/gate.c"],
             include_dirs=["agent"],
-            depends=["agent/cuda_decls.h", "agent/scoreboard.h"],
+            depends=["agent/agent.h", "agent/cuda_decls.h", "agent/gate.h", "agent/scoreboard.h"],
             libraries=["dl", "pthread"],
             extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-format-truncation", "-fvisibility=hidden"],
         )

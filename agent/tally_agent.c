@@ -26,29 +26,43 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "agent.h"
 #include "cuda_decls.h"
 
-#define EXPORT __attribute__((visibility("default")))
+#define EXPORT TALLY_EXPORT
 #define MAX_CBID 4096          /* driver callback ids are < 1000 in CUDA 13 */
 #define TRACE_BUFFER_BYTES (8u << 20)
 #define PATH_BYTES 4096
 
 enum launch_kind { LAUNCH_NONE = 0, LAUNCH_KERNEL = 1, LAUNCH_GRAPH = 2 };
 
+/* How an entry point's parameter block is laid out (generated_cuda_meta.h). */
+enum param_layout {
+    PARAMS_UNKNOWN = 0,     /* e.g. cuLaunchCooperativeKernelMultiDevice: not tracked */
+    PARAMS_KERNEL,          /* cuLaunchKernel, cuLaunchCooperativeKernel (+ _ptsz) */
+    PARAMS_KERNEL_EX,       /* cuLaunchKernelEx (+ _ptsz) */
+    PARAMS_GRAPH,           /* cuGraphLaunch (+ _ptsz) */
+    PARAMS_GRID_ASYNC,      /* cuLaunchGridAsync(f, w, h, stream) */
+    PARAMS_LEGACY_SYNC,     /* cuLaunch(f), cuLaunchGrid(f, w, h): legacy default stream */
+};
+
 /* ---------------------------------------------------------------- logging */
 
 static atomic_int warned;
 
 /* One warning per process: the user needs to know tally is off, once. */
-static void warn_failopen(const char *fmt, ...) {
+void tally_warn(const char *fmt, ...) {
     if (atomic_exchange(&warned, 1)) return;
     char line[1024];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "tally: warning: %s; the program runs without tally\n", line);
+    fprintf(stderr, "tally: warning: %s\n", line);
 }
+
+#define warn_failopen(fmt, ...) tally_warn(fmt "; the program runs without tally", ##__VA_ARGS__)
+#define warn_no_trace(fmt, ...) tally_warn(fmt "; no trace is recorded, launches are still counted", ##__VA_ARGS__)
 
 static int env_flag(const char *name) {
     const char *v = getenv(name);
@@ -146,6 +160,8 @@ resolve:;
 /* ------------------------------------------------ launch entry points */
 
 static uint8_t launch_kind_of[MAX_CBID];
+static uint8_t param_layout_of[MAX_CBID];
+static uint8_t per_thread_stream[MAX_CBID]; /* _ptsz: a NULL stream means the per-thread stream */
 static const char *callback_name[MAX_CBID];
 static _Atomic uint64_t launches_by_cbid[MAX_CBID];
 static int n_launch_callbacks;
@@ -161,6 +177,76 @@ static int classify_launch(const char *name) {
     if (strncmp(name, "cuLaunchHostFunc", 16) == 0) return LAUNCH_NONE;
     if (strncmp(name, "cuLaunch", 8) == 0) return LAUNCH_KERNEL;
     return LAUNCH_NONE;
+}
+
+static int classify_params(const char *name) {
+    size_t n = strlen(name);
+    char base[128];
+    if (n >= sizeof base) return PARAMS_UNKNOWN;
+    memcpy(base, name, n + 1);
+    if (n > 5 && strcmp(base + n - 5, "_ptsz") == 0) base[n - 5] = 0;
+    if (!strcmp(base, "cuLaunchKernel") || !strcmp(base, "cuLaunchCooperativeKernel")) return PARAMS_KERNEL;
+    if (!strcmp(base, "cuLaunchKernelEx")) return PARAMS_KERNEL_EX;
+    if (!strcmp(base, "cuGraphLaunch")) return PARAMS_GRAPH;
+    if (!strcmp(base, "cuLaunchGridAsync")) return PARAMS_GRID_ASYNC;
+    if (!strcmp(base, "cuLaunch") || !strcmp(base, "cuLaunchGrid")) return PARAMS_LEGACY_SYNC;
+    return PARAMS_UNKNOWN;
+}
+
+typedef struct {
+    CUfunction f;
+    int grid_width, grid_height;
+    CUstream hStream;
+} grid_async_params;
+
+static void decode_launch(CUpti_CallbackId cbid, const void *params, struct tally_launch *out) {
+    memset(out, 0, sizeof *out);
+    out->is_graph = launch_kind_of[cbid] == LAUNCH_GRAPH;
+    if (!params) return;
+    switch (param_layout_of[cbid]) {
+    case PARAMS_KERNEL: {
+        const tally_cuLaunchKernel_params *p = params;
+        out->kernel = (uintptr_t)p->f;
+        out->grid_threads = (uint64_t)p->gridDimX * p->gridDimY * p->gridDimZ * p->blockDimX * p->blockDimY *
+                            p->blockDimZ;
+        out->stream = p->hStream;
+        out->trackable = 1;
+        break;
+    }
+    case PARAMS_KERNEL_EX: {
+        const tally_cuLaunchKernelEx_params *p = params;
+        if (!p->config) return;
+        const tally_CUlaunchConfig *c = p->config;
+        out->kernel = (uintptr_t)p->f;
+        out->grid_threads = (uint64_t)c->gridDimX * c->gridDimY * c->gridDimZ * c->blockDimX * c->blockDimY *
+                            c->blockDimZ;
+        out->stream = c->hStream;
+        out->trackable = 1;
+        break;
+    }
+    case PARAMS_GRAPH: {
+        const tally_cuGraphLaunch_params *p = params;
+        out->kernel = (uintptr_t)p->hGraphExec;
+        out->stream = p->hStream;
+        out->trackable = 1;
+        break;
+    }
+    case PARAMS_GRID_ASYNC: {
+        const grid_async_params *p = params;
+        out->kernel = (uintptr_t)p->f;
+        out->stream = p->hStream;
+        out->trackable = 1;
+        break;
+    }
+    case PARAMS_LEGACY_SYNC:
+        out->kernel = (uintptr_t) * (CUfunction const *)params;
+        out->stream = NULL;
+        out->trackable = 1;
+        break;
+    default:
+        return;
+    }
+    if (out->stream == NULL && per_thread_stream[cbid]) out->stream = (CUstream)0x2; /* CU_STREAM_PER_THREAD */
 }
 
 /* ------------------------------------------------------------ tracing */
@@ -233,20 +319,22 @@ static void start_trace(const char *dir) {
     snprintf(path, sizeof path, "%s/trace-%d.jsonl", dir, (int)getpid());
     FILE *f = fopen(path, "w");
     if (!f) {
-        warn_failopen("cannot write the trace file %s (%s)", path, strerror(errno));
+        warn_no_trace("cannot write the trace file %s (%s)", path, strerror(errno));
         return;
     }
     if (!cupti.activity_enable || !cupti.activity_register_callbacks ||
         !cupti.activity_get_next_record || !cupti.activity_flush_all) {
         fclose(f);
-        warn_failopen("libcupti %s lacks the Activity API; no trace is recorded", cupti.path);
+        remove(path); /* an empty trace would read as "no kernels ran" */
+        warn_no_trace("libcupti %s lacks the Activity API", cupti.path);
         return;
     }
     CUptiResult r = cupti.activity_register_callbacks(on_buffer_requested, on_buffer_completed);
     if (r == CUPTI_SUCCESS) r = cupti.activity_enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
     if (r != CUPTI_SUCCESS) {
         fclose(f);
-        warn_failopen("CUPTI activity tracing could not start (%s)", cupti_error(r));
+        remove(path);
+        warn_no_trace("CUPTI activity tracing could not start (%s)", cupti_error(r));
         return;
     }
     trace.out = f;
@@ -265,12 +353,22 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
     if (domain != CUPTI_CB_DOMAIN_DRIVER_API || cbid >= MAX_CBID) return;
     const CUpti_CallbackData *d = cbdata;
     atomic_fetch_add_explicit(&callbacks_seen, 1, memory_order_relaxed);
-    if (d->callbackSite != CUPTI_API_ENTER) return;
     int kind = launch_kind_of[cbid];
     if (kind == LAUNCH_NONE) return;
-    atomic_fetch_add_explicit(&launches_by_cbid[cbid], 1, memory_order_relaxed);
-    if (kind == LAUNCH_GRAPH && trace.enabled && d->functionParams)
-        trace_graph_launch(d->correlationId, d->functionParams);
+    struct tally_launch launch;
+    if (d->callbackSite == CUPTI_API_ENTER) {
+        atomic_fetch_add_explicit(&launches_by_cbid[cbid], 1, memory_order_relaxed);
+        if (kind == LAUNCH_GRAPH && trace.enabled && d->functionParams)
+            trace_graph_launch(d->correlationId, d->functionParams);
+        if (tally_sched_enabled()) {
+            decode_launch(cbid, d->functionParams, &launch);
+            tally_sched_launch_enter(&launch);
+        }
+    } else if (d->callbackSite == CUPTI_API_EXIT && tally_sched_enabled()) {
+        decode_launch(cbid, d->functionParams, &launch);
+        CUresult result = d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS;
+        tally_sched_launch_exit(&launch, result);
+    }
 }
 
 /* ------------------------------------------------------ stats at exit */
@@ -324,6 +422,7 @@ static void write_stats(void) {
 }
 
 static void at_exit(void) {
+    tally_sched_exit();
     if (trace.enabled && !forked_child) {
         cupti.activity_flush_all(1);
         pthread_mutex_lock(&trace.lock);
@@ -334,15 +433,26 @@ static void at_exit(void) {
     write_stats();
 }
 
+/* The trace lock is held across fork, and the trace file flushed first: a
+ * child's exit() would otherwise write the parent's buffered lines again. */
+static void before_fork(void) {
+    pthread_mutex_lock(&trace.lock);
+    if (trace.out) fflush(trace.out);
+}
+
+static void after_fork_in_parent(void) { pthread_mutex_unlock(&trace.lock); }
+
 static void after_fork_in_child(void) {
     /* CUDA cannot be used across fork; the child starts its own accounting
      * and does not inherit the parent's open trace file. */
     forked_child = 1;
+    tally_sched_after_fork();
     for (int i = 0; i < MAX_CBID; i++) atomic_store(&launches_by_cbid[i], 0);
     atomic_store(&callbacks_seen, 0);
     trace.out = NULL;
     trace.enabled = 0;
-    pthread_mutex_init(&trace.lock, NULL);
+    trace.kernels_written = 0;
+    pthread_mutex_unlock(&trace.lock);
 }
 
 /* ------------------------------------------------------------ startup */
@@ -350,11 +460,16 @@ static void after_fork_in_child(void) {
 /* A profiler that was injected before tally (its CUDA_INJECTION64_PATH was
  * moved to TALLY_CHAINED_INJECTION by the launcher) keeps working: it is
  * initialized first, and if it took the CUPTI subscriber, tally fails open. */
+EXPORT int InitializeInjection(void);
+
 static void run_chained_injection(void) {
     const char *path = getenv("TALLY_CHAINED_INJECTION");
     if (!path || !*path) return;
     void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
     int (*init)(void) = h ? (int (*)(void))dlsym(h, "InitializeInjection") : NULL;
+    /* The agent itself under another path (tally run inside tally run): calling
+     * it would re-enter pthread_once and hang the program. */
+    if (init == InitializeInjection) return;
     if (init) init();
     else fprintf(stderr, "tally: warning: chained injection %s could not be loaded\n", path);
 }
@@ -368,7 +483,7 @@ static void initialize(void) {
     const char *dir = getenv("TALLY_STATS_DIR");
     if (dir) snprintf(stats_dir, sizeof stats_dir, "%s", dir);
     atexit(at_exit);
-    pthread_atfork(NULL, NULL, after_fork_in_child);
+    pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
     run_chained_injection();
 
     char why[1024] = "";
@@ -399,6 +514,9 @@ static void initialize(void) {
             continue;
         callback_name[cbid] = name;
         launch_kind_of[cbid] = (uint8_t)kind;
+        param_layout_of[cbid] = (uint8_t)classify_params(name);
+        size_t len = strlen(name);
+        per_thread_stream[cbid] = len > 5 && strcmp(name + len - 5, "_ptsz") == 0;
         n_launch_callbacks++;
     }
     if (n_launch_callbacks == 0) {
@@ -407,6 +525,7 @@ static void initialize(void) {
         return;
     }
     atomic_store(&active, 1);
+    tally_sched_init();
     const char *trace_dir = getenv("TALLY_TRACE_DIR");
     if (trace_dir && *trace_dir) start_trace(trace_dir);
     if (env_flag("TALLY_VERBOSE"))

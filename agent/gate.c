@@ -1,0 +1,59 @@
+/* The launch-level priority gate's decision; see gate.h. */
+#include "gate.h"
+
+static uint64_t load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static uint32_t load32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+
+int tally_gate_hp_inflight(const struct tally_sb_header *h) {
+    struct tally_sb_header *hh = (struct tally_sb_header *)h;
+    for (uint32_t i = 0; i < TALLY_SB_MAX_CLIENTS; i++) {
+        const struct tally_sb_slot *s = tally_sb_slot_at(hh, i);
+        if (load32(&s->state) != TALLY_SB_SLOT_ACTIVE || load32(&s->priority) != TALLY_SB_PRIO_HIGH)
+            continue;
+        for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) {
+            /* completed first: a completion can only catch up with a launch
+             * already published, so this order never misses in-flight work. */
+            uint64_t done = load64(&s->lanes[j].completed_seq);
+            uint64_t launched = load64(&s->lanes[j].launched_seq);
+            if (launched > done) return 1;
+        }
+    }
+    return 0;
+}
+
+int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns) {
+    uint64_t beat = load64(&h->daemon_heartbeat_ns);
+    if (beat == 0) return 0;
+    return now_ns <= beat || now_ns - beat <= load64(&h->daemon_timeout_ns);
+}
+
+enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint64_t now_ns,
+                                           uint64_t be_inflight_est_ns, uint64_t kernel_est_ns) {
+    if (load32(&h->policy) != TALLY_SB_POLICY_TALLY) return TALLY_GATE_UNGATED;
+    if (!tally_gate_daemon_alive(h, now_ns)) return TALLY_GATE_DAEMON_DEAD;
+    if (load32(&h->hp_active) == 0) return TALLY_GATE_UNGATED;
+    if (tally_gate_hp_inflight(h)) return TALLY_GATE_WAIT_HP;
+    uint64_t last = load64(&h->hp_last_launch_ns);
+    uint64_t idle = now_ns > last ? now_ns - last : 0;
+    if (idle < load64(&h->idle_window_ns)) return TALLY_GATE_WAIT_HP;
+    int unthrottled = idle >= load64(&h->unthrottle_after_ns);
+    uint64_t budget = load64(&h->turnaround_budget_ns);
+    if (unthrottled && budget < TALLY_GATE_IDLE_DEPTH_NS) budget = TALLY_GATE_IDLE_DEPTH_NS;
+    if (be_inflight_est_ns + kernel_est_ns <= budget)
+        return unthrottled ? TALLY_GATE_ADMIT_IDLE : TALLY_GATE_ADMIT;
+    if (be_inflight_est_ns == 0) return TALLY_GATE_ADMIT_ALONE;
+    return TALLY_GATE_WAIT_BUDGET;
+}
+
+const char *tally_gate_decision_name(enum tally_gate_decision d) {
+    switch (d) {
+    case TALLY_GATE_ADMIT: return "admit";
+    case TALLY_GATE_ADMIT_ALONE: return "admit-alone";
+    case TALLY_GATE_ADMIT_IDLE: return "admit-idle";
+    case TALLY_GATE_UNGATED: return "ungated";
+    case TALLY_GATE_DAEMON_DEAD: return "daemon-dead";
+    case TALLY_GATE_WAIT_HP: return "wait-hp";
+    case TALLY_GATE_WAIT_BUDGET: return "wait-budget";
+    }
+    return "unknown";
+}

@@ -1,0 +1,477 @@
+/* Priority scheduling in the agent: joining the GPU's scoreboard, tracking
+ * GPU work in flight per stream, and holding best-effort launches at the gate.
+ *
+ * Completion is seen on the GPU side: after each tracked launch the agent
+ * enqueues a stream memory operation (cuStreamWriteValue64) that writes the
+ * launch's sequence number into the scoreboard, which is host memory mapped
+ * into the GPU's address space. "In flight" is launched_seq > completed_seq;
+ * nobody polls the driver.
+ *
+ * Everything here fails open: a scoreboard that cannot be joined, a driver
+ * call that fails, or a dead daemon leaves the program running ungated, with
+ * one warning.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "gate.h"
+#include "scoreboard.h"
+
+#define CU_STREAM_PER_THREAD ((CUstream)0x2)
+#define CU_MEMHOSTREGISTER_PORTABLE 0x01
+#define CU_MEMHOSTREGISTER_DEVICEMAP 0x02
+#define CU_STREAM_CAPTURE_STATUS_NONE 0
+#define RING 512            /* tracked BE launches in flight per lane */
+#define PROFILE_SLOTS 4096  /* kernels with a duration estimate */
+#define SPIN_NS 200000      /* busy-wait this long before sleeping at the gate */
+#define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed */
+
+enum join_state { NOT_JOINED = 0, JOINED = 1, UNGATED = -1 };
+
+static struct {
+    CUresult (*ctx_get_device)(CUdevice *);
+    CUresult (*device_get_uuid)(CUuuid *, CUdevice);
+    CUresult (*mem_host_register)(void *, size_t, unsigned int);
+    CUresult (*mem_host_get_device_pointer)(CUdeviceptr *, void *, unsigned int);
+    CUresult (*stream_write_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int);
+    CUresult (*stream_is_capturing)(CUstream, int *);
+} drv;
+
+struct inflight {
+    uint64_t seq;
+    uint64_t est_ns;
+    uint64_t launch_ns;
+    uint32_t profile;  /* index into profiles, or PROFILE_SLOTS for none */
+};
+
+struct lane {
+    CUstream stream;
+    pthread_mutex_t lock;  /* keeps memory operations in sequence order per stream */
+    uint64_t next_seq;
+    /* best-effort only: launches whose completion has not been seen yet */
+    struct inflight ring[RING];
+    uint32_t head, tail;
+    uint64_t last_done_ns;
+    int last_done_timed;
+};
+
+struct profile {
+    uintptr_t kernel;
+    uint64_t grid_threads;
+    uint64_t est_ns;
+    uint64_t samples;
+};
+
+static struct {
+    int priority;                   /* TALLY_SB_PRIO_* */
+    _Atomic int state;              /* enum join_state */
+    pthread_mutex_t join_lock;
+    struct tally_sb_header *sb;
+    struct tally_sb_slot *slot;
+    CUdeviceptr sb_device;          /* the scoreboard's address on the GPU */
+    struct lane lanes[TALLY_SB_MAX_LANES];
+    _Atomic uint32_t n_lanes;
+    pthread_mutex_t lanes_lock;
+    _Atomic uint64_t be_inflight_est_ns;
+    pthread_mutex_t profile_lock;
+    struct profile profiles[PROFILE_SLOTS];
+    uint64_t last_poll_ns;
+    _Atomic int warned_lanes, warned_daemon;
+} S = {
+    .join_lock = PTHREAD_MUTEX_INITIALIZER,
+    .lanes_lock = PTHREAD_MUTEX_INITIALIZER,
+    .profile_lock = PTHREAD_MUTEX_INITIALIZER,
+};
+
+/* What launch_enter decided, for launch_exit on the same thread. */
+static __thread struct {
+    int track;
+    uint64_t est_ns;
+    uint32_t profile;
+} pending;
+
+int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) != UNGATED; }
+
+static void give_up(const char *why) {
+    atomic_store(&S.state, UNGATED);
+    tally_warn("%s; %s launches are not scheduled", why,
+               S.priority == TALLY_SB_PRIO_HIGH ? "high-priority" : "best-effort");
+    if (S.slot) __atomic_store_n(&S.slot->failopen, 1, __ATOMIC_RELAXED);
+}
+
+void tally_sched_init(void) {
+    S.priority = -1;
+    const char *p = getenv("TALLY_PRIORITY");
+    if (!p || !*p) return;
+    if (strcmp(p, "high") == 0) S.priority = TALLY_SB_PRIO_HIGH;
+    else if (strcmp(p, "best-effort") == 0) S.priority = TALLY_SB_PRIO_BEST_EFFORT;
+    else {
+        tally_warn("TALLY_PRIORITY=%s is neither 'high' nor 'best-effort'", p);
+        return;
+    }
+    for (int i = 0; i < (int)TALLY_SB_MAX_LANES; i++) pthread_mutex_init(&S.lanes[i].lock, NULL);
+}
+
+/* ------------------------------------------------------------- joining */
+
+static void *cuda_symbol(void *lib, const char *a, const char *b) {
+    void *f = dlsym(lib, a);
+    return f || !b ? f : dlsym(lib, b);
+}
+
+static int load_driver(void) {
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!lib) return 0;
+    *(void **)&drv.ctx_get_device = cuda_symbol(lib, "cuCtxGetDevice", NULL);
+    *(void **)&drv.device_get_uuid = cuda_symbol(lib, "cuDeviceGetUuid_v2", "cuDeviceGetUuid");
+    *(void **)&drv.mem_host_register = cuda_symbol(lib, "cuMemHostRegister_v2", "cuMemHostRegister");
+    *(void **)&drv.mem_host_get_device_pointer =
+        cuda_symbol(lib, "cuMemHostGetDevicePointer_v2", "cuMemHostGetDevicePointer");
+    *(void **)&drv.stream_write_value64 = cuda_symbol(lib, "cuStreamWriteValue64_v2", "cuStreamWriteValue64");
+    *(void **)&drv.stream_is_capturing = cuda_symbol(lib, "cuStreamIsCapturing", NULL);
+    return drv.ctx_get_device && drv.device_get_uuid && drv.mem_host_register &&
+           drv.mem_host_get_device_pointer && drv.stream_write_value64 && drv.stream_is_capturing;
+}
+
+static void format_uuid(const CUuuid *u, char out[64]) {
+    const unsigned char *b = (const unsigned char *)u->bytes;
+    snprintf(out, 64,
+             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+             b[14], b[15]);
+}
+
+static uint64_t own_start_ticks(void) {
+    FILE *f = fopen("/proc/self/stat", "r");
+    if (!f) return 0;
+    char buf[1024];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* comm may hold spaces; fields restart after ')' */
+    if (!p) return 0;
+    unsigned long long ticks = 0;
+    /* after ')': field 3 (state) ... field 22 (starttime) */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+               &ticks) != 1)
+        return 0;
+    return ticks;
+}
+
+static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
+    for (uint32_t i = 0; i < TALLY_SB_MAX_CLIENTS; i++) {
+        struct tally_sb_slot *s = tally_sb_slot_at(h, i);
+        uint32_t expected = TALLY_SB_SLOT_FREE;
+        if (!__atomic_compare_exchange_n(&s->state, &expected, TALLY_SB_SLOT_ACTIVE, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        __atomic_store_n(&s->priority, (uint32_t)S.priority, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->failopen, 0, __ATOMIC_RELAXED);
+        memset(s->comm, 0, sizeof s->comm);
+        FILE *f = fopen("/proc/self/comm", "r");
+        if (f) {
+            if (fgets(s->comm, sizeof s->comm, f)) s->comm[strcspn(s->comm, "\n")] = 0;
+            fclose(f);
+        }
+        __atomic_store_n(&s->claim_ns, tally_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&s->pid_start_ticks, own_start_ticks(), __ATOMIC_RELAXED);
+        __atomic_store_n(&s->pid, (uint32_t)getpid(), __ATOMIC_RELEASE);
+        return s;
+    }
+    return NULL;
+}
+
+/* Called on the first launch, when a context is current. */
+static void join(void) {
+    pthread_mutex_lock(&S.join_lock);
+    if (atomic_load(&S.state) != NOT_JOINED) goto out;
+    const char *prefix = getenv(TALLY_SB_PREFIX_ENV);
+    if (!prefix || !*prefix) {
+        give_up(TALLY_SB_PREFIX_ENV " is not set (start the program with `tally run --priority ...`)");
+        goto out;
+    }
+    if (!load_driver()) {
+        give_up("libcuda lacks the stream memory operations tally needs");
+        goto out;
+    }
+    CUdevice dev;
+    CUuuid uuid;
+    char uuid_text[64], path[4096];
+    if (drv.ctx_get_device(&dev) != CUDA_SUCCESS || drv.device_get_uuid(&uuid, dev) != CUDA_SUCCESS) {
+        give_up("cannot tell which GPU this process uses");
+        goto out;
+    }
+    format_uuid(&uuid, uuid_text);
+    snprintf(path, sizeof path, "%s%s", prefix, uuid_text);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        char why[4200];
+        snprintf(why, sizeof why, "no tally scoreboard for %s (%s): is `tally up` running on this GPU?",
+                 uuid_text, path);
+        give_up(why);
+        goto out;
+    }
+    struct stat st;
+    void *map = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= TALLY_SB_TOTAL_SIZE)
+        map = mmap(NULL, TALLY_SB_TOTAL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    struct tally_sb_header *h = map;
+    if (map == MAP_FAILED || h->magic != TALLY_SB_MAGIC || h->version != TALLY_SB_VERSION ||
+        h->header_size != TALLY_SB_HEADER_SIZE || h->slot_size != TALLY_SB_SLOT_SIZE ||
+        h->max_clients != TALLY_SB_MAX_CLIENTS || h->max_lanes != TALLY_SB_MAX_LANES) {
+        if (map != MAP_FAILED) munmap(map, TALLY_SB_TOTAL_SIZE);
+        give_up("the scoreboard is not one this agent understands (tally versions differ?)");
+        goto out;
+    }
+    /* The GPU writes completions straight into the scoreboard. */
+    CUresult r = drv.mem_host_register(map, TALLY_SB_TOTAL_SIZE,
+                                       CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP);
+    if (r == CUDA_SUCCESS) r = drv.mem_host_get_device_pointer(&S.sb_device, map, 0);
+    if (r != CUDA_SUCCESS) {
+        munmap(map, TALLY_SB_TOTAL_SIZE);
+        give_up("cannot map the scoreboard into GPU memory (cuMemHostRegister failed)");
+        goto out;
+    }
+    struct tally_sb_slot *slot = claim_slot(h);
+    if (!slot) {
+        munmap(map, TALLY_SB_TOTAL_SIZE);
+        give_up("the scoreboard has no free client slot");
+        goto out;
+    }
+    S.sb = h;
+    S.slot = slot;
+    /* A reused slot keeps its lanes' numbers (repaired: launched == completed);
+     * continue after them so "launched > completed" stays meaningful. */
+    for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
+        uint64_t a = __atomic_load_n(&slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);
+        uint64_t b = __atomic_load_n(&slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
+        S.lanes[i].next_seq = a > b ? a : b;
+        __atomic_store_n(&slot->lanes[i].completed_seq, S.lanes[i].next_seq, __ATOMIC_RELEASE);
+        __atomic_store_n(&slot->lanes[i].launched_seq, S.lanes[i].next_seq, __ATOMIC_RELEASE);
+    }
+    atomic_store(&S.state, JOINED);
+    if (getenv("TALLY_VERBOSE"))
+        fprintf(stderr, "tally: pid %d joined %s as %s (slot %ld)\n", (int)getpid(), path,
+                S.priority == TALLY_SB_PRIO_HIGH ? "high priority" : "best effort",
+                (long)(((char *)slot - (char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE));
+out:
+    pthread_mutex_unlock(&S.join_lock);
+}
+
+/* --------------------------------------------------------------- lanes */
+
+static struct lane *lane_of(CUstream stream) {
+    uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
+    for (uint32_t i = 0; i < n; i++)
+        if (S.lanes[i].stream == stream) return &S.lanes[i];
+    pthread_mutex_lock(&S.lanes_lock);
+    n = atomic_load(&S.n_lanes);
+    struct lane *found = NULL;
+    for (uint32_t i = 0; i < n && !found; i++)
+        if (S.lanes[i].stream == stream) found = &S.lanes[i];
+    if (!found && n < TALLY_SB_MAX_LANES) {
+        found = &S.lanes[n];
+        found->stream = stream;
+        atomic_store_explicit(&S.n_lanes, n + 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&S.lanes_lock);
+    if (!found && !atomic_exchange(&S.warned_lanes, 1))
+        fprintf(stderr, "tally: warning: more than %u streams; launches on the others are not tracked\n",
+                TALLY_SB_MAX_LANES);
+    return found;
+}
+
+static int capturing(CUstream stream) {
+    /* The legacy default stream cannot capture, and querying it while
+     * another stream captures is itself an error. */
+    if (stream == NULL) return 0;
+    int status = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (drv.stream_is_capturing(stream, &status) != CUDA_SUCCESS) return 1;
+    return status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+/* ------------------------------------------------------------ profiles */
+
+static uint32_t profile_index(uintptr_t kernel, uint64_t grid_threads) {
+    uint64_t h = (uint64_t)kernel * 0x9E3779B97F4A7C15ull ^ grid_threads * 0xC2B2AE3D27D4EB4Full;
+    uint32_t i = (uint32_t)(h >> 40) % PROFILE_SLOTS;
+    for (uint32_t probe = 0; probe < 32; probe++, i = (i + 1) % PROFILE_SLOTS) {
+        struct profile *p = &S.profiles[i];
+        if (p->kernel == kernel && p->grid_threads == grid_threads) return i;
+        if (p->kernel == 0) {
+            p->kernel = kernel;
+            p->grid_threads = grid_threads;
+            return i;
+        }
+    }
+    return PROFILE_SLOTS; /* table crowded: no estimate, treated as unknown */
+}
+
+/* Unknown kernels are estimated at the whole budget, so they run alone once
+ * and are timed exactly while the next launch waits for them. */
+static uint64_t estimate(uint32_t profile) {
+    uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
+    if (profile >= PROFILE_SLOTS || S.profiles[profile].samples == 0) return budget;
+    return S.profiles[profile].est_ns;
+}
+
+static void learn(uint32_t profile, uint64_t sample_ns) {
+    if (profile >= PROFILE_SLOTS) return;
+    struct profile *p = &S.profiles[profile];
+    /* exponentially weighted, weight 1/4 for the new sample */
+    p->est_ns = p->samples ? p->est_ns + ((int64_t)sample_ns - (int64_t)p->est_ns) / 4 : sample_ns;
+    p->samples++;
+}
+
+/* Retire BE launches whose completion the GPU has written. Completions seen
+ * while the gate polls continuously are timed and teach the estimates. */
+static void retire_completed(uint64_t now) {
+    int timed = S.last_poll_ns && now - S.last_poll_ns <= ACCURATE_POLL_NS;
+    S.last_poll_ns = now;
+    uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
+    for (uint32_t i = 0; i < n; i++) {
+        struct lane *l = &S.lanes[i];
+        if (l->head == l->tail) continue;
+        uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
+        pthread_mutex_lock(&l->lock);
+        while (l->head != l->tail && l->ring[l->head % RING].seq <= done) {
+            struct inflight *e = &l->ring[l->head % RING];
+            if (timed && l->last_done_timed) {
+                uint64_t start = e->launch_ns > l->last_done_ns ? e->launch_ns : l->last_done_ns;
+                pthread_mutex_lock(&S.profile_lock);
+                learn(e->profile, now - start);
+                pthread_mutex_unlock(&S.profile_lock);
+            }
+            atomic_fetch_sub(&S.be_inflight_est_ns, e->est_ns);
+            l->last_done_ns = now;
+            l->head++;
+        }
+        l->last_done_timed = timed;
+        pthread_mutex_unlock(&l->lock);
+    }
+}
+
+/* ------------------------------------------------------- launch hooks */
+
+static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
+    pthread_mutex_lock(&S.profile_lock);
+    uint32_t profile = profile_index(launch->kernel, launch->grid_threads);
+    pthread_mutex_unlock(&S.profile_lock);
+    uint64_t est = estimate(profile);
+    uint64_t held_since = 0;
+    enum tally_gate_decision d;
+    for (;;) {
+        retire_completed(now);
+        d = tally_gate_decide(S.sb, now, atomic_load(&S.be_inflight_est_ns), est);
+        if (!TALLY_GATE_IS_WAIT(d)) break;
+        if (!held_since) held_since = now;
+        if (now - held_since < SPIN_NS) sched_yield();
+        else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+        now = tally_now_ns();
+    }
+    if (held_since) {
+        __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
+    }
+    if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
+    if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
+        fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run ungated\n");
+    /* Track only while an HP client exists: with none, BE pays nothing. */
+    pending.track = launch->trackable && (d == TALLY_GATE_ADMIT || d == TALLY_GATE_ADMIT_ALONE ||
+                                          d == TALLY_GATE_ADMIT_IDLE);
+    pending.est_ns = est;
+    pending.profile = profile;
+}
+
+void tally_sched_launch_enter(const struct tally_launch *launch) {
+    pending.track = 0;
+    if (S.priority < 0) return;
+    int state = atomic_load(&S.state);
+    if (state == NOT_JOINED) {
+        join();
+        state = atomic_load(&S.state);
+    }
+    if (state != JOINED) return;
+    uint64_t now = tally_now_ns();
+    struct tally_sb_slot *slot = S.slot;
+    __atomic_fetch_add(launch->is_graph ? &slot->graph_launches : &slot->launches, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->last_launch_ns, now, __ATOMIC_RELAXED);
+    /* The common case for training with nobody to protect: two loads, no tracking. */
+    if (S.priority == TALLY_SB_PRIO_BEST_EFFORT &&
+        (__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY ||
+         __atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) == 0))
+        return;
+    if (launch->trackable && capturing(launch->stream)) return; /* recorded into a graph, runs later */
+    if (S.priority == TALLY_SB_PRIO_HIGH) {
+        /* Busy from before the launch is enqueued until its completion is written. */
+        __atomic_store_n(&S.sb->hp_last_launch_ns, now, __ATOMIC_RELEASE);
+        pending.track = launch->trackable;
+        return;
+    }
+    be_wait_at_gate(launch, now);
+}
+
+void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
+    if (!pending.track) return;
+    pending.track = 0;
+    if (result != CUDA_SUCCESS) return;
+    struct lane *l = lane_of(launch->stream);
+    if (!l) return;
+    uint32_t idx = (uint32_t)(l - S.lanes);
+    struct tally_sb_lane *shared = &S.slot->lanes[idx];
+    int be = S.priority == TALLY_SB_PRIO_BEST_EFFORT;
+    pthread_mutex_lock(&l->lock);
+    if (be && l->tail - l->head >= RING) { /* ring full: leave this one untracked */
+        pthread_mutex_unlock(&l->lock);
+        return;
+    }
+    uint64_t seq = ++l->next_seq;
+    __atomic_store_n(&shared->launched_seq, seq, __ATOMIC_RELEASE);
+    CUdeviceptr target = S.sb_device + (CUdeviceptr)((char *)&shared->completed_seq - (char *)S.sb);
+    if (drv.stream_write_value64(launch->stream, target, seq, 0) != CUDA_SUCCESS) {
+        /* Untrackable stream: count it done now rather than block anyone. */
+        __atomic_store_n(&shared->completed_seq, seq, __ATOMIC_RELEASE);
+    } else if (be) {
+        l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile};
+        l->tail++;
+        atomic_fetch_add(&S.be_inflight_est_ns, pending.est_ns);
+    }
+    pthread_mutex_unlock(&l->lock);
+}
+
+/* Leave the scoreboard: nothing of ours may look in flight after we are gone. */
+void tally_sched_exit(void) {
+    if (atomic_load(&S.state) != JOINED || !S.slot) return;
+    for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
+        uint64_t a = __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);
+        __atomic_store_n(&S.slot->lanes[i].completed_seq, a, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&S.slot->pid, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&S.slot->state, TALLY_SB_SLOT_FREE, __ATOMIC_RELEASE);
+    atomic_store(&S.state, UNGATED);
+}
+
+void tally_sched_after_fork(void) {
+    /* The child is a new process: it has no slot and no usable CUDA context. */
+    S.slot = NULL;
+    S.sb = NULL;
+    atomic_store(&S.n_lanes, 0);
+    atomic_store(&S.be_inflight_est_ns, 0);
+    atomic_store(&S.state, S.priority >= 0 ? UNGATED : NOT_JOINED);
+}
