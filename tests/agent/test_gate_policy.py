@@ -1,0 +1,190 @@
+"""The best-effort gate's decision (agent/gate.c) on a simulated clock.
+
+gate.c is compiled on its own and called through ctypes on a real scoreboard
+file made by tally.scoreboard, so the C policy and the Python layout are
+checked together. Times are passed in explicitly: no sleeping, no flakiness.
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tally import scoreboard as sbm
+
+ROOT = Path(__file__).resolve().parents[2]
+US = 1_000
+
+ADMIT, ADMIT_ALONE, ADMIT_IDLE, UNGATED, DAEMON_DEAD, WAIT_HP, WAIT_BUDGET = range(7)
+NAMES = ["admit", "admit-alone", "admit-idle", "ungated", "daemon-dead", "wait-hp", "wait-budget"]
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib = tmp_path_factory.mktemp("gate") / "libgate.so"
+    subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{ROOT / 'agent'}",
+                    str(ROOT / "agent" / "gate.c"), "-o", str(lib)], check=True)
+    g = ctypes.CDLL(str(lib))
+    g.tally_gate_decide.restype = ctypes.c_int
+    g.tally_gate_decide.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+    g.tally_gate_decision_name.restype = ctypes.c_char_p
+    return g
+
+
+@pytest.fixture
+def board(tmp_path):
+    sb = sbm.Scoreboard.create(tmp_path / "sb", "GPU-00000000-0000-0000-0000-000000000000",
+                               sbm.PolicyParams(idle_window_ns=100 * US, turnaround_budget_ns=100 * US,
+                                                unthrottle_after_ns=100_000 * US, daemon_timeout_ns=500_000 * US))
+    yield sb
+    sb.close()
+
+
+class Clock:
+    """Simulated CLOCK_MONOTONIC anchored at the board's heartbeat."""
+
+    def __init__(self, sb):
+        self.sb = sb
+        self.t0 = sb.daemon_heartbeat_ns
+
+    def at(self, offset_ns: int) -> int:
+        return self.t0 + offset_ns
+
+
+def decide(gate, sb, now, inflight=0, est=10 * US):
+    return gate.tally_gate_decide(sb._address(0), now, inflight, est)
+
+
+def add_hp(sb, last_launch_offset_ns, clock, launched=0, completed=0):
+    i = sb.claim_slot(4242, sbm.PRIORITY_HIGH)
+    sb.set_lane_launched(i, 3, launched)
+    sb.set_lane_completed(i, 3, completed)
+    sb.hp_active = sb.hp_active + 1
+    sb.hp_last_launch_ns = clock.at(last_launch_offset_ns)
+    return i
+
+
+def test_decision_names_match(gate):
+    assert [gate.tally_gate_decision_name(i).decode() for i in range(7)] == NAMES
+
+
+def test_passthrough_policy_never_gates(gate, board):
+    clock = Clock(board)
+    add_hp(board, 0, clock, launched=5, completed=1)
+    board.policy = sbm.POLICY_PASSTHROUGH
+    assert decide(gate, board, clock.at(10 * US)) == UNGATED
+
+
+def test_dead_daemon_fails_open(gate, board):
+    clock = Clock(board)
+    add_hp(board, 0, clock, launched=5, completed=1)
+    assert decide(gate, board, clock.at(10 * US)) == WAIT_HP
+    assert decide(gate, board, clock.at(501_000 * US)) == DAEMON_DEAD
+    board.daemon_heartbeat_ns = 0  # the daemon stopped and said so
+    assert decide(gate, board, clock.at(10 * US)) == DAEMON_DEAD
+
+
+def test_no_high_priority_client_means_ungated(gate, board):
+    clock = Clock(board)
+    assert decide(gate, board, clock.at(10 * US), inflight=10**9, est=10**9) == UNGATED
+
+
+def test_hp_work_in_flight_holds_best_effort(gate, board):
+    clock = Clock(board)
+    i = add_hp(board, -10_000 * US, clock, launched=7, completed=6)
+    assert decide(gate, board, clock.at(0)) == WAIT_HP
+    board.set_lane_completed(i, 3, 7)  # the GPU wrote the completion
+    assert decide(gate, board, clock.at(0)) == ADMIT
+
+
+def test_idle_window_after_last_hp_launch(gate, board):
+    clock = Clock(board)
+    add_hp(board, 0, clock)
+    assert decide(gate, board, clock.at(99 * US)) == WAIT_HP
+    assert decide(gate, board, clock.at(100 * US)) == ADMIT
+
+
+def test_turnaround_budget(gate, board):
+    clock = Clock(board)
+    add_hp(board, 0, clock)
+    now = clock.at(1_000 * US)
+    assert decide(gate, board, now, inflight=60 * US, est=40 * US) == ADMIT
+    assert decide(gate, board, now, inflight=60 * US, est=41 * US) == WAIT_BUDGET
+    # A kernel longer than the whole budget runs, but only alone.
+    assert decide(gate, board, now, inflight=0, est=5_000 * US) == ADMIT_ALONE
+    assert decide(gate, board, now, inflight=1, est=5_000 * US) == WAIT_BUDGET
+
+
+def test_long_hp_idle_unthrottles_to_the_idle_depth(gate, board):
+    clock = Clock(board)
+    add_hp(board, 0, clock)
+    now = clock.at(100_000 * US)
+    assert decide(gate, board, now, inflight=1_500 * US, est=500 * US) == ADMIT_IDLE
+    assert decide(gate, board, now, inflight=1_500 * US, est=501 * US) == WAIT_BUDGET
+
+
+def test_only_active_high_priority_slots_count(gate, board):
+    clock = Clock(board)
+    add_hp(board, -10_000 * US, clock)  # an idle HP client keeps hp_active > 0
+    be = board.claim_slot(77, sbm.PRIORITY_BEST_EFFORT)
+    board.set_lane_launched(be, 0, 100)  # BE work in flight is not HP work
+    assert decide(gate, board, clock.at(0)) == ADMIT
+    dead = board.claim_slot(78, sbm.PRIORITY_HIGH)
+    board.set_lane_launched(dead, 1, 9)
+    board.slot_set(dead, "state", sbm.SLOT_REPAIRING)  # being repaired: not ACTIVE
+    assert decide(gate, board, clock.at(0)) == ADMIT
+    board.slot_set(dead, "state", sbm.SLOT_ACTIVE)
+    assert decide(gate, board, clock.at(0)) == WAIT_HP
+
+
+def reference(policy, alive, hp_active, hp_inflight, idle, inflight, est, p: sbm.PolicyParams):
+    """The policy of gate.h, written independently."""
+    if policy != sbm.POLICY_TALLY:
+        return UNGATED
+    if not alive:
+        return DAEMON_DEAD
+    if hp_active == 0:
+        return UNGATED
+    if hp_inflight or idle < p.idle_window_ns:
+        return WAIT_HP
+    unthrottled = idle >= p.unthrottle_after_ns
+    budget = max(p.turnaround_budget_ns, 2_000 * US) if unthrottled else p.turnaround_budget_ns
+    if inflight + est <= budget:
+        return ADMIT_IDLE if unthrottled else ADMIT
+    return ADMIT_ALONE if inflight == 0 else WAIT_BUDGET
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from([sbm.POLICY_PASSTHROUGH, sbm.POLICY_TALLY]),
+    heartbeat_age=st.integers(0, 1_000_000 * US),
+    hp_clients=st.integers(0, 3),
+    inflight_lanes=st.integers(0, 2),
+    idle=st.integers(0, 200_000 * US),
+    inflight=st.integers(0, 3_000 * US),
+    est=st.integers(0, 3_000 * US),
+)
+def test_matches_reference_policy(gate, tmp_path_factory, policy, heartbeat_age, hp_clients, inflight_lanes, idle,
+                                  inflight, est):
+    params = sbm.PolicyParams(policy=policy, idle_window_ns=100 * US, turnaround_budget_ns=100 * US,
+                              unthrottle_after_ns=100_000 * US, daemon_timeout_ns=500_000 * US)
+    path = tmp_path_factory.mktemp("prop") / "sb"
+    with sbm.Scoreboard.create(path, "GPU-prop", params) as sb:
+        now = sb.daemon_heartbeat_ns + heartbeat_age
+        for k in range(hp_clients):
+            i = sb.claim_slot(1000 + k, sbm.PRIORITY_HIGH)
+            if k < inflight_lanes:
+                sb.set_lane_launched(i, k, 3)
+        sb.hp_active = hp_clients
+        sb.hp_last_launch_ns = now - idle
+        expected = reference(policy, heartbeat_age <= params.daemon_timeout_ns, hp_clients,
+                             min(inflight_lanes, hp_clients) > 0, idle, inflight, est, params)
+        assert decide(gate, sb, now, inflight, est) == expected

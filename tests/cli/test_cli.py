@@ -1,0 +1,104 @@
+"""The `tally` command line: argument errors are one line and non-zero, and
+`tally run` hands the program its exit status, signals and stdio untouched."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+TALLY = [sys.executable, "-m", "tally"]
+
+
+def tally(*args, **kw):
+    return subprocess.run([*TALLY, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("tally: error: ")
+    for f in fragments:
+        assert f in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_help_lists_every_command():
+    r = tally("--help")
+    assert r.returncode == 0
+    for name in ("run", "trace", "doctor", "ptx", "up", "down", "status", "bench"):
+        assert f"  {name} " in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["frobnicate"], "No such command"),
+        (["run"], "Missing argument"),
+        (["run", "--priority", "urgent", "--", "true"], "'urgent' is not one of"),
+        (["run", "--", "no-such-program-xyz"], "command not found: no-such-program-xyz"),
+        (["trace"], "nothing to trace"),
+        (["trace", "--summary", "/nonexistent/trace.jsonl"], "cannot read trace"),
+        (["trace", "--summary", "x.jsonl", "--", "true"], "not both"),
+        (["trace", "--top", "0", "--summary", "x.jsonl"], "--top"),
+    ],
+)
+def test_argument_errors_are_one_line(args, fragment):
+    assert_one_line_error(tally(*args), fragment)
+
+
+def test_command_not_found_exits_127():
+    assert tally("run", "--", "no-such-program-xyz").returncode == 127
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 255])
+def test_run_propagates_exit_code(code):
+    assert tally("run", "--", "sh", "-c", f"exit {code}").returncode == code
+
+
+def test_run_propagates_death_by_signal():
+    r = tally("run", "--", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == -signal.SIGTERM
+
+
+def test_run_keeps_stdin_stdout_and_pid():
+    # exec, not a child: the program reports the pid tally was started with.
+    proc = subprocess.Popen([*TALLY, "run", "--", "sh", "-c", "cat; echo pid=$$"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate("hello\n", timeout=60)
+    assert out == f"hello\npid={proc.pid}\n"
+
+
+def test_run_injects_the_agent_and_the_cupti_search_list():
+    r = tally("run", "--", "sh", "-c", "echo $CUDA_INJECTION64_PATH; echo ${TALLY_CHAINED_INJECTION:-none}")
+    injected, chained = r.stdout.split()
+    assert injected.endswith("libtally_agent.so") and os.path.isfile(injected)
+    assert chained == "none"
+
+
+def test_run_chains_an_existing_injection():
+    env = dict(os.environ, CUDA_INJECTION64_PATH="/opt/profiler/libinject.so")
+    r = tally("run", "--", "sh", "-c", "echo $TALLY_CHAINED_INJECTION", env=env)
+    assert r.stdout.strip() == "/opt/profiler/libinject.so"
+
+
+def test_priority_without_daemon_says_how_to_start_one(tmp_path):
+    env = dict(os.environ, TALLY_RUNTIME_DIR=str(tmp_path / "rt"), TALLY_SHM_DIR=str(tmp_path))
+    r = tally("run", "--priority", "best-effort", "--", "true", env=env)
+    assert_one_line_error(r, "tally up", "--auto-up")
+
+
+def test_doctor_reports_without_traceback():
+    r = tally("doctor", "--json")
+    assert "Traceback" not in r.stderr
+    import json
+
+    checks = {c["name"]: c for c in json.loads(r.stdout)}
+    assert checks["tally agent"]["ok"]
+    # Without a driver the doctor fails and says how to fix it.
+    if not checks["CUDA driver"]["ok"]:
+        assert r.returncode == 1
+        assert checks["CUDA driver"]["fix"]
