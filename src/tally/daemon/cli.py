@@ -1,0 +1,158 @@
+"""`tally up`, `tally down`, `tally status`."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+
+from tally import scoreboard as sbmod
+from tally.daemon import control
+from tally.daemon.daemon import DEFAULT_METRICS_PORT, proc_stat
+from tally.errors import TallyError
+
+
+@click.command("up")
+@click.option("--gpus", default=None, metavar="LIST",
+              help="GPUs to manage: indices or UUID prefixes, comma-separated (default: all visible).")
+@click.option("--mps/--no-mps", default=True, show_default=True,
+              help="Start a private MPS control daemon for the clients.")
+@click.option("--mps-pipe-dir", type=click.Path(file_okay=False), default=None,
+              help="Join an MPS control daemon already running with this pipe directory (not stopped by down).")
+@click.option("--mps-log-dir", type=click.Path(file_okay=False), default=None,
+              help="That MPS's log directory, passed on to clients.")
+@click.option("--policy", type=click.Choice(["tally", "passthrough"]), default="tally", show_default=True,
+              help="tally: launch-level gate for best-effort work; passthrough: no gating.")
+@click.option("--idle-window-us", type=float, default=100.0, show_default=True,
+              help="HP must be idle this long before BE launches.")
+@click.option("--budget-us", type=float, default=100.0, show_default=True,
+              help="Turnaround budget: largest estimated BE kernel admitted while HP may need the GPU.")
+@click.option("--unthrottle-ms", type=float, default=100.0, show_default=True,
+              help="After HP has been idle this long, BE runs ungated.")
+@click.option("--daemon-timeout-ms", type=float, default=500.0, show_default=True,
+              help="Agents fail open when the daemon's heartbeat is older than this.")
+@click.option("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, show_default=True,
+              help="Prometheus metrics on 127.0.0.1:PORT; 0 turns them off.")
+@click.option("--foreground", is_flag=True, help="Run the daemon in this process (debugging, systemd).")
+def up_command(**options):
+    """Start the node daemon: MPS, one scoreboard per GPU, liveness, metrics."""
+    control.up(control.UpOptions(**options), say=click.echo)
+
+
+@click.command("down")
+@click.option("--force", is_flag=True, help="Stop even while clients still run (they lose MPS and run ungated).")
+def down_command(force):
+    """Stop the node daemon and everything it started (MPS included)."""
+    control.down(force=force, say=click.echo)
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return "?"
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part) or "?"
+
+
+def _uptime_s(pid: int) -> float | None:
+    st = proc_stat(pid)
+    if st is None:
+        return None
+    try:
+        with open("/proc/uptime") as f:
+            boot_uptime = float(f.read().split()[0])
+    except OSError:
+        return None
+    return boot_uptime - st[1] / os.sysconf("SC_CLK_TCK")
+
+
+def collect_status(state: dict) -> dict:
+    now = time.monotonic_ns()
+    gpus = []
+    for gpu in state.get("gpus", []):
+        entry = {k: gpu.get(k) for k in ("index", "uuid", "name", "scoreboard")}
+        try:
+            with sbmod.Scoreboard.open(gpu["scoreboard"]) as board:
+                header = board.header()
+                entry.update({
+                    "policy": sbmod.POLICY_NAMES.get(header["policy"], str(header["policy"])),
+                    "hp_active": header["hp_active"], "be_active": header["be_active"],
+                    "epoch": header["epoch"],
+                    "heartbeat_age_ms": (now - header["daemon_heartbeat_ns"]) / 1e6
+                    if header["daemon_heartbeat_ns"] else None,
+                    "clients": [{
+                        "slot": c["slot"], "state": c["state_name"], "pid": c["pid"],
+                        "priority": c["priority_name"], "comm": c["comm"], "command": _command_line(c["pid"]),
+                        "launches": c["launches"], "graph_launches": c["graph_launches"],
+                        "held_ms": c["held_ns"] / 1e6, "held_launches": c["held_launches"],
+                        "long_kernels": c["long_kernels"], "in_flight": c["in_flight"],
+                        "failopen": bool(c["failopen"]),
+                    } for c in board.clients()],
+                })
+        except TallyError as exc:
+            entry["error"] = str(exc)
+        gpus.append(entry)
+    return {
+        "daemon": {"pid": state["pid"], "uptime_s": _uptime_s(state["pid"]), "runtime_dir": state.get("runtime_dir"),
+                   "log": state.get("log"), "params": state.get("params")},
+        "mps": state.get("mps"),
+        "metrics": state.get("metrics"),
+        "gpus": gpus,
+    }
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status_command(as_json):
+    """Show the daemon, its GPUs and its clients."""
+    status, state = control.probe()
+    if status == "none":
+        raise TallyError("no tally daemon is running (start one with `tally up`)")
+    if status == "stale":
+        pid = (state or {}).get("pid")
+        raise TallyError(f"tally daemon{f' pid {pid}' if pid else ''} is not running but left its files: "
+                         "`tally down` cleans them up, `tally up` starts a new one")
+    if status == "starting":
+        raise TallyError("the tally daemon is starting; try again in a moment")
+    report = collect_status(state)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_tables(report)
+
+
+def _print_tables(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    d = report["daemon"]
+    uptime = f"{d['uptime_s']:.0f} s" if d["uptime_s"] is not None else "?"
+    mps = report["mps"]
+    mps_text = (f"{'private' if mps['owned'] else 'external'}, pipe dir {mps['pipe_dir']}" if mps else "off")
+    metrics = report["metrics"]["url"] if report["metrics"] else "off"
+    params = d["params"] or {}
+    console.print(f"tally daemon pid {d['pid']}, up {uptime}; MPS {mps_text}; metrics {metrics}")
+    if params:
+        console.print(f"policy {sbmod.POLICY_NAMES.get(params['policy'], params['policy'])}: "
+                      f"idle window {params['idle_window_ns'] / 1e3:g} us, "
+                      f"budget {params['turnaround_budget_ns'] / 1e3:g} us, "
+                      f"unthrottle after {params['unthrottle_after_ns'] / 1e6:g} ms")
+    for gpu in report["gpus"]:
+        title = f"GPU {gpu['index']} {gpu['uuid']} ({gpu['name']})"
+        if "error" in gpu:
+            console.print(f"{title}: {gpu['error']}")
+            continue
+        beat = gpu["heartbeat_age_ms"]
+        table = Table(title=f"{title}: {gpu['hp_active']} HP, {gpu['be_active']} BE active, "
+                            f"heartbeat {f'{beat:.0f} ms ago' if beat is not None else 'stopped'}, "
+                            f"epoch {gpu['epoch']}", title_justify="left")
+        for column in ("slot", "pid", "priority", "state", "command", "launches", "held ms", "long kernels",
+                       "in flight", "failopen"):
+            table.add_column(column, justify="right" if column not in ("priority", "state", "command") else "left")
+        for c in gpu["clients"]:
+            table.add_row(str(c["slot"]), str(c["pid"]), c["priority"], c["state"], c["command"][:60],
+                          str(c["launches"]), f"{c['held_ms']:.1f}", str(c["long_kernels"]), str(c["in_flight"]),
+                          "yes" if c["failopen"] else "")
+        console.print(table)

@@ -1,0 +1,62 @@
+"""What `tally run` (and the benchmark harness) needs from the daemon: find
+it, start it if asked, and the environment that joins a client to it."""
+from __future__ import annotations
+
+from tally import scoreboard as sbmod
+from tally.errors import TallyError
+
+NO_DAEMON_MESSAGE = "no tally daemon is running: start one with `tally up` (or pass --auto-up)"
+
+PRIORITIES = {"high": sbmod.PRIORITY_HIGH, "best-effort": sbmod.PRIORITY_BEST_EFFORT}
+
+
+def find_daemon() -> dict | None:
+    """The running daemon's state (see docs/daemon.md), or None."""
+    from tally.daemon.control import probe
+
+    status, state = probe()
+    return state if status == "running" else None
+
+
+def client_env(state: dict, priority: str | int) -> dict[str, str]:
+    """Environment variables to add to a client's environment so that it
+    joins the daemon's MPS and its agent finds the scoreboard of its GPU at
+    TALLY_SCOREBOARD_PREFIX + <GPU UUID>."""
+    if isinstance(priority, str):
+        if priority not in PRIORITIES:
+            raise TallyError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        priority_name = priority
+    else:
+        if priority not in sbmod.PRIORITY_NAMES:
+            raise TallyError(f"priority must be one of {sorted(sbmod.PRIORITY_NAMES)}, not {priority!r}")
+        priority_name = sbmod.PRIORITY_NAMES[priority]
+    env = {
+        "TALLY_SCOREBOARD_PREFIX": state["scoreboard_prefix"],
+        "TALLY_SHM_DIR": state["shm_dir"],
+        "TALLY_RUNTIME_DIR": state["runtime_dir"],
+        "TALLY_DAEMON_PID": str(state["pid"]),
+        "TALLY_PRIORITY": priority_name,
+    }
+    mps = state.get("mps")
+    if mps:
+        env["CUDA_MPS_PIPE_DIRECTORY"] = mps["pipe_dir"]
+        if mps.get("log_dir"):
+            env["CUDA_MPS_LOG_DIRECTORY"] = mps["log_dir"]
+    return env
+
+
+def ensure_daemon(auto_up: bool = False, say=None, options=None) -> dict:
+    """The running daemon's state; with auto_up, starts one when none runs
+    (with `options`, a tally.daemon.control.UpOptions, or the defaults)."""
+    state = find_daemon()
+    if state is not None:
+        return state
+    if not auto_up:
+        raise TallyError(NO_DAEMON_MESSAGE)
+    from tally.daemon.control import UpOptions, up
+
+    state = up(options or UpOptions(), say=say or (lambda message: None))
+    if not state:
+        raise TallyError(NO_DAEMON_MESSAGE)
+    return state
+

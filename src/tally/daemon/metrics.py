@@ -1,0 +1,69 @@
+"""Prometheus metrics, read from the scoreboards at scrape time (the agents
+keep the counters; nothing is copied on the daemon's tick)."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tally import scoreboard as sbmod
+
+if TYPE_CHECKING:
+    from tally.daemon.daemon import Daemon
+
+GPU_LABELS = ["gpu"]
+CLIENT_LABELS = ["gpu", "slot", "pid", "priority", "comm"]
+
+# per-client metric: (family type, name, help, scoreboard field, scale)
+CLIENT_METRICS = [
+    (CounterMetricFamily, "tally_client_launches", "Kernel launches", "launches", 1),
+    (CounterMetricFamily, "tally_client_graph_launches", "CUDA graph launches", "graph_launches", 1),
+    (CounterMetricFamily, "tally_client_held_seconds", "Time BE launches were held at the gate", "held_ns", 1e-9),
+    (CounterMetricFamily, "tally_client_held_launches", "BE launches that were held", "held_launches", 1),
+    (CounterMetricFamily, "tally_client_long_kernels", "BE kernels admitted alone (estimate over the budget)",
+     "long_kernels", 1),
+    (GaugeMetricFamily, "tally_client_in_flight", "Launches not yet completed", "in_flight", 1),
+    (GaugeMetricFamily, "tally_client_failopen", "Nonzero if the agent failed open", "failopen", 1),
+]
+
+
+class ScoreboardCollector(Collector):
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    def collect(self) -> Iterator:
+        d = self.daemon
+        start = GaugeMetricFamily("tally_daemon_start_time_seconds", "Unix time the tally daemon started")
+        start.add_metric([], d.started_wall)
+        clients = GaugeMetricFamily("tally_clients", "Active client processes", labels=["gpu", "priority"])
+        hp_active = GaugeMetricFamily("tally_hp_active", "Active high-priority clients, as the agents see it",
+                                      labels=GPU_LABELS)
+        heartbeat_age = GaugeMetricFamily("tally_heartbeat_age_seconds", "Age of the daemon heartbeat",
+                                          labels=GPU_LABELS)
+        repairs = CounterMetricFamily("tally_slot_repairs", "Slots repaired after their client died",
+                                      labels=GPU_LABELS)
+        per_client = [(kind(name, doc, labels=CLIENT_LABELS), field, scale)
+                      for kind, name, doc, field, scale in CLIENT_METRICS]
+
+        now = time.monotonic_ns()
+        with d.boards_lock:
+            for board in d.boards:
+                uuid = board.gpu_uuid
+                counts = dict.fromkeys(sbmod.PRIORITY_NAMES.values(), 0)
+                for c in board.clients():
+                    if c["state"] != sbmod.SLOT_ACTIVE or not c["pid"]:
+                        continue
+                    counts[c["priority_name"]] = counts.get(c["priority_name"], 0) + 1
+                    labels = [uuid, str(c["slot"]), str(c["pid"]), c["priority_name"], c["comm"]]
+                    for family, field, scale in per_client:
+                        family.add_metric(labels, c[field] * scale)
+                for priority, n in counts.items():
+                    clients.add_metric([uuid, priority], n)
+                hp_active.add_metric([uuid], board.hp_active)
+                beat = board.daemon_heartbeat_ns
+                heartbeat_age.add_metric([uuid], (now - beat) / 1e9 if beat else float("inf"))
+                repairs.add_metric([uuid], d.repairs.get(uuid, 0))
+        yield from (start, clients, hp_active, heartbeat_age, repairs)
+        yield from (family for family, _, _ in per_client)

@@ -1,0 +1,140 @@
+"""The daemon's files in the runtime dir, and how to tell whether a daemon
+lives.
+
+A live daemon holds an exclusive flock on `daemon.pid` for its whole life; the
+lock, not the pid (which the kernel may hand to another process), is the
+truth. `state.json` says what the daemon runs (pid, scoreboards, MPS, metrics)
+and is written atomically once the daemon is ready.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import stat
+from pathlib import Path
+
+from tally import paths
+from tally.errors import TallyError
+
+STATE_FILE = "state.json"
+PID_FILE = "daemon.pid"
+LOG_FILE = "daemon.log"
+
+
+def state_path(runtime: Path | None = None) -> Path:
+    return (runtime or paths.runtime_dir()) / STATE_FILE
+
+
+def pid_path(runtime: Path | None = None) -> Path:
+    return (runtime or paths.runtime_dir()) / PID_FILE
+
+
+def log_path(runtime: Path | None = None) -> Path:
+    return (runtime or paths.runtime_dir()) / LOG_FILE
+
+
+def check_owner(directory: Path) -> None:
+    """The runtime dir holds the MPS pipe, through which anyone could run work
+    as its owner: it must be ours and private."""
+    st = directory.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise TallyError(f"runtime dir {directory} is not a directory: remove it or set TALLY_RUNTIME_DIR")
+    if st.st_uid != os.getuid():
+        raise TallyError(f"runtime dir {directory} is owned by uid {st.st_uid}, not you (uid {os.getuid()}): "
+                         "set TALLY_RUNTIME_DIR to a directory of your own")
+
+
+def ensure_runtime_dir() -> Path:
+    directory = paths.runtime_dir()
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise TallyError(f"cannot create runtime dir {directory}: {exc.strerror}") from None
+    check_owner(directory)
+    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+    return directory
+
+
+def read_state(runtime: Path | None = None) -> dict | None:
+    try:
+        return json.loads(state_path(runtime).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # present but unreadable: a daemon died while writing, or someone else's file
+
+
+def write_state(state: dict, runtime: Path | None = None) -> None:
+    target = state_path(runtime)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, target)
+
+
+def read_pid(runtime: Path | None = None) -> int | None:
+    try:
+        return int(pid_path(runtime).read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def daemon_lock_held(runtime: Path | None = None) -> bool:
+    """Whether some process holds the daemon lock, i.e. a daemon lives.
+    Probed with a shared lock so a probe never blocks a starting daemon for
+    longer than the probe itself."""
+    try:
+        fd = os.open(pid_path(runtime), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return False
+
+
+class DaemonLock:
+    """The lock a daemon holds for its life; the pid file carries its pid."""
+
+    def __init__(self, runtime: Path):
+        self.path = pid_path(runtime)
+        self.fd: int | None = None
+
+    def acquire(self, attempts: int = 50) -> bool:
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        for _ in range(attempts):  # a status probe may hold a shared lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                time.sleep(0.01)
+        else:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return True
+
+    def release(self, remove: bool = True) -> None:
+        if self.fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None

@@ -1,0 +1,629 @@
+"""The per-GPU scoreboard: one shared-memory file that the daemon and every
+agent on that GPU map.
+
+The layout is defined once, here, as field lists with explicit offsets. The C
+header the agent compiles against (agent/scoreboard.h) is generated from these
+lists by `python -m tally.scoreboard_codegen`, and a test checks the checked-in
+header against the generator, so C and Python cannot drift.
+
+Concurrency model (x86-64, little-endian, every field naturally aligned so an
+aligned load/store of it is single-copy atomic):
+
+- The agent claims a slot with a compare-and-swap of `state` 0 -> 1 and then
+  fills in pid, priority, comm. Everything else in the slot is written only by
+  its owner (counters, lanes' launched_seq) or by the GPU (lanes' completed_seq).
+- The daemon is the registry: it scans slots, repairs slots whose process died,
+  and writes the header's daemon fields (heartbeat, hp_active, epoch).
+- Readers count in-flight work only in slots whose state is ACTIVE; a slot
+  under repair is ignored, which is what unblocks everyone the moment the
+  daemon marks it.
+
+Python has no native CAS. Python-side claims (tests, fake clients) use
+libatomic's `__atomic_compare_exchange_4`, which is the same lock cmpxchg the
+agent's `__atomic_compare_exchange_n` compiles to, so Python and C claimers
+exclude each other. Without libatomic, claims fall back to an flock on the file,
+which excludes other Python claimers only.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tally.errors import TallyError
+
+# ---------------------------------------------------------------------------
+# Constants shared with C (all emitted into agent/scoreboard.h)
+
+MAGIC = int.from_bytes(b"TALLYSCB", "little")
+# Bump on any layout change; the agent refuses a scoreboard of another version.
+VERSION = 1
+MAX_CLIENTS = 64
+MAX_LANES = 16
+CACHE_LINE = 64
+# The file is sized to whole pages so the agent can cuMemHostRegister the
+# mapping as it is (registration works on page-aligned ranges).
+PAGE_SIZE = 4096
+GPU_UUID_LEN = 48
+COMM_LEN = 16
+
+SLOT_FREE = 0
+SLOT_ACTIVE = 1
+SLOT_REPAIRING = 2
+SLOT_STATE_NAMES = {SLOT_FREE: "free", SLOT_ACTIVE: "active", SLOT_REPAIRING: "repairing"}
+
+PRIORITY_HIGH = 0
+PRIORITY_BEST_EFFORT = 1
+PRIORITY_NAMES = {PRIORITY_HIGH: "high", PRIORITY_BEST_EFFORT: "best-effort"}
+
+POLICY_PASSTHROUGH = 0
+POLICY_TALLY = 1
+POLICY_TGS = 2  # reserved: TGS-style adaptive rate control of BE launches
+POLICY_NAMES = {POLICY_PASSTHROUGH: "passthrough", POLICY_TALLY: "tally", POLICY_TGS: "tgs"}
+
+SCOREBOARD_NAME_PREFIX = "tally-"
+DEFAULT_SHM_DIR = "/dev/shm"
+
+# ---------------------------------------------------------------------------
+# Layout
+
+
+@dataclass(frozen=True)
+class Field:
+    offset: int
+    name: str
+    ctype: str  # "u32", "u64", "char" (with count), or a struct name (with count)
+    count: int  # 1 for scalars; array length otherwise
+    writer: str  # who stores to it: daemon, agent (the slot's owner), gpu, any agent
+    doc: str
+
+    @property
+    def elem_size(self) -> int:
+        return _elem_size(self.ctype)
+
+    @property
+    def size(self) -> int:
+        return self.elem_size * self.count
+
+    @property
+    def align(self) -> int:
+        return _elem_align(self.ctype)
+
+
+@dataclass(frozen=True)
+class Struct:
+    name: str  # C struct name
+    fields: tuple[Field, ...]
+    size: int
+    doc: str
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+def _elem_size(ctype: str) -> int:
+    if ctype in _SCALAR_SIZES:
+        return _SCALAR_SIZES[ctype]
+    return _STRUCTS[ctype].size
+
+
+def _elem_align(ctype: str) -> int:
+    if ctype in _SCALAR_SIZES:
+        return _SCALAR_SIZES[ctype]
+    return max(f.align for f in _STRUCTS[ctype].fields)
+
+
+_SCALAR_SIZES = {"u32": 4, "u64": 8, "char": 1}
+_STRUCTS: dict[str, Struct] = {}
+
+
+def _struct(name: str, size: int, doc: str, rows: list[tuple]) -> Struct:
+    """Builds a Struct from (offset, name, ctype, count, writer, doc) rows and
+    checks that the written offsets are what natural alignment gives, or a
+    deliberate jump to a cache-line boundary (so hot fields written by
+    different parties do not share a line)."""
+    fields = tuple(Field(*row) for row in rows)
+    pos = 0
+    for f in fields:
+        assert f.offset % f.align == 0, f"{name}.{f.name}: offset {f.offset} not {f.align}-aligned"
+        if f.offset != pos:
+            assert f.offset > pos, f"{name}.{f.name}: offset {f.offset} overlaps the previous field (ends at {pos})"
+            assert f.offset % CACHE_LINE == 0, (
+                f"{name}.{f.name}: gap before offset {f.offset} that is not a jump to a cache line")
+        pos = f.offset + f.size
+    assert pos <= size, f"{name}: fields end at {pos}, past the size {size}"
+    struct = Struct(name, fields, size, doc)
+    _STRUCTS[name] = struct
+    return struct
+
+
+LANE = _struct("tally_sb_lane", 16, "One stream's in-flight window: launched - completed kernels not yet done.", [
+    (0, "launched_seq", "u64", 1, "agent",
+     "sequence number of the last work launched on this lane (CPU, at launch)"),
+    (8, "completed_seq", "u64", 1, "gpu",
+     "sequence number of the last work completed (GPU, stream memory op into host-mapped memory)"),
+])
+
+HEADER = _struct("tally_sb_header", 256, "Scoreboard header: identity, policy, daemon liveness.", [
+    # line 0-1: written once at creation or rarely by the daemon; read by every agent
+    (0, "magic", "u64", 1, "daemon", "TALLY_SB_MAGIC; written last at creation"),
+    (8, "version", "u32", 1, "daemon", "TALLY_SB_VERSION"),
+    (12, "header_size", "u32", 1, "daemon", "sizeof(struct tally_sb_header); slot 0 starts here"),
+    (16, "slot_size", "u32", 1, "daemon", "sizeof(struct tally_sb_slot)"),
+    (20, "max_clients", "u32", 1, "daemon", "number of slots"),
+    (24, "max_lanes", "u32", 1, "daemon", "lanes per slot"),
+    (28, "daemon_pid", "u32", 1, "daemon", "pid of the daemon that owns this scoreboard"),
+    (32, "gpu_uuid", "char", GPU_UUID_LEN, "daemon",
+     "NUL-terminated, as NVML prints it: \"GPU-\" + 8-4-4-4-12 lowercase hex"),
+    (80, "total_size", "u64", 1, "daemon", "file size in bytes (whole pages)"),
+    (88, "daemon_timeout_ns", "u64", 1, "daemon",
+     "heartbeat older than this means the daemon is dead: agents fail open"),
+    (96, "idle_window_ns", "u64", 1, "daemon", "HP must be idle this long before BE launches"),
+    (104, "turnaround_budget_ns", "u64", 1, "daemon",
+     "largest estimated BE kernel time admitted while HP may need the GPU"),
+    (112, "unthrottle_after_ns", "u64", 1, "daemon", "HP idle this long: BE runs ungated"),
+    (120, "policy", "u32", 1, "daemon", "TALLY_SB_POLICY_*"),
+    # line 2: written by the daemon every tick
+    (128, "daemon_heartbeat_ns", "u64", 1, "daemon",
+     "CLOCK_MONOTONIC ns of the daemon's last tick (~10 ms); 0 = daemon stopped"),
+    (136, "epoch", "u64", 1, "daemon", "bumped on every slot repair"),
+    (144, "daemon_start_ns", "u64", 1, "daemon", "CLOCK_MONOTONIC ns when the daemon created the scoreboard"),
+    (152, "hp_active", "u32", 1, "daemon", "number of ACTIVE high-priority slots"),
+    (156, "be_active", "u32", 1, "daemon", "number of ACTIVE best-effort slots"),
+    # line 3: stored by HP agents on every launch; alone on its line so those
+    # stores do not invalidate the line BE agents read the policy from
+    (192, "hp_last_launch_ns", "u64", 1, "any agent",
+     "CLOCK_MONOTONIC ns of an HP launch (relaxed store; not a strict max)"),
+])
+
+SLOT = _struct("tally_sb_slot", 384, "One client process.", [
+    # line 0: identity and the owner's counters
+    (0, "state", "u32", 1, "agent/daemon", "TALLY_SB_SLOT_*; claimed by CAS 0 -> 1"),
+    (4, "priority", "u32", 1, "agent", "TALLY_SB_PRIO_*"),
+    (8, "pid", "u32", 1, "agent", "owner's pid (0 while the claim is being filled in)"),
+    (12, "failopen", "u32", 1, "agent", "nonzero once the agent failed open"),
+    (16, "launches", "u64", 1, "agent", "kernel launches seen"),
+    (24, "graph_launches", "u64", 1, "agent", "graph launches seen"),
+    (32, "last_launch_ns", "u64", 1, "agent", "CLOCK_MONOTONIC ns of the last launch"),
+    (40, "held_ns", "u64", 1, "agent", "BE: time spent held at the gate"),
+    (48, "held_launches", "u64", 1, "agent", "BE: launches that were held"),
+    (56, "long_kernels", "u64", 1, "agent", "BE: kernels admitted alone because their estimate exceeded the budget"),
+    # line 1: identity written once at claim
+    (64, "comm", "char", COMM_LEN, "agent", "process name, NUL-terminated"),
+    (80, "claim_ns", "u64", 1, "agent", "CLOCK_MONOTONIC ns of the claim"),
+    (88, "pid_start_ticks", "u64", 1, "agent",
+     "field 22 of /proc/self/stat (0 = not given); lets the daemon tell a reused pid"),
+    # lines 2-5
+    (128, "lanes", "tally_sb_lane", MAX_LANES, "agent/gpu", "per-stream sequence numbers"),
+])
+
+HEADER_SIZE = HEADER.size
+SLOT_SIZE = SLOT.size
+assert HEADER_SIZE % CACHE_LINE == 0 and SLOT_SIZE % CACHE_LINE == 0
+assert SLOT.field("lanes").offset % CACHE_LINE == 0
+assert SLOT.field("lanes").count == MAX_LANES and LANE.size == 16
+
+
+def slot_offset(index: int) -> int:
+    return HEADER_SIZE + index * SLOT_SIZE
+
+
+def lane_offset(slot: int, lane: int) -> int:
+    return slot_offset(slot) + SLOT.field("lanes").offset + lane * LANE.size
+
+
+TOTAL_SIZE = -(-slot_offset(MAX_CLIENTS) // PAGE_SIZE) * PAGE_SIZE
+
+
+def ctypes_struct(struct: Struct) -> type[ctypes.Structure]:
+    """A ctypes.Structure with the same fields and explicit padding; used to
+    cross-check the offsets against the platform's own layout rules."""
+    mapping = {"u32": ctypes.c_uint32, "u64": ctypes.c_uint64, "char": ctypes.c_char}
+    cfields = []
+    pos = 0
+    for f in struct.fields:
+        if f.offset > pos:
+            cfields.append((f"_pad{pos}", ctypes.c_uint8 * (f.offset - pos)))
+        base = mapping[f.ctype] if f.ctype in mapping else ctypes_struct(_STRUCTS[f.ctype])
+        cfields.append((f.name, base * f.count if f.count > 1 or f.ctype == "char" else base))
+        pos = f.offset + f.size
+    if struct.size > pos:
+        cfields.append((f"_pad{pos}", ctypes.c_uint8 * (struct.size - pos)))
+    return type(struct.name, (ctypes.Structure,), {"_fields_": cfields})
+
+
+# ---------------------------------------------------------------------------
+# Naming
+
+
+def shm_dir() -> Path:
+    return Path(os.environ.get("TALLY_SHM_DIR") or DEFAULT_SHM_DIR)
+
+
+def scoreboard_prefix(uid: int | None = None, directory: Path | None = None) -> str:
+    """Everything of a scoreboard's path but the GPU UUID; the agent appends
+    the UUID of its device to this (given to it as TALLY_SCOREBOARD_PREFIX)."""
+    uid = os.getuid() if uid is None else uid
+    directory = shm_dir() if directory is None else directory
+    return f"{directory}/{SCOREBOARD_NAME_PREFIX}{uid}-"
+
+
+def scoreboard_path(gpu_uuid: str, uid: int | None = None, directory: Path | None = None) -> Path:
+    return Path(scoreboard_prefix(uid, directory) + gpu_uuid)
+
+
+# ---------------------------------------------------------------------------
+# Policy parameters
+
+
+@dataclass
+class PolicyParams:
+    policy: int = POLICY_TALLY
+    idle_window_ns: int = 100_000
+    turnaround_budget_ns: int = 100_000
+    unthrottle_after_ns: int = 100_000_000
+    daemon_timeout_ns: int = 500_000_000
+
+
+# ---------------------------------------------------------------------------
+# libatomic CAS
+
+
+class _LibAtomic:
+    def __init__(self, lib: ctypes.CDLL):
+        # getattr: a literal dunder attribute would be name-mangled inside the class
+        self.cas4 = getattr(lib, "__atomic_compare_exchange_4")
+        self.cas4.restype = ctypes.c_bool
+        self.cas4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
+
+    def compare_exchange_u32(self, address: int, expected: int, desired: int) -> bool:
+        seq_cst = 5
+        exp = ctypes.c_uint32(expected)
+        return self.cas4(address, ctypes.addressof(exp), desired, seq_cst, seq_cst)
+
+
+def _load_libatomic() -> _LibAtomic | None:
+    if os.environ.get("TALLY_SCOREBOARD_NO_LIBATOMIC"):
+        return None
+    for name in (ctypes.util.find_library("atomic"), "libatomic.so.1"):
+        if not name:
+            continue
+        try:
+            return _LibAtomic(ctypes.CDLL(name))
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_libatomic: _LibAtomic | None | bool = False  # False: not looked up yet
+
+
+def _atomics() -> _LibAtomic | None:
+    global _libatomic
+    if _libatomic is False:
+        _libatomic = _load_libatomic()
+    return _libatomic  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# The mapping
+
+
+class _FieldAccessor:
+    """Reads and writes one header field of the mapped scoreboard."""
+
+    def __init__(self, field: Field):
+        self.field = field
+
+    def __get__(self, sb, owner=None):
+        if sb is None:
+            return self
+        return sb._read(self.field, 0)
+
+    def __set__(self, sb, value):
+        sb._write(self.field, 0, value)
+
+
+class Scoreboard:
+    """A mapped scoreboard file. Create it (daemon) or open it (everyone else)."""
+
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap):
+        self.path = Path(path)
+        self._fd = fd
+        self._mm = mm
+        view = memoryview(mm)
+        self._u32 = view.cast("I")
+        self._u64 = view.cast("Q")
+        self._bytes = view
+        self._cbuf = None
+
+    # --- lifecycle -----------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, gpu_uuid: str, params: PolicyParams | None = None,
+               daemon_pid: int | None = None) -> "Scoreboard":
+        """Creates (or replaces) the scoreboard at `path`. The file is filled in
+        under a temporary name and renamed into place, magic written last, so
+        an agent opening the name never sees a half-initialized scoreboard."""
+        path = Path(path)
+        params = params or PolicyParams()
+        encoded_uuid = gpu_uuid.encode()
+        if not encoded_uuid or len(encoded_uuid) >= GPU_UUID_LEN:
+            raise TallyError(f"GPU UUID {gpu_uuid!r} does not fit the scoreboard ({GPU_UUID_LEN - 1} bytes at most)")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            raise TallyError(f"cannot create scoreboard {path}: directory {path.parent} does not exist") from None
+        except OSError as exc:
+            raise TallyError(f"cannot create scoreboard {path}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o600)  # the umask must not widen or narrow it
+            os.ftruncate(fd, TOTAL_SIZE)
+            mm = mmap.mmap(fd, TOTAL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise TallyError(f"cannot create scoreboard {path}: {exc.strerror}") from None
+        sb = cls(path, fd, mm)
+        h = HEADER.field
+        sb._write(h("version"), 0, VERSION)
+        sb._write(h("header_size"), 0, HEADER_SIZE)
+        sb._write(h("slot_size"), 0, SLOT_SIZE)
+        sb._write(h("max_clients"), 0, MAX_CLIENTS)
+        sb._write(h("max_lanes"), 0, MAX_LANES)
+        sb._write(h("daemon_pid"), 0, os.getpid() if daemon_pid is None else daemon_pid)
+        sb._write(h("gpu_uuid"), 0, gpu_uuid)
+        sb._write(h("total_size"), 0, TOTAL_SIZE)
+        sb.set_params(params)
+        now = time.monotonic_ns()
+        sb._write(h("daemon_start_ns"), 0, now)
+        sb._write(h("daemon_heartbeat_ns"), 0, now)
+        sb._write(h("magic"), 0, MAGIC)
+        os.rename(tmp, path)
+        return sb
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Scoreboard":
+        """Maps an existing scoreboard after checking that it is one, of this
+        version and size; anything else is a one-line TallyError."""
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise TallyError(f"no scoreboard at {path}") from None
+        except OSError as exc:
+            raise TallyError(f"cannot open scoreboard {path}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                raise TallyError(f"{path} is not a tally scoreboard: {size} bytes, shorter than its header")
+            header = os.pread(fd, HEADER_SIZE, 0)
+            magic = int.from_bytes(header[0:8], "little")
+            if magic != MAGIC:
+                raise TallyError(f"{path} is not a tally scoreboard (magic {magic:#018x})")
+            version = int.from_bytes(header[8:12], "little")
+            if version != VERSION:
+                raise TallyError(f"scoreboard {path} has layout version {version}; this tally uses {VERSION}: "
+                                 "restart the daemon with this tally (`tally down && tally up`)")
+            geometry = {f: int.from_bytes(header[HEADER.field(f).offset:HEADER.field(f).offset + 4], "little")
+                        for f in ("header_size", "slot_size", "max_clients", "max_lanes")}
+            expected = {"header_size": HEADER_SIZE, "slot_size": SLOT_SIZE,
+                        "max_clients": MAX_CLIENTS, "max_lanes": MAX_LANES}
+            if geometry != expected:
+                bad = ", ".join(f"{k}={geometry[k]} (want {expected[k]})" for k in expected if geometry[k] != expected[k])
+                raise TallyError(f"scoreboard {path} is corrupt: {bad}")
+            total = int.from_bytes(header[80:88], "little")
+            if total != TOTAL_SIZE or size != TOTAL_SIZE:
+                raise TallyError(f"scoreboard {path} is corrupt: file is {size} bytes, header says {total}, "
+                                 f"want {TOTAL_SIZE}")
+            mm = mmap.mmap(fd, TOTAL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, mm)
+
+    def close(self) -> None:
+        if self._mm is None:
+            return
+        self._cbuf = None
+        for view in (self._u32, self._u64, self._bytes):
+            view.release()
+        self._mm.close()
+        os.close(self._fd)
+        self._mm = None
+
+    def unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Scoreboard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- raw field access ------------------------------------------------
+
+    def _read(self, field: Field, base: int):
+        off = base + field.offset
+        if field.ctype == "u64":
+            return self._u64[off // 8]
+        if field.ctype == "u32":
+            return self._u32[off // 4]
+        if field.ctype == "char":
+            raw = bytes(self._bytes[off:off + field.count])
+            return raw.split(b"\0", 1)[0].decode(errors="replace")
+        raise TypeError(f"{field.name} is not a scalar field")
+
+    def _write(self, field: Field, base: int, value) -> None:
+        off = base + field.offset
+        if field.ctype == "u64":
+            self._u64[off // 8] = value
+        elif field.ctype == "u32":
+            self._u32[off // 4] = value
+        elif field.ctype == "char":
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            raw = raw[:field.count - 1]
+            self._bytes[off:off + field.count] = raw + b"\0" * (field.count - len(raw))
+        else:
+            raise TypeError(f"{field.name} is not a scalar field")
+
+    # --- header ----------------------------------------------------------
+
+    def header(self) -> dict:
+        return {f.name: self._read(f, 0) for f in HEADER.fields}
+
+    def params(self) -> PolicyParams:
+        return PolicyParams(**{name: getattr(self, name) for name in PolicyParams.__dataclass_fields__})
+
+    def set_params(self, params: PolicyParams) -> None:
+        for name in PolicyParams.__dataclass_fields__:
+            setattr(self, name, getattr(params, name))
+
+    def heartbeat(self, now_ns: int | None = None) -> int:
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        self.daemon_heartbeat_ns = now
+        return now
+
+    def daemon_alive(self, now_ns: int | None = None) -> bool:
+        """The agent's test: a heartbeat within daemon_timeout_ns (0 = stopped)."""
+        beat = self.daemon_heartbeat_ns
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        return beat != 0 and now - beat <= self.daemon_timeout_ns
+
+    # --- slots -----------------------------------------------------------
+
+    def _check_slot(self, index: int) -> int:
+        if not 0 <= index < MAX_CLIENTS:
+            raise IndexError(f"slot {index} out of range 0..{MAX_CLIENTS - 1}")
+        return slot_offset(index)
+
+    def slot_get(self, index: int, name: str):
+        return self._read(SLOT.field(name), self._check_slot(index))
+
+    def slot_set(self, index: int, name: str, value) -> None:
+        self._write(SLOT.field(name), self._check_slot(index), value)
+
+    def slot_state(self, index: int) -> int:
+        return self._u32[self._check_slot(index) // 4]
+
+    def _address(self, offset: int) -> int:
+        if self._cbuf is None:
+            self._cbuf = (ctypes.c_char * TOTAL_SIZE).from_buffer(self._mm)
+        return ctypes.addressof(self._cbuf) + offset
+
+    def _try_claim_state(self, index: int) -> bool:
+        base = slot_offset(index)
+        atomics = _atomics()
+        if atomics is not None:
+            return atomics.compare_exchange_u32(self._address(base), SLOT_FREE, SLOT_ACTIVE)
+        # flock fallback: excludes other Python claimers only (see module doc)
+        if self._u32[base // 4] != SLOT_FREE:
+            return False
+        self._u32[base // 4] = SLOT_ACTIVE
+        return True
+
+    def claim_slot(self, pid: int, priority: int, comm: str = "", pid_start_ticks: int = 0) -> int:
+        """Claims the first free slot, as the agent does; returns its index."""
+        if priority not in PRIORITY_NAMES:
+            raise ValueError(f"priority {priority} is not one of {sorted(PRIORITY_NAMES)}")
+        locked = _atomics() is None
+        if locked:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            for index in range(MAX_CLIENTS):
+                if self.slot_state(index) == SLOT_FREE and self._try_claim_state(index):
+                    base = slot_offset(index)
+                    self._clear_slot_body(base)
+                    self._write(SLOT.field("priority"), base, priority)
+                    self._write(SLOT.field("comm"), base, comm)
+                    self._write(SLOT.field("claim_ns"), base, time.monotonic_ns())
+                    self._write(SLOT.field("pid_start_ticks"), base, pid_start_ticks)
+                    # pid last: a nonzero pid tells the daemon the claim is complete
+                    self._write(SLOT.field("pid"), base, pid)
+                    return index
+        finally:
+            if locked:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        raise TallyError(f"scoreboard {self.path} is full: {MAX_CLIENTS} clients on this GPU")
+
+    def _clear_slot_body(self, base: int) -> None:
+        # everything after `state`, which stays as the claimer or repairer set it
+        self._bytes[base + 4:base + SLOT_SIZE] = bytes(SLOT_SIZE - 4)
+
+    def release_slot(self, index: int) -> None:
+        """A clean exit (or the daemon freeing a repaired slot): zero the slot,
+        then mark it free."""
+        base = self._check_slot(index)
+        self._clear_slot_body(base)
+        self._u32[base // 4] = SLOT_FREE
+
+    def repair_slot(self, index: int) -> None:
+        """The owner died: complete every lane so no one waits on work that
+        will never be reported, mark the slot REPAIRING (readers stop counting
+        it; whoever sees that state also sees the lanes completed), and bump
+        the epoch. The slot stays REPAIRING until release_slot, so a late
+        completion write from the dead context cannot land in a new owner's
+        lanes."""
+        base = self._check_slot(index)
+        for lane in range(MAX_LANES):
+            off = lane_offset(index, lane)
+            self._u64[off // 8 + 1] = self._u64[off // 8]
+        self._u32[base // 4] = SLOT_REPAIRING
+        self.epoch = self.epoch + 1
+
+    def lane(self, slot: int, lane: int) -> tuple[int, int]:
+        """(launched_seq, completed_seq). Completed is read first so that,
+        with both only ever growing, the pair never shows completed > launched."""
+        self._check_slot(slot)
+        if not 0 <= lane < MAX_LANES:
+            raise IndexError(f"lane {lane} out of range 0..{MAX_LANES - 1}")
+        off = lane_offset(slot, lane) // 8
+        completed = self._u64[off + 1]
+        launched = self._u64[off]
+        return launched, completed
+
+    def set_lane_launched(self, slot: int, lane: int, seq: int) -> None:
+        self._check_slot(slot)
+        self._u64[lane_offset(slot, lane) // 8] = seq
+
+    def set_lane_completed(self, slot: int, lane: int, seq: int) -> None:
+        self._check_slot(slot)
+        self._u64[lane_offset(slot, lane) // 8 + 1] = seq
+
+    def in_flight(self, slot: int) -> int:
+        """Work launched but not completed, over the slot's lanes."""
+        return sum(launched - completed for launched, completed in (self.lane(slot, j) for j in range(MAX_LANES)))
+
+    def slots(self) -> Iterator[int]:
+        """Indices of slots that are not free."""
+        for index in range(MAX_CLIENTS):
+            if self._u32[slot_offset(index) // 4] != SLOT_FREE:
+                yield index
+
+    def client(self, index: int) -> dict:
+        base = self._check_slot(index)
+        info = {f.name: self._read(f, base) for f in SLOT.fields if f.name != "lanes"}
+        info["slot"] = index
+        info["state_name"] = SLOT_STATE_NAMES.get(info["state"], str(info["state"]))
+        info["priority_name"] = PRIORITY_NAMES.get(info["priority"], str(info["priority"]))
+        info["in_flight"] = self.in_flight(index)
+        return info
+
+    def clients(self) -> list[dict]:
+        """Every slot that is not free, as a dict of its fields."""
+        return [self.client(i) for i in self.slots()]
+
+
+for _f in HEADER.fields:
+    setattr(Scoreboard, _f.name, _FieldAccessor(_f))
+del _f
