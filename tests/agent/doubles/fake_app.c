@@ -1,0 +1,295 @@
+/* A CUDA "application" for the agent tests. Linked against the fake libcuda.
+ *
+ *   fake_app STEP...
+ *
+ * cuInit(0) runs first (which loads CUDA_INJECTION64_PATH), then each step:
+ *   launch:ENTRY:N        N launches through one entry point, main thread
+ *   threads:T:M           T threads released together, M launches each;
+ *                         thread t's launch j uses entry (t + j) % N_ENTRIES
+ *   names                 one cuLaunchKernel per awkward kernel name
+ *   fork:C:CODE           fork; the child makes C cuLaunchKernel calls and
+ *                         exit(CODE)s; the parent waits for it
+ *   report                print what the fake libcupti saw (enabled callbacks)
+ *   exit:CODE             exit(CODE) right away
+ * Entries: kernel kernel_ptsz ex ex_ptsz coop coop_ptsz coop_multi legacy grid
+ * grid_async graph graph_ptsz host host_ptsz.
+ *
+ * Output (stdout): "fake_app: key=value" lines, "fake_app: called NAME=N" per
+ * entry point actually called, and "fake_app: done" at a normal end.
+ *
+ * Hermeticity: this program interposes dlopen. Any library whose name contains
+ * "cupti" and that is not under $FAKE_APP_LIB_ROOT is reported missing, so a
+ * CUDA toolkit installed on the test machine (libcupti in the loader cache or
+ * /usr/local/cuda) is invisible to the agent: the tests see only the doubles.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "fake_driver.h"
+
+CUresult cuInit(unsigned int);
+CUresult cuDriverGetVersion(int *);
+CUresult cuModuleGetFunction(CUfunction *, CUmodule, const char *);
+CUresult cuFuncSetBlockShape(CUfunction, int, int, int);
+CUresult cuStreamCreate(CUstream *, unsigned int);
+CUresult cuCtxSynchronize(void);
+CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                        unsigned, CUstream, void **, void **);
+CUresult cuLaunchKernel_ptsz(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, CUstream, void **, void **);
+CUresult cuLaunchKernelEx(const CUlaunchConfig *, CUfunction, void **, void **);
+CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *, CUfunction, void **, void **);
+CUresult cuLaunchCooperativeKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                   unsigned, unsigned, CUstream, void **);
+CUresult cuLaunchCooperativeKernel_ptsz(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                        unsigned, unsigned, CUstream, void **);
+CUresult cuLaunchCooperativeKernelMultiDevice(CUDA_LAUNCH_PARAMS *, unsigned int, unsigned int);
+CUresult cuLaunch(CUfunction);
+CUresult cuLaunchGrid(CUfunction, int, int);
+CUresult cuLaunchGridAsync(CUfunction, int, int, CUstream);
+CUresult cuGraphLaunch(CUgraphExec, CUstream);
+CUresult cuGraphLaunch_ptsz(CUgraphExec, CUstream);
+CUresult cuLaunchHostFunc(CUstream, CUhostFn, void *);
+CUresult cuLaunchHostFunc_ptsz(CUstream, CUhostFn, void *);
+
+/* ------------------------------------------------ dlopen interposer */
+
+void *dlopen(const char *file, int mode) {
+    static void *(*real)(const char *, int);
+    if (!real) real = (void *(*)(const char *, int))dlsym(RTLD_NEXT, "dlopen");
+    const char *root = getenv("FAKE_APP_LIB_ROOT");
+    if (file && root && *root) {
+        const char *base = strrchr(file, '/');
+        base = base ? base + 1 : file;
+        if (strstr(base, "cupti") && strncmp(file, root, strlen(root)) != 0)
+            return real("/nonexistent/hidden-by-fake_app/libcupti.so", mode); /* sets dlerror */
+    }
+    return real(file, mode);
+}
+
+/* ------------------------------------------------------------ entries */
+
+enum {
+    E_KERNEL, E_KERNEL_PTSZ, E_EX, E_EX_PTSZ, E_COOP, E_COOP_PTSZ, E_COOP_MULTI, E_LEGACY, E_GRID,
+    E_GRID_ASYNC, E_GRAPH, E_GRAPH_PTSZ, E_HOST, E_HOST_PTSZ, N_ENTRIES
+};
+static const char *entry_arg[N_ENTRIES] = {
+    "kernel", "kernel_ptsz", "ex", "ex_ptsz", "coop", "coop_ptsz", "coop_multi", "legacy", "grid",
+    "grid_async", "graph", "graph_ptsz", "host", "host_ptsz",
+};
+static const char *entry_api[N_ENTRIES] = {
+    "cuLaunchKernel", "cuLaunchKernel_ptsz", "cuLaunchKernelEx", "cuLaunchKernelEx_ptsz",
+    "cuLaunchCooperativeKernel", "cuLaunchCooperativeKernel_ptsz",
+    "cuLaunchCooperativeKernelMultiDevice", "cuLaunch", "cuLaunchGrid", "cuLaunchGridAsync",
+    "cuGraphLaunch", "cuGraphLaunch_ptsz", "cuLaunchHostFunc", "cuLaunchHostFunc_ptsz",
+};
+
+static CUfunction funcs[N_ENTRIES];
+static CUfunction graph_nodes[2];
+static CUgraphExec graph;
+static CUstream stream;
+static atomic_long called[N_ENTRIES];
+static atomic_long host_func_runs;
+
+static void check(CUresult r, const char *what) {
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "fake_app: %s failed with %d\n", what, r);
+        exit(99);
+    }
+}
+
+static void host_fn(void *arg) {
+    (void)arg;
+    atomic_fetch_add(&host_func_runs, 1);
+}
+
+static void launch(int e, unsigned salt) {
+    CUfunction f = funcs[e];
+    unsigned g = 1 + salt % 64, b = 32 * (1 + salt % 8), smem = 16 * (salt % 4);
+    CUresult r = CUDA_SUCCESS;
+    switch (e) {
+    case E_KERNEL: r = cuLaunchKernel(f, g, 2, 1, b, 1, 1, smem, stream, NULL, NULL); break;
+    case E_KERNEL_PTSZ: r = cuLaunchKernel_ptsz(f, g, 1, 3, b, 2, 1, smem, NULL, NULL, NULL); break;
+    case E_EX:
+    case E_EX_PTSZ: {
+        CUlaunchConfig cfg = {g, 1, 1, b, 1, 1, smem, stream, NULL, 0};
+        r = e == E_EX ? cuLaunchKernelEx(&cfg, f, NULL, NULL) : cuLaunchKernelEx_ptsz(&cfg, f, NULL, NULL);
+        break;
+    }
+    case E_COOP: r = cuLaunchCooperativeKernel(f, g, 1, 1, b, 1, 1, smem, stream, NULL); break;
+    case E_COOP_PTSZ: r = cuLaunchCooperativeKernel_ptsz(f, g, 1, 1, b, 1, 1, smem, NULL, NULL); break;
+    case E_COOP_MULTI: {
+        CUDA_LAUNCH_PARAMS l[2] = {{f, g, 1, 1, b, 1, 1, smem, stream, NULL},
+                                   {f, g, 1, 1, b, 1, 1, smem, stream, NULL}};
+        r = cuLaunchCooperativeKernelMultiDevice(l, 2, 0);
+        break;
+    }
+    case E_LEGACY: r = cuLaunch(f); break;
+    case E_GRID: r = cuLaunchGrid(f, (int)g, 2); break;
+    case E_GRID_ASYNC: r = cuLaunchGridAsync(f, (int)g, 2, stream); break;
+    case E_GRAPH: r = cuGraphLaunch(graph, stream); break;
+    case E_GRAPH_PTSZ: r = cuGraphLaunch_ptsz(graph, NULL); break;
+    case E_HOST: r = cuLaunchHostFunc(stream, host_fn, NULL); break;
+    case E_HOST_PTSZ: r = cuLaunchHostFunc_ptsz(NULL, host_fn, NULL); break;
+    }
+    check(r, entry_api[e]);
+    atomic_fetch_add_explicit(&called[e], 1, memory_order_relaxed);
+}
+
+static int entry_of(const char *arg) {
+    for (int e = 0; e < N_ENTRIES; e++)
+        if (strcmp(arg, entry_arg[e]) == 0) return e;
+    fprintf(stderr, "fake_app: unknown entry %s\n", arg);
+    exit(98);
+}
+
+/* ------------------------------------------------------------ threads */
+
+static pthread_barrier_t start_together;
+static long per_thread;
+
+static void *thread_main(void *arg) {
+    long t = (long)arg;
+    pthread_barrier_wait(&start_together);
+    for (long j = 0; j < per_thread; j++) launch((int)((t + j) % N_ENTRIES), (unsigned)(t * 7919 + j));
+    return NULL;
+}
+
+static void run_threads(long n, long m) {
+    pthread_t *tids = calloc((size_t)n, sizeof *tids);
+    per_thread = m;
+    pthread_barrier_init(&start_together, NULL, (unsigned)n);
+    for (long t = 0; t < n; t++)
+        if (pthread_create(&tids[t], NULL, thread_main, (void *)t) != 0) {
+            fprintf(stderr, "fake_app: pthread_create failed\n");
+            exit(97);
+        }
+    for (long t = 0; t < n; t++) pthread_join(tids[t], NULL);
+    pthread_barrier_destroy(&start_together);
+    free(tids);
+}
+
+/* ------------------------------------------------------------- names */
+
+static const char *awkward_names[] = {
+    "plain_kernel",
+    "_Z6gemm_fPKfS0_Pfiii",
+    "quote\"in\"name",
+    "back\\slash\\",
+    "ctrl\x01\x1f" "chars",
+    "tab\tnew\nline",
+    "utf8_\xc3\xa9t\xc3\xa9_\xe2\x9c\x93",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::fill<float>>(int, at::detail::Array<char*, 1>)",
+};
+
+static void launch_names(void) {
+    for (size_t i = 0; i < sizeof awkward_names / sizeof awkward_names[0]; i++) {
+        CUfunction f;
+        check(cuModuleGetFunction(&f, NULL, awkward_names[i]), "cuModuleGetFunction");
+        check(cuLaunchKernel(f, 3, 2, 1, 64, 2, 1, 128, stream, NULL, NULL), "cuLaunchKernel");
+        atomic_fetch_add(&called[E_KERNEL], 1);
+        printf("fake_app: name_hex=");
+        for (const unsigned char *p = (const unsigned char *)awkward_names[i]; *p; p++) printf("%02x", *p);
+        printf("\n");
+    }
+}
+
+/* ------------------------------------------------------------ report */
+
+static void report(void) {
+    int (*enabled)(uint32_t *, int) = (int (*)(uint32_t *, int))dlsym(RTLD_DEFAULT, "fake_cupti_enabled_cbids");
+    int (*has_sub)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "fake_cupti_has_subscriber");
+    printf("fake_app: cupti_loaded=%d\n", enabled != NULL);
+    if (!enabled) return;
+    printf("fake_app: subscriber=%d\n", has_sub ? has_sub() : -1);
+    uint32_t ids[1024];
+    int n = enabled(ids, 1024);
+    printf("fake_app: enabled_count=%d\nfake_app: enabled=", n);
+    for (int i = 0; i < n && i < 1024; i++) printf(i ? ",%u" : "%u", ids[i]);
+    printf("\n");
+}
+
+/* -------------------------------------------------------------- main */
+
+static void print_called(void) {
+    for (int e = 0; e < N_ENTRIES; e++) {
+        long n = atomic_load(&called[e]);
+        if (n) printf("fake_app: called %s=%ld\n", entry_api[e], n);
+    }
+    printf("fake_app: host_func_runs=%ld\n", atomic_load(&host_func_runs));
+}
+
+int main(int argc, char **argv) {
+    CUresult r = cuInit(0);
+    printf("fake_app: cuInit=%d\n", r);
+    check(r, "cuInit");
+    int version = 0;
+    check(cuDriverGetVersion(&version), "cuDriverGetVersion");
+    check(cuStreamCreate(&stream, 0), "cuStreamCreate");
+    for (int e = 0; e < N_ENTRIES; e++) {
+        char name[64];
+        snprintf(name, sizeof name, "mix_kernel_%s", entry_arg[e]);
+        check(cuModuleGetFunction(&funcs[e], NULL, name), "cuModuleGetFunction");
+    }
+    check(cuFuncSetBlockShape(funcs[E_LEGACY], 64, 2, 1), "cuFuncSetBlockShape");
+    check(cuFuncSetBlockShape(funcs[E_GRID], 128, 1, 1), "cuFuncSetBlockShape");
+    check(cuFuncSetBlockShape(funcs[E_GRID_ASYNC], 256, 1, 1), "cuFuncSetBlockShape");
+    check(cuModuleGetFunction(&graph_nodes[0], NULL, "graph_node_a"), "cuModuleGetFunction");
+    check(cuModuleGetFunction(&graph_nodes[1], NULL, "graph_node_b"), "cuModuleGetFunction");
+    check(fake_cuda_graph_exec_create(&graph, graph_nodes, 2), "graph");
+
+    for (int i = 1; i < argc; i++) {
+        char *arg = argv[i];
+        if (strncmp(arg, "launch:", 7) == 0) {
+            char entry[32];
+            long n;
+            if (sscanf(arg + 7, "%31[^:]:%ld", entry, &n) != 2) return 96;
+            int e = entry_of(entry);
+            for (long j = 0; j < n; j++) launch(e, (unsigned)j);
+        } else if (strncmp(arg, "threads:", 8) == 0) {
+            long t, m;
+            if (sscanf(arg + 8, "%ld:%ld", &t, &m) != 2) return 96;
+            run_threads(t, m);
+        } else if (strcmp(arg, "names") == 0) {
+            launch_names();
+        } else if (strncmp(arg, "fork:", 5) == 0) {
+            long c;
+            int code;
+            if (sscanf(arg + 5, "%ld:%d", &c, &code) != 2) return 96;
+            fflush(stdout);
+            fflush(stderr);
+            pid_t pid = fork();
+            if (pid < 0) return 95;
+            if (pid == 0) {
+                for (long j = 0; j < c; j++)
+                    check(cuLaunchKernel(funcs[E_KERNEL], 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL),
+                          "cuLaunchKernel in child");
+                exit(code);
+            }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            printf("fake_app: child_pid=%d\n", (int)pid);
+            printf("fake_app: child_exit=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        } else if (strcmp(arg, "report") == 0) {
+            report();
+        } else if (strncmp(arg, "exit:", 5) == 0) {
+            print_called();
+            fflush(stdout);
+            exit(atoi(arg + 5));
+        } else {
+            fprintf(stderr, "fake_app: unknown step %s\n", arg);
+            return 96;
+        }
+    }
+    check(cuCtxSynchronize(), "cuCtxSynchronize");
+    print_called();
+    printf("fake_app: done\n");
+    return 0;
+}
