@@ -201,3 +201,11 @@ def test_clean_release_needs_no_repair(inproc_daemon):
     board.release_slot(slot)
     daemon.tick(time.monotonic_ns())
     assert board.hp_active == 0 and board.epoch == 0 and not daemon._watched
+
+
+def test_best_effort_clients_get_the_lower_mps_client_priority():
+    state = {"scoreboard_prefix": "/dev/shm/tally-0-", "shm_dir": "/dev/shm", "runtime_dir": "/run/tally",
+             "pid": 1, "mps": {"pipe_dir": "/run/tally/mps/pipe", "log_dir": "/run/tally/mps/log"}}
+    assert client.client_env(state, "best-effort")["CUDA_MPS_CLIENT_PRIORITY"] == "1"
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in client.client_env(state, "high")
+    assert client.client_env(state, "high")["CUDA_MPS_PIPE_DIRECTORY"] == "/run/tally/mps/pipe"

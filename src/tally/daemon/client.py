@@ -42,6 +42,12 @@ def client_env(state: dict, priority: str | int) -> dict[str, str]:
         env["CUDA_MPS_PIPE_DIRECTORY"] = mps["pipe_dir"]
         if mps.get("log_dir"):
             env["CUDA_MPS_LOG_DIRECTORY"] = mps["log_dir"]
+        if priority_name == "best-effort":
+            # MPS's own client priority (0 normal, 1 below normal): the one
+            # priority that reaches work on PyTorch's legacy default stream,
+            # whose stream priority cannot be raised without changing the
+            # program's synchronization (docs/scheduling.md).
+            env["CUDA_MPS_CLIENT_PRIORITY"] = "1"
     return env
 
 
