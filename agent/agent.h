@@ -20,6 +20,7 @@ static inline uint64_t tally_now_ns(void) {
 
 /* A launch as the scheduler sees it, decoded from the callback's parameters. */
 struct tally_launch {
+    CUcontext context;     /* the launching context (one per GPU for PyTorch) */
     int is_graph;
     int trackable;         /* the stream is known, so completion can be tracked */
     CUstream stream;       /* with the per-thread default stream made explicit */

@@ -79,6 +79,7 @@ static struct {
     pthread_mutex_t join_lock;
     struct tally_sb_header *sb;
     struct tally_sb_slot *slot;
+    CUcontext context;              /* scheduled context: the first launch's */
     CUdeviceptr sb_device;          /* the scoreboard's address on the GPU */
     struct lane lanes[TALLY_SB_MAX_LANES];
     _Atomic uint32_t n_lanes;
@@ -193,8 +194,8 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
     return NULL;
 }
 
-/* Called on the first launch, when a context is current. */
-static void join(void) {
+/* Called on the first launch, when its context is current. */
+static void join(CUcontext context) {
     pthread_mutex_lock(&S.join_lock);
     if (atomic_load(&S.state) != NOT_JOINED) goto out;
     const char *prefix = getenv(TALLY_SB_PREFIX_ENV);
@@ -253,6 +254,7 @@ static void join(void) {
     }
     S.sb = h;
     S.slot = slot;
+    S.context = context;
     /* A reused slot keeps its lanes' numbers (repaired: launched == completed);
      * continue after them so "launched > completed" stays meaningful. */
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
@@ -404,10 +406,11 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     if (S.priority < 0) return;
     int state = atomic_load(&S.state);
     if (state == NOT_JOINED) {
-        join();
+        join(launch->context);
         state = atomic_load(&S.state);
     }
-    if (state != JOINED) return;
+    /* One scoreboard per GPU: work of another context (another GPU) is not ours to schedule. */
+    if (state != JOINED || launch->context != S.context) return;
     uint64_t now = tally_now_ns();
     struct tally_sb_slot *slot = S.slot;
     __atomic_fetch_add(launch->is_graph ? &slot->graph_launches : &slot->launches, 1, __ATOMIC_RELAXED);
@@ -428,7 +431,7 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
 }
 
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
-    if (!pending.track) return;
+    if (!pending.track || launch->context != S.context) return;
     pending.track = 0;
     if (result != CUDA_SUCCESS) return;
     struct lane *l = lane_of(launch->stream);

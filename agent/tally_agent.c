@@ -362,10 +362,12 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
             trace_graph_launch(d->correlationId, d->functionParams);
         if (tally_sched_enabled()) {
             decode_launch(cbid, d->functionParams, &launch);
+            launch.context = d->context;
             tally_sched_launch_enter(&launch);
         }
     } else if (d->callbackSite == CUPTI_API_EXIT && tally_sched_enabled()) {
         decode_launch(cbid, d->functionParams, &launch);
+        launch.context = d->context;
         CUresult result = d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS;
         tally_sched_launch_exit(&launch, result);
     }
