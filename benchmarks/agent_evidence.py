@@ -244,6 +244,39 @@ def overhead(steps: int, rounds: int, env: dict) -> dict:
     }
 
 
+def gate_overhead(steps: int, rounds: int, env: dict) -> dict:
+    """ResNet-50 training as the only client of a running tally daemon (no HP
+    client): plain MPS client vs best-effort tally client. The difference is
+    what the agent plus the gate's no-HP fast path cost BE."""
+    from tally.daemon.client import client_env, find_daemon
+
+    subprocess.run(TALLY + ["up", "--metrics-port", "0"], env=env, check=True, capture_output=True, text=True)
+    try:
+        state = find_daemon()
+        mps_env = dict(env)
+        mps_env.update({k: v for k, v in client_env(state, "best-effort").items() if k.startswith("CUDA_MPS_")})
+        mps, gated = [], []
+        for _ in range(rounds):
+            mps.append(run_worker("resnet50-train", "time", steps, 20, [], mps_env))
+            gated.append(run_worker("resnet50-train", "time", steps, 20,
+                                    TALLY + ["run", "--priority", "best-effort", "--"], env))
+        status = subprocess.run(TALLY + ["status", "--json"], env=env, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(TALLY + ["down", "--force"], env=env, capture_output=True, text=True)
+    m = [statistics.median(r["step_times_s"]) for r in mps]
+    g = [statistics.median(r["step_times_s"]) for r in gated]
+    return {
+        "workload": "resnet50-train batch 64 fp32 eager, only client of the daemon (no HP client)",
+        "steps_per_run": steps, "rounds": rounds,
+        "mps_median_step_ms": [round(x * 1e3, 3) for x in m],
+        "tally_be_median_step_ms": [round(x * 1e3, 3) for x in g],
+        "mps_ms": round(statistics.median(m) * 1e3, 3),
+        "tally_be_ms": round(statistics.median(g) * 1e3, 3),
+        "gate_cost_pct": round((statistics.median(g) / statistics.median(m) - 1) * 100, 2),
+        "status_during": status[-2000:],
+    }
+
+
 def launch_cost(work: Path, env: dict, rounds: int) -> dict:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     exe = work / "launch_cost"
@@ -321,6 +354,12 @@ def markdown(result: dict) -> str:
                   f"with it: **{o['overhead_pct']:+.2f}%** ({o['rounds']} interleaved runs of "
                   f"{o['steps_per_run']} steps each; per-run medians {o['baseline_median_step_ms']} vs "
                   f"{o['agent_median_step_ms']})."]
+    go = result.get("gate_overhead", {})
+    if "gate_cost_pct" in go:
+        lines += ["", f"Gate with no HP client ({go['workload']}): median step {go['mps_ms']} ms as a plain MPS "
+                      f"client, {go['tally_be_ms']} ms as a tally best-effort client: **{go['gate_cost_pct']:+.2f}%** "
+                      f"({go['rounds']} interleaved runs of {go['steps_per_run']} steps; per-run medians "
+                      f"{go['mps_median_step_ms']} vs {go['tally_be_median_step_ms']})."]
     lc = result.get("launch_cost", {})
     if "agent_cost_ns_per_launch" in lc:
         lines += ["", f"Launch microbenchmark (empty kernel, host time per launch, median of {lc['rounds']} runs): "
@@ -342,7 +381,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--overhead-steps", type=int, default=60)
     parser.add_argument("--overhead-rounds", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list: coverage,overhead,launch")
+    parser.add_argument("--skip", default="", help="comma list: coverage,overhead,launch,gate")
+    parser.add_argument("--json-name", default="agent_evidence", help="base name of the JSON and markdown written")
     args = parser.parse_args()
     if args.cmd == "worker":
         return worker(args)
@@ -378,9 +418,15 @@ def main() -> None:
             except Exception as exc:
                 result["overhead"] = {"error": str(exc)}
             print(json.dumps(result["overhead"]), flush=True)
-    (out / "agent_evidence.json").write_text(json.dumps(result, indent=2))
+        if "gate" not in skip:
+            try:
+                result["gate_overhead"] = gate_overhead(args.overhead_steps, args.overhead_rounds, env)
+            except Exception as exc:
+                result["gate_overhead"] = {"error": str(exc)}
+            print(json.dumps(result["gate_overhead"]), flush=True)
+    (out / f"{args.json_name}.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
-    (out / "agent_evidence.md").write_text(md)
+    (out / f"{args.json_name}.md").write_text(md)
     print(md)
 
 

@@ -1,0 +1,139 @@
+"""Metric definitions (docs/bench.md, "Metrics", is the prose version of this file).
+
+* HP latency = completion - arrival (queueing included); HP service latency =
+  completion - start of service. Summaries: p50/p90/p99/max/mean, in ms.
+  Percentiles use linear interpolation between order statistics
+  (numpy's default), so p99 of 1,000 requests sits between the 990th and the
+  991st smallest latency.
+* p99 overhead = p99 shared / p99 standalone - 1 (same workload, same trace).
+* HP throughput = completed requests / HP measurement window (first arrival to
+  last completion); normalized = shared / standalone.
+* BE throughput = training steps per second inside the *common* window (the HP
+  measurement window of the same run), counting fractional steps at the
+  window's edges by linear interpolation between step completions; normalized
+  = shared / standalone (standalone: steps/s over the BE-alone run).
+* System throughput = HP normalized + BE normalized (2.0 = both as if alone).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+def latency_summary(latencies_s: Sequence[float]) -> dict:
+    """p50/p90/p99/max/mean in milliseconds; counts; empty input gives NaNs and count 0."""
+    values = np.asarray(latencies_s, dtype=np.float64) * 1e3
+    out: dict = {"count": int(values.size)}
+    if values.size == 0:
+        out.update({f"p{q}_ms": math.nan for q in PERCENTILES})
+        out.update(max_ms=math.nan, mean_ms=math.nan)
+        return out
+    for q in PERCENTILES:
+        out[f"p{q}_ms"] = float(np.percentile(values, q))
+    out["max_ms"] = float(values.max())
+    out["mean_ms"] = float(values.mean())
+    return out
+
+
+def hp_request_latencies(requests: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(end-to-end, service) latencies in seconds from (arrival, start, end) triples."""
+    if len(requests) == 0:
+        return np.empty(0), np.empty(0)
+    table = np.asarray(requests, dtype=np.float64)
+    arrival, start, end = table[:, 0], table[:, 1], table[:, 2]
+    return end - arrival, end - start
+
+
+def measurement_window(requests: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """HP measurement window: first arrival to last completion (monotonic clock seconds)."""
+    if len(requests) == 0:
+        raise ValueError("no completed HP requests: no measurement window")
+    table = np.asarray(requests, dtype=np.float64)
+    return float(table[:, 0].min()), float(table[:, 2].max())
+
+
+def rate_in_window(event_times: Sequence[float], start_time: float, window: tuple[float, float]) -> float:
+    """Completions per second inside `window`, counting partial steps at both edges.
+
+    `event_times` are sorted step completion times and `start_time` is when the
+    first step began. Step i spans (t[i-1], t[i]] (t[-1] = start_time); the
+    part of each step that lies inside the window counts in proportion.
+    """
+    lo, hi = window
+    if hi <= lo:
+        raise ValueError(f"empty window {window}")
+    ends = np.asarray(event_times, dtype=np.float64)
+    if ends.size == 0:
+        return 0.0
+    begins = np.concatenate(([start_time], ends[:-1]))
+    spans = ends - begins
+    overlap = np.clip(np.minimum(ends, hi) - np.maximum(begins, lo), 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fractions = np.where(spans > 0, overlap / spans, ((ends > lo) & (ends <= hi)).astype(float))
+    return float(fractions.sum() / (hi - lo))
+
+
+def overhead(p99_shared_ms: float, p99_alone_ms: float) -> float:
+    """p99 shared / p99 standalone - 1 (0.25 = 25% slower)."""
+    if not (p99_alone_ms > 0) or math.isnan(p99_shared_ms):
+        return math.nan
+    return p99_shared_ms / p99_alone_ms - 1.0
+
+
+def normalized(shared: float, alone: float) -> float:
+    if not (alone > 0) or math.isnan(shared):
+        return math.nan
+    return shared / alone
+
+
+def system_throughput(hp_normalized: float, be_normalized: float) -> float:
+    return hp_normalized + be_normalized
+
+
+def mean_utilization(samples: Sequence[Sequence[float]], window: tuple[float, float]) -> float:
+    """Mean of (time, percent) GPU utilization samples inside `window`; NaN if none."""
+    if not samples:
+        return math.nan
+    table = np.asarray(samples, dtype=np.float64)
+    inside = table[(table[:, 0] >= window[0]) & (table[:, 0] <= window[1])]
+    if inside.size == 0:
+        return math.nan
+    return float(inside[:, 1].mean())
+
+
+def hp_summary(hp_result: dict) -> dict:
+    """Everything the report needs from one HP worker result."""
+    requests = hp_result.get("requests", [])
+    e2e, service = hp_request_latencies(requests)
+    out = {
+        "latency": latency_summary(e2e),
+        "service": latency_summary(service),
+        "offered": int(hp_result.get("offered", len(requests))),
+        "completed": len(requests),
+        "incomplete": int(hp_result.get("offered", len(requests))) - len(requests),
+    }
+    if requests:
+        window = measurement_window(requests)
+        out["window"] = list(window)
+        out["throughput_rps"] = len(requests) / (window[1] - window[0]) if window[1] > window[0] else math.nan
+    else:
+        out["window"] = None
+        out["throughput_rps"] = 0.0
+    return out
+
+
+def be_rate(be_result: dict, window: tuple[float, float] | None = None) -> float:
+    """BE steps per second in `window` (default: the whole measured run after warm-up)."""
+    steps = be_result.get("step_end_times", [])
+    start = be_result.get("measure_start_time")
+    if not steps or start is None:
+        return 0.0
+    if window is None:
+        window = (float(start), float(steps[-1]))
+        if window[1] <= window[0]:
+            return 0.0
+    return rate_in_window(steps, float(start), window)

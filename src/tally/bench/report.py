@@ -1,0 +1,246 @@
+"""Aggregate the run JSONs of an output directory into report.md, summary.json
+and PNG charts (matplotlib, Agg backend: no display needed).
+
+Every system appears for every (HP, BE, load) it was planned for: runs that
+could not happen are listed as "not run: <reason>" (unavailable systems) or
+"failed: <reason>"; their numbers are never filled in.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from tally.bench.systems import SYSTEM_NAMES
+from tally.errors import TallyError
+
+
+def load_runs(out_dir: Path) -> list[dict]:
+    runs_dir = Path(out_dir) / "runs"
+    if not runs_dir.is_dir():
+        raise TallyError(f"{out_dir} has no runs/ directory: nothing to report")
+    runs = []
+    for path in sorted(runs_dir.glob("*.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise TallyError(f"run file {path} is not valid JSON: {exc}") from None
+    if not runs:
+        raise TallyError(f"{runs_dir} holds no run results: nothing to report")
+    return runs
+
+
+def _system_order(name: str) -> int:
+    return SYSTEM_NAMES.index(name) if name in SYSTEM_NAMES else len(SYSTEM_NAMES)
+
+
+def _pair_label(run: dict) -> str:
+    key = run["key"]
+    return f"{key['hp']} + {key['be']}"
+
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+def _pct(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * 100:+.1f}%"
+
+
+def markdown_table(runs: list[dict]) -> str:
+    header = ("| HP | BE | load | system | HP p50 ms | HP p90 ms | HP p99 ms | HP max ms | p99 overhead "
+              "| service p99 ms | HP norm. | BE norm. | system tput | GPU util % | status |")
+    lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
+    ordered = sorted(runs, key=lambda r: (r["key"]["hp"], r["key"]["be"], r["key"]["load"],
+                                          _system_order(r["key"]["system"])))
+    for run in ordered:
+        key = run["key"]
+        cells = [key["hp"], key["be"], f"{key['load']:g}", key["system"]]
+        if run.get("status") == "ok":
+            lat, svc = run["hp"]["latency"], run["hp"]["service"]
+            status = "ok"
+            if run["hp"].get("incomplete"):
+                status = f"ok ({run['hp']['incomplete']} requests not served)"
+            cells += [_fmt(lat["p50_ms"]), _fmt(lat["p90_ms"]), _fmt(lat["p99_ms"]), _fmt(lat["max_ms"]),
+                      "(reference)" if key["system"] == "standalone" else _pct(run.get("p99_overhead")),
+                      _fmt(svc["p99_ms"]), _fmt(run.get("hp_normalized")), _fmt(run.get("be_normalized")),
+                      _fmt(run.get("system_throughput")), _fmt(run.get("gpu_util_percent"), ".0f"), status]
+        else:
+            word = "not run" if run.get("status") == "unavailable" else run.get("status", "failed")
+            reason = str(run.get("reason", "")).replace("|", "/")
+            cells += ["-"] * 10 + [f"{word}: {reason}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment_block(out_dir: Path, runs: list[dict]) -> str:
+    env = {}
+    env_path = Path(out_dir) / "environment.json"
+    if env_path.exists():
+        try:
+            env = json.loads(env_path.read_text())
+        except ValueError:
+            env = {}
+    versions: dict[str, str] = {}
+    workloads: dict[str, dict] = {}
+    for run in runs:
+        for role in ("hp", "be"):
+            info = run.get("info", {}).get(role, {})
+            for name in ("torch", "cuda", "cudnn", "device"):
+                if info.get(name):
+                    versions.setdefault(name, str(info[name]))
+            spec = run.get("workloads", {}).get(role)
+            if spec:
+                workloads.setdefault(spec.get("ref", spec.get("name", "?")), spec)
+    lines = ["| | |", "|---|---|"]
+    for label, value in [("date", env.get("date")), ("host", env.get("host")), ("GPU", env.get("gpu")),
+                         ("driver", env.get("driver")), ("GPU memory", env.get("gpu_memory")),
+                         ("python", env.get("python")), ("torch", versions.get("torch")),
+                         ("CUDA (torch)", versions.get("cuda")), ("cuDNN", versions.get("cudnn")),
+                         ("device (worker)", versions.get("device"))]:
+        if value:
+            lines.append(f"| {label} | {value} |")
+    lines += ["", "| workload | kind | batch | precision | variant | details |", "|---|---|---|---|---|---|"]
+    for ref, spec in sorted(workloads.items()):
+        details = ", ".join(f"{k}={v}" for k, v in (spec.get("details") or {}).items())
+        lines.append(f"| {ref} | {spec.get('kind', '?')} | {spec.get('batch_size', '?')} | "
+                     f"{spec.get('precision', '?')} | {spec.get('variant', '?')} | {details} |")
+    return "\n".join(lines)
+
+
+def _grouped(runs: list[dict], metric: str) -> tuple[list[str], list[str], dict]:
+    """pairs (x axis), systems (bars), values[(pair, system)] for ok runs at each pair's main load."""
+    values: dict = {}
+    pairs: list[str] = []
+    systems: set[str] = set()
+    for run in runs:
+        if run.get("status") != "ok":
+            continue
+        value = run.get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        label = f"{_pair_label(run)}\n@{run['key']['load']:g}"
+        if label not in pairs:
+            pairs.append(label)
+        systems.add(run["key"]["system"])
+        values[(label, run["key"]["system"])] = value
+    return sorted(pairs), sorted(systems, key=_system_order), values
+
+
+def _bar_chart(path: Path, runs: list[dict], metric: str, ylabel: str, title: str, scale: float = 1.0,
+               skip_systems: tuple[str, ...] = (), reference: float | None = None) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs, systems, values = _grouped(runs, metric)
+    systems = [s for s in systems if s not in skip_systems]
+    if not pairs or not systems:
+        return False
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(pairs) + 2), 4.5))
+    for i, system in enumerate(systems):
+        xs = [p + (i - (len(systems) - 1) / 2) * width for p in range(len(pairs))]
+        ys = [values.get((pair, system), math.nan) * scale for pair in pairs]
+        ax.bar(xs, ys, width, label=system)
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(pairs)))
+    ax.set_xticklabels(pairs, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(4, len(systems)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _cdf_charts(charts: Path, runs: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by_pair: dict = defaultdict(list)
+    for run in runs:
+        if run.get("status") == "ok" and run.get("hp", {}).get("latencies_ms"):
+            key = run["key"]
+            by_pair[(key["hp"], key["be"], key["load"])].append(run)
+    written = []
+    for (hp, be, load), group in sorted(by_pair.items()):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for run in sorted(group, key=lambda r: _system_order(r["key"]["system"])):
+            values = np.sort(np.asarray(run["hp"]["latencies_ms"], dtype=float))
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=run["key"]["system"])
+        ax.set_xscale("log")
+        ax.set_xlabel("HP latency, arrival to completion (ms, log)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{hp} next to {be}, load {load:g}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = charts / f"cdf__{_safe(hp)}__{_safe(be)}__load{load:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)
+
+
+def write_report(out_dir: str | Path) -> Path:
+    """Write report.md, summary.json and charts/*.png for `out_dir`; return the report path."""
+    out_dir = Path(out_dir)
+    runs = load_runs(out_dir)
+    charts = out_dir / "charts"
+    charts.mkdir(exist_ok=True)
+    for old in charts.glob("*.png"):
+        old.unlink()
+    chart_files = []
+    if _bar_chart(charts / "p99_overhead.png", runs, "p99_overhead", "HP p99 overhead (%)",
+                  "HP p99 latency overhead vs standalone (lower is better)", scale=100.0,
+                  skip_systems=("standalone",), reference=0.0):
+        chart_files.append(charts / "p99_overhead.png")
+    if _bar_chart(charts / "system_throughput.png", runs, "system_throughput", "HP norm. + BE norm.",
+                  "System throughput (higher is better; 1.0 = one job alone)", skip_systems=("standalone",),
+                  reference=1.0):
+        chart_files.append(charts / "system_throughput.png")
+    chart_files += _cdf_charts(charts, runs)
+
+    counts = defaultdict(int)
+    for run in runs:
+        counts[run.get("status", "failed")] += 1
+    lines = [
+        f"# tally bench: {out_dir.name}",
+        "",
+        f"{len(runs)} runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
+        "Latency = arrival to completion (queueing included); service = start to completion. "
+        "p99 overhead = p99 shared / p99 standalone - 1. HP/BE norm. = throughput / standalone throughput; "
+        "system tput = HP norm. + BE norm. Systems marked 'not run' were not measured: no numbers are shown for them.",
+        "",
+        "## Results",
+        "",
+        markdown_table(runs),
+        "",
+        "## Charts",
+        "",
+    ]
+    lines += [f"![{p.stem}](charts/{p.name})" for p in chart_files] or ["(no successful runs to chart)"]
+    lines += ["", "## Environment", "", environment_block(out_dir, runs), ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    summary = [{k: v for k, v in run.items() if k != "hp"} | (
+        {"hp": {k: v for k, v in run["hp"].items() if k not in ("latencies_ms", "service_ms")}} if "hp" in run else {})
+        for run in runs]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return report

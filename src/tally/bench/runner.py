@@ -1,0 +1,619 @@
+"""Orchestration: baselines, co-located runs, resume, cleanup.
+
+Layout of an output directory (everything is JSON; a run whose file exists
+with status "ok" is skipped on the next invocation, so an interrupted or
+partial benchmark resumes):
+
+  environment.json                      host, GPU, driver, versions (first run)
+  capacity/<hp>.json                    standalone service time of an HP workload
+  arrivals/<hp>__load<L>.json           the arrival trace every system replays
+  standalone/hp__<hp>__load<L>.json     HP alone on that trace (raw worker result)
+  standalone/be__<be>.json              BE alone (raw worker result)
+  runs/<hp>__<be>__<system>__load<L>.json   one co-located run: summary + HP latencies
+  raw/<run id>/{hp,be}.json, *.log      worker results and logs
+  report.md, summary.json, charts/*.png written by tally.bench.report
+
+A co-located run: start the system; start BE and HP workers together (both
+build and warm up in parallel); when both have written their ready file,
+create the go file; the HP worker replays the arrivals; when it exits, SIGTERM
+the BE worker (it writes its step times); stop the system. Every process is
+started in its own session and killed as a process group; the system is
+stopped in `finally`, on errors and on Ctrl-C (SIGINT) or SIGTERM alike.
+
+Python API: `run_pair(hp, be, system, load, duration, out_dir) -> dict`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tally.bench import metrics
+from tally.bench import systems as systems_mod
+from tally.bench import traces
+from tally.bench import workloads as registry
+from tally.errors import TallyError
+
+now = time.monotonic
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]+", "_", text)
+
+
+def _load_tag(load: float) -> str:
+    return f"load{load:g}"
+
+
+@dataclass
+class BenchConfig:
+    out_dir: Path
+    duration_s: float = 20.0
+    arrival_source: str = "bursty"  # azure | bursty | poisson
+    trace_path: str | None = None
+    trace_function: str | None = None
+    trace_window: tuple[float | None, float | None] = (None, None)
+    seed: int = 0
+    warmup_steps: int = 5
+    warmup_s: float = 2.0
+    capacity_s: float = 3.0
+    start_timeout_s: float = 900.0  # torch.compile variants warm up for minutes
+    stop_grace_s: float = 15.0
+    mps_split_percent: int = 50
+    hp_command: str | None = None
+    be_command: str | None = None
+    hp_options: list[str] = field(default_factory=list)
+    be_options: list[str] = field(default_factory=list)
+    sample_gpu: bool = True
+    python: str = sys.executable
+    startup_estimate_s: float = 15.0  # per worker start (torch import, model build, warm-up), for the ETA
+    mps_factory: Callable | None = None  # tests inject a fake PrivateMps
+
+
+@dataclass(frozen=True)
+class RunKey:
+    hp: str
+    be: str
+    system: str
+    load: float
+
+    @property
+    def run_id(self) -> str:
+        return f"{_slug(self.hp)}__{_slug(self.be)}__{self.system}__{_load_tag(self.load)}"
+
+
+# ---------------------------------------------------------------- processes
+
+
+class ProcessSet:
+    """Every child process of the runner; each in its own session, killed as a group."""
+
+    def __init__(self) -> None:
+        self.live: list[subprocess.Popen] = []
+        self.spawned_pids: list[int] = []
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, **kwargs) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            try:
+                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+            except OSError as exc:
+                raise TallyError(f"cannot start {argv[0]}: {exc}") from None
+        self.live.append(proc)
+        self.spawned_pids.append(proc.pid)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace_s: float, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the group, wait `grace_s`, then SIGKILL the group; reap."""
+        if proc.poll() is None:
+            _killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # the leader may be gone while others of its group live on
+        _killpg(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc in self.live:
+            self.live.remove(proc)
+        return proc.returncode
+
+    def stop_all(self, grace_s: float) -> None:
+        for proc in list(self.live):
+            if proc.poll() is None:
+                _killpg(proc.pid, signal.SIGTERM)
+        deadline = now() + grace_s
+        for proc in list(self.live):
+            try:
+                proc.wait(timeout=max(0.1, deadline - now()))
+            except subprocess.TimeoutExpired:
+                pass
+            self.stop(proc, 0)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to the runner unwinds like Ctrl-C, so `finally` blocks clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class GpuSampler:
+    """`nvidia-smi --query-gpu=utilization.gpu -lms` in the background, each line stamped on arrival.
+
+    NVML's utilization.gpu is the share of time *some* kernel ran during the
+    sample period, not SM occupancy: coarse, but the same for every system.
+    """
+
+    def __init__(self, processes: ProcessSet, interval_ms: int = 200):
+        self.samples: list[tuple[float, float]] = []
+        self._processes = processes
+        self._proc: subprocess.Popen | None = None
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return
+        self._proc = subprocess.Popen(
+            [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={interval_ms}", "-i", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True)
+        processes.live.append(self._proc)
+        processes.spawned_pids.append(self._proc.pid)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                self.samples.append((now(), float(line.strip().split(",")[0])))
+            except ValueError:
+                continue
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._processes.stop(self._proc, 2)
+            self._proc = None
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class RunFailed(Exception):
+    pass
+
+
+class Runner:
+    def __init__(self, config: BenchConfig, progress: Callable[[str], None] | None = None):
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.processes = ProcessSet()
+        self.say = progress or (lambda message: None)
+        self._trace: traces.AzureTrace | None = None
+
+    # ---- paths
+    def capacity_path(self, hp: str) -> Path:
+        return self.out / "capacity" / f"{_slug(hp)}.json"
+
+    def arrivals_path(self, hp: str, load: float) -> Path:
+        return self.out / "arrivals" / f"{_slug(hp)}__{_load_tag(load)}.json"
+
+    def hp_alone_path(self, hp: str, load: float) -> Path:
+        return self.out / "standalone" / f"hp__{_slug(hp)}__{_load_tag(load)}.json"
+
+    def be_alone_path(self, be: str) -> Path:
+        return self.out / "standalone" / f"be__{_slug(be)}.json"
+
+    def run_path(self, key: RunKey) -> Path:
+        return self.out / "runs" / f"{key.run_id}.json"
+
+    # ---- worker processes
+    def _worker_argv(self, ref: str, role: str, result: Path, extra: list[str]) -> list[str]:
+        argv = [self.config.python, "-m", "tally.bench.worker", "--workload", ref, "--role", role,
+                "--result", str(result), "--warmup-steps", str(self.config.warmup_steps),
+                "--warmup-s", str(self.config.warmup_s), "--start-timeout-s", str(self.config.start_timeout_s)]
+        command = self.config.hp_command if role == "hp" else self.config.be_command
+        if ref == registry.COMMAND_REF and command:
+            argv += ["--command", command]
+        for option in (self.config.hp_options if role == "hp" else self.config.be_options):
+            argv += ["--option", option]
+        return argv + extra
+
+    def _spawn_worker(self, system: systems_mod.System, role: str, argv: list[str], log: Path) -> subprocess.Popen:
+        launch = system.launch(role)
+        env = dict(os.environ)
+        env.update(launch.env)
+        if role != "hp":
+            env.pop(systems_mod.HP_STREAM_PRIORITY_ENV, None)
+        return self.processes.spawn(launch.prefix + argv, env, log)
+
+    def _wait_ready(self, waiting: dict[str, tuple[subprocess.Popen, Path, Path]], timeout_s: float) -> None:
+        """Wait until every worker wrote its ready file; fail fast if one exits."""
+        deadline = now() + timeout_s
+        pending = dict(waiting)
+        while pending:
+            for role, (proc, ready, log) in list(pending.items()):
+                if ready.exists():
+                    del pending[role]
+                elif proc.poll() is not None:
+                    raise RunFailed(f"{role} worker exited (status {proc.returncode}) before it was ready: "
+                                    f"{_last_line(log)}")
+            if now() > deadline:
+                raise RunFailed(f"{', '.join(pending)} worker(s) not ready within {timeout_s:g} s")
+            time.sleep(0.02)
+
+    # ---- baselines
+    def capacity(self, hp: str) -> dict:
+        path = self.capacity_path(hp)
+        cached = _read_ok(path)
+        if cached is not None:
+            return cached
+        raw = self.out / "raw" / f"capacity__{_slug(hp)}"
+        _fresh_dir(raw)
+        argv = self._worker_argv(hp, "hp", raw / "hp.json",
+                                 ["--measure-capacity", "--capacity-s", str(self.config.capacity_s)])
+        self.say(f"capacity of {hp}")
+        proc = self._spawn_worker(systems_mod.Standalone(), "hp", argv, raw / "hp.log")
+        self._wait_exit(proc, self.config.start_timeout_s + self.config.capacity_s + 60, "hp", raw / "hp.log")
+        result = _read_worker(raw / "hp.json", raw / "hp.log")
+        out = {"status": "ok", "hp": hp, **result["capacity"], "info": result.get("info", {}),
+               "workload": result["workload"]}
+        _write(path, out)
+        return out
+
+    def arrivals(self, hp: str, load: float) -> traces.Arrivals:
+        path = self.arrivals_path(hp, load)
+        if path.exists():
+            return traces.Arrivals.read(path)
+        service_time = float(self.capacity(hp)["service_time_s"])
+        trace = None
+        if self.config.arrival_source == "azure":
+            if self._trace is None:
+                if not self.config.trace_path:
+                    raise TallyError("arrival source 'azure' needs --trace FILE")
+                self._trace = traces.load_azure_csv(self.config.trace_path)
+            trace = self._trace
+        arrivals = traces.make_arrivals(
+            self.config.arrival_source, load, service_time, self.config.duration_s, seed=self.config.seed,
+            trace=trace, trace_function=self.config.trace_function,
+            window_start_s=self.config.trace_window[0], window_length_s=self.config.trace_window[1])
+        arrivals.write(path)
+        return arrivals
+
+    def hp_alone(self, hp: str, load: float) -> dict:
+        path = self.hp_alone_path(hp, load)
+        cached = _read_ok(path)
+        if cached is not None:
+            return cached
+        self.arrivals(hp, load)
+        raw = self.out / "raw" / f"standalone__hp__{_slug(hp)}__{_load_tag(load)}"
+        _fresh_dir(raw)
+        self.say(f"{hp} alone at load {load:g}")
+        argv = self._worker_argv(hp, "hp", raw / "hp.json", ["--arrivals", str(self.arrivals_path(hp, load))])
+        with ExitStack() as stack:
+            stack.callback(self.processes.stop_all, self.config.stop_grace_s)
+            sampler = self._sampler(stack)
+            proc = self._spawn_worker(systems_mod.Standalone(), "hp", argv, raw / "hp.log")
+            self._wait_exit(proc, self._hp_timeout(), "hp", raw / "hp.log")
+        result = _read_worker(raw / "hp.json", raw / "hp.log")
+        summary = metrics.hp_summary(result)
+        result["status"] = "ok" if summary["completed"] else "failed"
+        result["summary"] = summary
+        result["gpu_util_percent"] = (metrics.mean_utilization(sampler.samples, tuple(summary["window"]))
+                                      if sampler and summary["window"] else math.nan)
+        _write(path, result)
+        return result
+
+    def be_alone(self, be: str) -> dict:
+        path = self.be_alone_path(be)
+        cached = _read_ok(path)
+        if cached is not None:
+            return cached
+        raw = self.out / "raw" / f"standalone__be__{_slug(be)}"
+        _fresh_dir(raw)
+        self.say(f"{be} alone")
+        argv = self._worker_argv(be, "be", raw / "be.json", ["--duration", str(self.config.duration_s)])
+        with ExitStack() as stack:
+            stack.callback(self.processes.stop_all, self.config.stop_grace_s)
+            sampler = self._sampler(stack)
+            proc = self._spawn_worker(systems_mod.Standalone(), "be", argv, raw / "be.log")
+            self._wait_exit(proc, self.config.start_timeout_s + self.config.duration_s + 60, "be", raw / "be.log")
+        result = _read_worker(raw / "be.json", raw / "be.log")
+        rate = metrics.be_rate(result)
+        result["status"] = "ok" if rate > 0 else "failed"
+        result["steps_per_s"] = rate
+        steps = result.get("step_end_times") or []
+        window = (result.get("measure_start_time") or 0.0, steps[-1] if steps else 0.0)
+        result["gpu_util_percent"] = metrics.mean_utilization(sampler.samples, window) if sampler else math.nan
+        _write(path, result)
+        return result
+
+    def _sampler(self, stack: ExitStack) -> GpuSampler | None:
+        if not self.config.sample_gpu:
+            return None
+        sampler = GpuSampler(self.processes)
+        stack.callback(sampler.stop)
+        return sampler
+
+    def _hp_timeout(self) -> float:
+        # warm-up + the serve loop's own deadline (2 x duration + 10 s) + slack
+        return self.config.start_timeout_s + 2 * self.config.duration_s + 60
+
+    def _wait_exit(self, proc: subprocess.Popen, timeout_s: float, role: str, log: Path) -> int:
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.processes.stop(proc, self.config.stop_grace_s)
+            raise RunFailed(f"{role} worker did not finish within {timeout_s:g} s: {_last_line(log)}") from None
+
+    # ---- one co-located run
+    def run(self, key: RunKey, force: bool = False) -> dict:
+        """Run (or load, when already done) one (hp, be, system, load) run; returns its summary."""
+        path = self.run_path(key)
+        if not force:
+            cached = _read_ok(path)
+            if cached is not None:
+                return cached
+        base = {"key": key.__dict__, "run_id": key.run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                "duration_s": self.config.duration_s}
+        system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
+        base["system"] = system.describe()
+        if key.system == "standalone":
+            summary = self._standalone_summary(key, base)
+            _write(path, summary)
+            return summary
+        reason = system.unavailable_reason()
+        if reason is not None:
+            summary = {**base, "status": "unavailable", "reason": reason}
+            _write(path, summary)
+            return summary
+        try:
+            hp_alone = self.hp_alone(key.hp, key.load)
+            be_alone = self.be_alone(key.be)
+            hp_result, be_result, samples = self._colocated(key, system)
+            summary = self._summarize(key, base, hp_result, be_result, hp_alone, be_alone, samples)
+        except (RunFailed, TallyError) as exc:
+            summary = {**base, "status": "failed", "reason": str(exc)}
+        _write(path, summary)
+        return summary
+
+    def _colocated(self, key: RunKey, system: systems_mod.System) -> tuple[dict, dict, list]:
+        raw = self.out / "raw" / key.run_id
+        _fresh_dir(raw)
+        arrivals_path = self.arrivals_path(key.hp, key.load)
+        go_file = raw / "go"
+        hp_argv = self._worker_argv(key.hp, "hp", raw / "hp.json",
+                                    ["--arrivals", str(arrivals_path), "--ready-file", str(raw / "hp.ready"),
+                                     "--go-file", str(go_file)])
+        be_argv = self._worker_argv(key.be, "be", raw / "be.json", ["--ready-file", str(raw / "be.ready")])
+        self.say(f"{key.hp} + {key.be} under {key.system}")
+        with ExitStack() as stack:
+            # LIFO: processes die before the system (an MPS quit waits for its clients)
+            stack.callback(system.stop)
+            system.start()
+            stack.callback(self.processes.stop_all, self.config.stop_grace_s)
+            be = self._spawn_worker(system, "be", be_argv, raw / "be.log")
+            hp = self._spawn_worker(system, "hp", hp_argv, raw / "hp.log")
+            self._wait_ready({"be": (be, raw / "be.ready", raw / "be.log"),
+                              "hp": (hp, raw / "hp.ready", raw / "hp.log")}, self.config.start_timeout_s)
+            sampler = self._sampler(stack)
+            go_file.write_text(str(now()))
+            # the HP replay ends on its own; BE must outlive it to share the whole window
+            rc = self._wait_exit(hp, 2 * self.config.duration_s + 60, "hp", raw / "hp.log")
+            if be.poll() is not None:
+                raise RunFailed(f"be worker exited (status {be.returncode}) during the run: {_last_line(raw / 'be.log')}")
+            self.processes.stop(be, self.config.stop_grace_s)
+            samples = list(sampler.samples) if sampler else []
+        if rc != 0:
+            raise RunFailed(f"hp worker failed (status {rc}): {_last_line(raw / 'hp.log')}")
+        return _read_worker(raw / "hp.json", raw / "hp.log"), _read_worker(raw / "be.json", raw / "be.log"), samples
+
+    def _summarize(self, key: RunKey, base: dict, hp_result: dict, be_result: dict, hp_alone: dict,
+                   be_alone: dict, samples: list) -> dict:
+        hp = metrics.hp_summary(hp_result)
+        if not hp["completed"]:
+            raise RunFailed("the HP worker completed no request")
+        window = tuple(hp["window"])
+        be_rate = metrics.be_rate(be_result, window)
+        alone = hp_alone["summary"]
+        hp_norm = metrics.normalized(hp["throughput_rps"], alone["throughput_rps"])
+        be_norm = metrics.normalized(be_rate, be_alone["steps_per_s"])
+        e2e, service = metrics.hp_request_latencies(hp_result["requests"])
+        return {
+            **base,
+            "status": "ok",
+            "hp": {**hp, "latencies_ms": [round(x * 1e3, 4) for x in e2e],
+                   "service_ms": [round(x * 1e3, 4) for x in service]},
+            "hp_alone": {"latency": alone["latency"], "service": alone["service"],
+                         "throughput_rps": alone["throughput_rps"],
+                         "gpu_util_percent": hp_alone.get("gpu_util_percent")},
+            "be": {"steps_per_s": be_rate, "alone_steps_per_s": be_alone["steps_per_s"],
+                   "steps_total": len(be_result.get("step_end_times", []))},
+            "p99_overhead": metrics.overhead(hp["latency"]["p99_ms"], alone["latency"]["p99_ms"]),
+            "service_p99_overhead": metrics.overhead(hp["service"]["p99_ms"], alone["service"]["p99_ms"]),
+            "hp_normalized": hp_norm,
+            "be_normalized": be_norm,
+            "system_throughput": metrics.system_throughput(hp_norm, be_norm),
+            "gpu_util_percent": metrics.mean_utilization(samples, window),
+            "workloads": {"hp": hp_result["workload"], "be": be_result["workload"]},
+            "info": {"hp": hp_result.get("info", {}), "be": be_result.get("info", {})},
+            "trace": hp_result.get("arrivals", {}),
+        }
+
+    def _standalone_summary(self, key: RunKey, base: dict) -> dict:
+        try:
+            hp_alone = self.hp_alone(key.hp, key.load)
+            be_alone = self.be_alone(key.be)
+        except (RunFailed, TallyError) as exc:
+            return {**base, "status": "failed", "reason": str(exc)}
+        e2e, service = metrics.hp_request_latencies(hp_alone["requests"])
+        summary = hp_alone["summary"]
+        return {
+            **base, "status": "ok",
+            "hp": {**summary, "latencies_ms": [round(x * 1e3, 4) for x in e2e],
+                   "service_ms": [round(x * 1e3, 4) for x in service]},
+            "hp_alone": {"latency": summary["latency"], "service": summary["service"],
+                         "throughput_rps": summary["throughput_rps"]},
+            "be": {"steps_per_s": be_alone["steps_per_s"], "alone_steps_per_s": be_alone["steps_per_s"],
+                   "steps_total": len(be_alone.get("step_end_times", []))},
+            "p99_overhead": 0.0, "service_p99_overhead": 0.0,
+            # alone, each job has all of the GPU: HP and BE are 1.0 each, but never together
+            "hp_normalized": 1.0, "be_normalized": 1.0, "system_throughput": math.nan,
+            "gpu_util_percent": hp_alone.get("gpu_util_percent", math.nan),
+            "be_gpu_util_percent": be_alone.get("gpu_util_percent", math.nan),
+            "workloads": {"hp": hp_alone["workload"], "be": be_alone["workload"]},
+            "info": {"hp": hp_alone.get("info", {}), "be": be_alone.get("info", {})},
+            "trace": hp_alone.get("arrivals", {}),
+        }
+
+    # ---- a matrix of runs
+    def plan_seconds(self, keys: list[RunKey]) -> float:
+        """Rough wall time of `keys` from scratch (for the ETA and the printed estimate)."""
+        c = self.config
+        start = c.startup_estimate_s + c.warmup_s
+        hps = {(k.hp) for k in keys}
+        hp_loads = {(k.hp, k.load) for k in keys}
+        bes = {k.be for k in keys}
+        colocated = [k for k in keys if k.system not in ("standalone",)
+                     and systems_mod.make_system(k.system).unavailable_reason() is None]
+        return (len(hps) * (start + c.capacity_s) + len(hp_loads) * (start + c.duration_s)
+                + len(bes) * (start + c.duration_s) + len(colocated) * (start + c.duration_s + 3))
+
+    def run_matrix(self, keys: list[RunKey], on_done: Callable[[RunKey, dict, float], None] | None = None) -> list[dict]:
+        results = []
+        with sigterm_as_interrupt():
+            try:
+                self.write_environment()
+                for key in keys:
+                    t0 = now()
+                    summary = self.run(key)
+                    results.append(summary)
+                    if on_done:
+                        on_done(key, summary, now() - t0)
+            finally:
+                self.processes.stop_all(self.config.stop_grace_s)
+        return results
+
+    def write_environment(self) -> dict:
+        path = self.out / "environment.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                pass
+        env = collect_environment()
+        _write(path, env)
+        return env
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def collect_environment() -> dict:
+    env = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+           "python": platform.python_version(), "platform": platform.platform()}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=15).stdout.strip().splitlines()
+            if out:
+                name, driver, memory = (x.strip() for x in out[0].split(",")[:3])
+                env.update(gpu=name, driver=driver, gpu_memory=memory, gpu_count=len(out))
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            pass
+    return env
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _read_ok(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("status") == "ok" else None
+
+
+def _read_worker(path: Path, log: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise RunFailed(f"worker wrote no result ({path.name}): {_last_line(log)}") from None
+    if data.get("error"):
+        raise RunFailed(f"{data.get('role', 'worker')} worker: {data['error']}")
+    return data
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:400] if lines else "empty log"
+
+
+def run_pair(hp: str, be: str, system: str, load: float, duration: float, out_dir: str | Path,
+             force: bool = False, **config) -> dict:
+    """Run one co-located pair (or return the stored result) and its baselines; returns the run summary.
+
+    `config` takes any BenchConfig field (e.g. arrival_source="poisson", seed=1).
+    """
+    runner = Runner(BenchConfig(out_dir=Path(out_dir), duration_s=duration, **config))
+    with sigterm_as_interrupt():
+        try:
+            runner.write_environment()
+            return runner.run(RunKey(hp, be, system, load), force=force)
+        finally:
+            runner.processes.stop_all(runner.config.stop_grace_s)

@@ -1,0 +1,340 @@
+"""The process that runs ONE workload.
+
+    python -m tally.bench.worker --workload NAME --role hp|be --result FILE [...]
+
+role hp (inference server, open loop): replays the arrival offsets of
+--arrivals. Request i is due at go + offset_i; requests are served one at a time
+in arrival order, so a request that arrives while the server is busy queues.
+For each request the worker records (due time, service start, completion) on
+the system-wide monotonic clock and nothing else; latencies are computed later
+(tally.bench.metrics). `step()` returns only after the request's GPU work has
+completed (the workload synchronizes its stream).
+
+role be (trainer): trains back to back until SIGTERM/SIGINT or --duration, and
+records each step's completion time, so the runner can compute the throughput
+inside any window.
+
+Both roles first warm up (at least --warmup-steps steps and --warmup-s seconds:
+cuDNN autotuning, torch.compile, CUDA-graph capture happen there), then write
+--ready-file. The server then waits for --go-file (the runner creates it when
+every process of the run is warm) before replaying arrivals.
+
+--measure-capacity: after warm-up, serve requests back to back for
+--capacity-s seconds and report the mean service time and throughput.
+--self-check: build the workload(s) with a small batch, run two steps, print
+PASS/FAIL per workload (`--workload all` checks every registered workload in
+one process).
+
+SIGTERM/SIGINT: the worker stops at the next step boundary, writes what it
+has (marked interrupted) and exits 0 for be (being stopped is how a trainer
+ends) and 3 for hp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from tally.errors import TallyError
+
+now = time.monotonic  # CLOCK_MONOTONIC: one clock for all processes of the host
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 3
+
+
+class StopRequested(Exception):
+    """Raised in the main thread by the first SIGTERM/SIGINT."""
+
+
+class _Signals:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.stopped:
+            return  # already stopping: let the current write finish
+        self.stopped = True
+        raise StopRequested(signal.Signals(signum).name)
+
+    def disarm(self) -> None:
+        self.stopped = True
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def sleep_until(deadline: float) -> None:
+    """Sleep to `deadline` (monotonic) with sub-0.1 ms accuracy: coarse sleep, then spin."""
+    while True:
+        remaining = deadline - now()
+        if remaining <= 0:
+            return
+        if remaining > 0.002:
+            time.sleep(remaining - 0.001)
+        # spin the last millisecond: time.sleep overshoots by ~0.05-0.1 ms
+
+
+def warm_up(workload, min_steps: int, min_seconds: float) -> dict:
+    started = now()
+    steps = 0
+    while steps < min_steps or now() - started < min_seconds:
+        workload.step()
+        steps += 1
+    return {"steps": steps, "seconds": now() - started}
+
+
+def wait_for_file(path: Path, timeout_s: float) -> float:
+    deadline = now() + timeout_s
+    while not path.exists():
+        if now() > deadline:
+            raise TallyError(f"go file {path} did not appear within {timeout_s:g} s")
+        time.sleep(0.002)
+    return now()
+
+
+def serve(workload, offsets: list[float], go: float, deadline: float, record: list) -> None:
+    """Open-loop replay: request i due at go + offsets[i]; FIFO, one at a time."""
+    for offset in offsets:
+        due = go + offset
+        if due > now():
+            sleep_until(due)
+        start = now()
+        if start > deadline:
+            return  # overloaded past the deadline: the rest counts as incomplete
+        workload.step()
+        record.append((due, start, now()))
+
+
+def measure_capacity(workload, seconds: float, min_requests: int = 10) -> dict:
+    service: list[float] = []
+    started = now()
+    while len(service) < min_requests or now() - started < seconds:
+        t0 = now()
+        workload.step()
+        service.append(now() - t0)
+    total = now() - started
+    service.sort()
+    mean = sum(service) / len(service)
+    return {
+        "requests": len(service),
+        "service_time_s": mean,
+        "median_s": service[len(service) // 2],
+        "p99_s": service[min(len(service) - 1, int(0.99 * len(service)))],
+        "throughput_rps": len(service) / total,
+    }
+
+
+def _base_result(args, ref) -> dict:
+    return {
+        "role": args.role,
+        "workload": ref.describe(),
+        "options": args.options,
+        "pid": os.getpid(),
+        "clock": "CLOCK_MONOTONIC",
+        "hp_stream_priority_env": os.environ.get("TALLY_BENCH_HP_STREAM_PRIORITY"),
+        "interrupted": False,
+        "error": None,
+    }
+
+
+def run(args) -> int:
+    from tally.bench import workloads as registry
+
+    signals = _Signals()
+    signals.install()
+    result_path = Path(args.result)
+    options = registry.parse_options(args.option)
+    args.options = options
+    ref = registry.parse_ref(args.workload, role=args.role, command=args.command)
+    result = _base_result(args, ref)
+    workload = None
+    record: list = []
+    exit_code = EXIT_OK
+    try:
+        t_build = now()
+        workload = registry.build(ref, args.role, options)
+        result["build_s"] = now() - t_build
+        result["info"] = registry.workload_info(workload)
+        if args.role == "hp":
+            offsets: list[float] = []
+            if not args.measure_capacity:
+                from tally.bench.traces import Arrivals
+
+                arrivals = Arrivals.read(args.arrivals)
+                offsets = arrivals.offsets_s
+                result["offered"] = len(offsets)
+                result["arrivals"] = {k: v for k, v in arrivals.to_json().items() if k != "offsets_s"}
+            result["warmup"] = warm_up(workload, args.warmup_steps, args.warmup_s)
+            if args.measure_capacity:
+                result["capacity"] = measure_capacity(workload, args.capacity_s)
+            else:
+                _signal_ready(args)
+                go = wait_for_file(Path(args.go_file), args.start_timeout_s) if args.go_file else now()
+                result["go_time"] = go
+                duration = arrivals.duration_s
+                # an overloaded server stops serving at go + 2 x duration (+10 s);
+                # what was not served by then is reported as incomplete
+                serve(workload, offsets, go, go + 2 * duration + 10, record)
+        else:
+            result["warmup"] = warm_up(workload, args.warmup_steps, args.warmup_s)
+            _signal_ready(args)
+            result["measure_start_time"] = now()
+            deadline = result["measure_start_time"] + args.duration
+            while now() < deadline:
+                workload.step()
+                record.append(now())
+    except StopRequested as stop:
+        result["interrupted"] = True
+        result["stopped_by"] = str(stop)
+        exit_code = EXIT_OK if args.role == "be" else EXIT_INTERRUPTED
+    except TallyError as exc:
+        result["error"] = str(exc)
+        exit_code = EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - any failure must still leave a result file
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+        exit_code = EXIT_ERROR
+    signals.disarm()
+    if args.role == "hp":
+        result["requests"] = [list(r) for r in record]
+    else:
+        result["step_end_times"] = record
+    result["end_time"] = now()
+    write_json_atomic(result_path, result)
+    if result["error"]:
+        print(f"tally bench worker: {result['error']}", file=sys.stderr)
+        if result.get("traceback"):
+            print(result["traceback"], file=sys.stderr)
+    if workload is not None and callable(getattr(workload, "close", None)):
+        try:
+            workload.close()
+        except Exception:  # noqa: BLE001 - closing must not mask the result
+            pass
+    return exit_code
+
+
+def _signal_ready(args) -> None:
+    if args.ready_file:
+        write_json_atomic(Path(args.ready_file), {"pid": os.getpid(), "time": now()})
+
+
+def self_check(args) -> int:
+    """Build each workload small, run two steps, print one PASS/FAIL line each."""
+    from tally.bench import workloads as registry
+
+    if args.workload == "all":
+        refs = []
+        for name, spec in registry.REGISTRY.items():
+            if spec.fake and not args.include_fakes:
+                continue
+            for variant in spec.variants:
+                if variant == "compile" and not args.include_compile:
+                    continue
+                refs.append(registry.parse_ref(f"{name}@{variant}"))
+    else:
+        refs = [registry.parse_ref(args.workload, command=args.command)]
+    base_options = registry.parse_options(args.option)
+    failures = 0
+    for ref in refs:
+        role = "be" if (ref.spec and ref.spec.kind == registry.TRAIN) else args.role
+        options = dict(base_options)
+        if ref.spec is not None and not ref.spec.fake and ref.spec.batch_size > 1:
+            options.setdefault("batch", 2)
+        label = f"{ref.spec.name}@{ref.variant}" if ref.spec else ref.text
+        t0 = now()
+        workload = None
+        try:
+            workload = registry.build(ref, role, options)
+            built = now() - t0
+            for _ in range(2):
+                workload.step()
+            check = getattr(workload, "check", None)
+            detail = check() if callable(check) else ""
+            print(f"PASS {label:28s} build {built:6.2f} s, 2 steps {now() - t0 - built:6.2f} s {detail}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next workload
+            failures += 1
+            last = str(exc).strip().splitlines()[-1:] or [""]
+            print(f"FAIL {label:28s} {type(exc).__name__}: {last[0][:300]}", flush=True)
+            if args.verbose:
+                traceback.print_exc()
+        finally:
+            if workload is not None and callable(getattr(workload, "close", None)):
+                try:
+                    workload.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            del workload
+            _release_gpu_memory()
+    print(f"self-check: {len(refs) - failures} passed, {failures} failed", flush=True)
+    return EXIT_OK if failures == 0 else EXIT_ERROR
+
+
+def _release_gpu_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001 - dynamo may not be loaded
+            pass
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m tally.bench.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", required=True, help="NAME[@VARIANT], module:function, 'command', or 'all' (self-check)")
+    parser.add_argument("--role", choices=("hp", "be"), default="hp")
+    parser.add_argument("--result", help="result JSON path")
+    parser.add_argument("--arrivals", help="arrivals JSON (role hp)")
+    parser.add_argument("--ready-file")
+    parser.add_argument("--go-file")
+    parser.add_argument("--duration", type=float, default=3600.0, help="be: stop after this many seconds")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--start-timeout-s", type=float, default=900.0)
+    parser.add_argument("--measure-capacity", action="store_true")
+    parser.add_argument("--capacity-s", type=float, default=3.0)
+    parser.add_argument("--command", help="the program of workload 'command' (line protocol, see workloads.py)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="workload option")
+    parser.add_argument("--self-check", action="store_true")
+    parser.add_argument("--include-compile", action="store_true", help="self-check: also torch.compile variants (slow)")
+    parser.add_argument("--include-fakes", action="store_true", help="self-check all: also the CPU fakes")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.self_check:
+        if not args.result:
+            parser.error("--result is required")
+        if args.role == "hp" and not args.measure_capacity and not args.arrivals:
+            parser.error("role hp needs --arrivals (or --measure-capacity)")
+    if args.workload == "all" and not args.self_check:
+        parser.error("--workload all is only for --self-check")
+    if args.duration <= 0 or not math.isfinite(args.duration):
+        parser.error("--duration must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.self_check:
+        return self_check(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

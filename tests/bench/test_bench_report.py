@@ -1,0 +1,84 @@
+"""Report generation: markdown table with every system, PNG charts, environment block."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tally.bench import report
+from tally.errors import TallyError
+
+
+def _run(system, p99, overhead, be_norm, status="ok", reason=None, load=0.5):
+    key = {"hp": "bert-infer", "be": "gpt2-train", "system": system, "load": load}
+    if status != "ok":
+        return {"key": key, "status": status, "reason": reason}
+    latency = {"count": 3, "p50_ms": p99 / 2, "p90_ms": p99 * 0.9, "p99_ms": p99, "max_ms": p99 * 1.1,
+               "mean_ms": p99 / 2}
+    return {
+        "key": key, "status": "ok",
+        "hp": {"latency": latency, "service": latency, "latencies_ms": [p99 / 3, p99 / 2, p99], "incomplete": 0},
+        "p99_overhead": overhead, "hp_normalized": 1.0, "be_normalized": be_norm,
+        "system_throughput": math.nan if system == "standalone" else 1.0 + be_norm, "gpu_util_percent": 80.0,
+        "workloads": {"hp": {"ref": "bert-infer", "kind": "infer", "batch_size": 32, "precision": "bf16",
+                             "variant": "eager", "details": {"seq": 128}},
+                      "be": {"ref": "gpt2-train", "kind": "train", "batch_size": 8, "precision": "amp-bf16",
+                             "variant": "eager", "details": {}}},
+        "info": {"hp": {"torch": "2.11.0", "cuda": "13.0", "device": "NVIDIA H100 80GB HBM3"}},
+    }
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    entries = [
+        _run("standalone", 10.0, 0.0, 1.0),
+        _run("time-slicing", 30.0, 2.0, 0.8),
+        _run("mps-split", 10.5, 0.05, 0.45),
+        _run("tgs", 0, 0, 0, status="unavailable", reason="unavailable: needs agent policy tgs"),
+        _run("tally", 0, 0, 0, status="failed", reason="`tally up` failed (status 2): boom"),
+    ]
+    for entry in entries:
+        (runs / f"{entry['key']['system']}.json").write_text(json.dumps(entry))
+    (tmp_path / "environment.json").write_text(json.dumps({"date": "2026-11-25", "gpu": "NVIDIA H100 80GB HBM3",
+                                                           "driver": "580.159.04"}))
+    return tmp_path
+
+
+def test_report_writes_table_charts_and_environment(out_dir):
+    path = report.write_report(out_dir)
+    text = path.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| bert-infer | gpt2-train |")]
+    assert [row.split("|")[4].strip() for row in rows] == ["standalone", "time-slicing", "mps-split", "tgs", "tally"]
+    assert "+200.0%" in rows[1] and "(reference)" in rows[0]
+    assert "not run: unavailable: needs agent policy tgs" in rows[3]
+    assert "failed: `tally up` failed" in rows[4]
+    # no numbers for runs that did not happen
+    assert rows[3].count(" - ") >= 10
+    assert "| driver | 580.159.04 |" in text and "| torch | 2.11.0 |" in text
+    assert "| bert-infer | infer | 32 | bf16 | eager | seq=128 |" in text
+    for png in ["p99_overhead.png", "system_throughput.png", "cdf__bert-infer__gpt2-train__load0.5.png"]:
+        chart = out_dir / "charts" / png
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"charts/{png}" in text
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert len(summary) == 5 and all("latencies_ms" not in s.get("hp", {}) for s in summary)
+
+
+def test_report_without_runs_is_a_one_line_error(tmp_path):
+    with pytest.raises(TallyError, match="no runs/ directory"):
+        report.write_report(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(TallyError, match="holds no run results"):
+        report.write_report(tmp_path)
+
+
+def test_report_with_only_failed_runs_has_no_charts(tmp_path):
+    (tmp_path / "runs").mkdir()
+    entry = _run("tally", 0, 0, 0, status="failed", reason="boom")
+    (tmp_path / "runs" / "x.json").write_text(json.dumps(entry))
+    text = report.write_report(tmp_path).read_text()
+    assert "(no successful runs to chart)" in text
+    assert not list((tmp_path / "charts").glob("*.png"))

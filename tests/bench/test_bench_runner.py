@@ -1,0 +1,195 @@
+"""Orchestration end to end with CPU fake workloads: runs, resume, failures, systems, cleanup, Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tally.bench import runner as runner_mod
+from tally.bench import systems
+from tally.bench.workloads import FAKE_GPU_LOCK_ENV
+
+FAST = dict(sample_gpu=False, warmup_steps=2, warmup_s=0.0, capacity_s=0.3, arrival_source="poisson",
+            stop_grace_s=5.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes (its parent has not reaped it yet)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def make_runner(out: Path, **overrides) -> runner_mod.Runner:
+    config = runner_mod.BenchConfig(out_dir=out, **{"duration_s": 1.0, **FAST, **overrides})
+    return runner_mod.Runner(config)
+
+
+def test_time_slicing_with_fakes_shows_interference_and_leaves_no_process(tmp_path, monkeypatch):
+    # the fakes serialize on a file lock, like two contexts time-sliced on one GPU
+    monkeypatch.setenv(FAKE_GPU_LOCK_ENV, str(tmp_path / "gpu.lock"))
+    runner = make_runner(tmp_path / "out", duration_s=1.5)
+    key = runner_mod.RunKey("fake-infer", "fake-train", "time-slicing", 0.5)
+    summary = runner.run_matrix([key])[0]
+    assert summary["status"] == "ok", summary.get("reason")
+    # alone p99 ~ 5 ms service + Poisson queueing; next to 20 ms "kernels" it must wait for them
+    assert summary["hp"]["latency"]["p99_ms"] > summary["hp_alone"]["latency"]["p99_ms"] + 5
+    assert summary["p99_overhead"] > 0.3
+    assert 0.5 < summary["hp_normalized"] < 1.1  # the window ends with the last (delayed) completion
+    assert 0 < summary["be_normalized"] < 1.0  # BE steps lose time to HP's
+    assert summary["system_throughput"] == pytest.approx(summary["hp_normalized"] + summary["be_normalized"])
+    assert len(summary["hp"]["latencies_ms"]) == summary["hp"]["completed"] > 0
+    assert runner.processes.spawned_pids and not any(_alive(p) for p in runner.processes.spawned_pids)
+    out = tmp_path / "out"
+    for rel in ["capacity/fake-infer.json", "arrivals/fake-infer__load0.5.json", "standalone/be__fake-train.json",
+                "standalone/hp__fake-infer__load0.5.json", "environment.json", f"runs/{key.run_id}.json"]:
+        assert (out / rel).is_file(), rel
+
+    # resume: the same run again starts no process and returns the stored result
+    again = make_runner(tmp_path / "out", duration_s=1.5)
+    assert again.run_matrix([key])[0]["created"] == summary["created"]
+    assert again.processes.spawned_pids == []
+
+
+def test_standalone_and_unavailable_systems(tmp_path):
+    runner = make_runner(tmp_path)
+    standalone, tgs, block = runner.run_matrix([
+        runner_mod.RunKey("fake-infer", "fake-train", name, 0.5) for name in ("standalone", "tgs", "tally-block")])
+    assert standalone["status"] == "ok" and standalone["p99_overhead"] == 0.0
+    assert tgs["status"] == "unavailable" and "needs agent policy tgs" in tgs["reason"]
+    assert block["status"] == "unavailable"
+    assert "p99_overhead" not in tgs  # never a made-up number
+    # unavailable runs are not cached as done: a later tally may have the policy
+    assert runner_mod._read_ok(runner.run_path(runner_mod.RunKey("fake-infer", "fake-train", "tgs", 0.5))) is None
+
+
+class FakeMps:
+    """Stands in for tally.mps.PrivateMps: records its life, hands out a client env."""
+
+    events: list = []
+
+    def __init__(self, runtime_dir):
+        self.runtime_dir = Path(runtime_dir)
+        FakeMps.events.append(("init", str(runtime_dir)))
+
+    def __enter__(self):
+        FakeMps.events.append(("start",))
+        return self
+
+    def __exit__(self, *exc):
+        FakeMps.events.append(("stop",))
+
+    def client_env(self):
+        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.runtime_dir / "pipe")}
+
+
+def test_mps_systems_start_and_stop_the_daemon_even_when_a_worker_fails(tmp_path):
+    FakeMps.events = []
+    runner = make_runner(tmp_path, mps_factory=FakeMps, hp_options=["service_ms=abc"])
+    summary = runner.run(runner_mod.RunKey("fake-infer", "fake-train", "mps-split", 0.5))
+    assert summary["status"] == "failed" and "ValueError" in summary["reason"]
+    # the HP capacity measurement failed before any MPS run: nothing started, nothing leaked
+    assert FakeMps.events == []
+    FakeMps.events = []
+    runner = make_runner(tmp_path / "b", mps_factory=FakeMps, be_options=["step_ms=-1"])
+    summary = runner.run(runner_mod.RunKey("fake-infer", "fake-train", "mps", 0.5))
+    assert summary["status"] == "failed"
+    runner = make_runner(tmp_path / "c", mps_factory=FakeMps)
+    summary = runner.run(runner_mod.RunKey("fake-infer", "fake-train", "mps-priority", 0.5))
+    assert summary["status"] == "ok", summary.get("reason")
+    assert [e[0] for e in FakeMps.events] == ["init", "start", "stop"]
+    assert not Path(FakeMps.events[0][1]).exists()  # private runtime dir removed
+    assert not any(_alive(p) for p in runner.processes.spawned_pids)
+
+
+def test_system_launch_environments():
+    mps = systems.make_system("mps-split", mps_split_percent=30, mps_factory=FakeMps)
+    mps.start()
+    try:
+        assert mps.launch("be").env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+        assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in mps.launch("hp").env
+        assert "CUDA_MPS_PIPE_DIRECTORY" in mps.launch("hp").env
+    finally:
+        mps.stop()
+    prio = systems.make_system("mps-priority", mps_factory=FakeMps)
+    prio.start()
+    try:
+        assert prio.launch("hp").env[systems.HP_STREAM_PRIORITY_ENV] == "high"
+        assert systems.HP_STREAM_PRIORITY_ENV not in prio.launch("be").env
+    finally:
+        prio.stop()
+    assert systems.make_system("time-slicing").launch("hp").env == {}
+
+
+def test_tally_system_drives_the_cli_and_always_downs(tmp_path):
+    log = tmp_path / "calls"
+    fake_cli = tmp_path / "fake_tally.py"
+    fake_cli.write_text(textwrap.dedent(f"""
+        import os, sys
+        with open({str(log)!r}, "a") as f:
+            f.write(sys.argv[1] + " " + os.environ["TALLY_RUNTIME_DIR"] + "\\n")
+        sys.exit(3 if sys.argv[1] == "up" else 0)
+    """))
+    tally = systems.Tally(tally_command=[sys.executable, str(fake_cli)])
+    with pytest.raises(Exception, match=r"`tally up` failed \(status 3\)"):
+        tally.start()
+    tally.stop()
+    calls = log.read_text().split()
+    assert calls[0] == "up" and calls[2] == "down" and calls[1] == calls[3]
+    tally = systems.Tally(tally_command=["tally"])
+    tally._runtime_dir = tmp_path
+    assert tally.launch("be").prefix == ["tally", "run", "--priority", "best-effort", "--"]
+    assert tally.launch("hp").prefix == ["tally", "run", "--priority", "high", "--"]
+
+
+RUNNER_SCRIPT = """
+import sys
+from tally.bench.runner import run_pair
+run_pair("fake-infer", "fake-train", "time-slicing", 0.5, 60.0, sys.argv[1], sample_gpu=False,
+         warmup_steps=2, warmup_s=0.0, capacity_s=0.3, arrival_source="poisson", stop_grace_s=5.0)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_runner_kills_every_worker(tmp_path, sig):
+    out = tmp_path / "out"
+    # baselines first, quickly, so the interrupted run is the co-located one
+    make_runner(out, duration_s=60.0).capacity("fake-infer")
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER_SCRIPT, str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ready = out / "raw" / "standalone__hp__fake-infer__load0.5"
+    deadline = time.monotonic() + 30
+    pid = None
+    while pid is None:
+        assert time.monotonic() < deadline and proc.poll() is None, "runner did not start the HP baseline"
+        hp_json_dirs = list(ready.glob("hp.log"))
+        if hp_json_dirs:
+            time.sleep(0.5)  # the worker is up and serving its 60 s trace
+            pid = _child_pids(proc.pid)
+        time.sleep(0.05)
+    assert pid, "no worker process found"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.2)
+    assert not any(_alive(p) for p in pid), "a worker outlived the runner"
+
+
+def _child_pids(parent: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(parent).children(recursive=True)]
+    except psutil.Error:
+        return []
