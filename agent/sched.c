@@ -35,7 +35,8 @@
 #define RING 512            /* tracked BE launches in flight per lane */
 #define PROFILE_SLOTS 4096  /* kernels with a duration estimate */
 #define SPIN_NS 200000      /* busy-wait this long before sleeping at the gate */
-#define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed */
+#define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed... */
+#define ACCURATE_POLL_SHARE 8  /* ...as are those whose timing error is under 1/8 of the sample */
 
 enum join_state { NOT_JOINED = 0, JOINED = 1, UNGATED = -1 };
 
@@ -63,7 +64,7 @@ struct lane {
     struct inflight ring[RING];
     uint32_t head, tail;
     uint64_t last_done_ns;
-    int last_done_timed;
+    uint64_t last_done_err; /* last_done_ns is at most this late */
 };
 
 struct profile {
@@ -180,6 +181,13 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
             continue;
         __atomic_store_n(&s->priority, (uint32_t)S.priority, __ATOMIC_RELAXED);
         __atomic_store_n(&s->failopen, 0, __ATOMIC_RELAXED);
+        /* A slot freed by its previous owner's exit still holds its counters. */
+        __atomic_store_n(&s->launches, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->graph_launches, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->last_launch_ns, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->held_ns, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->held_launches, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->long_kernels, 0, __ATOMIC_RELAXED);
         memset(s->comm, 0, sizeof s->comm);
         FILE *f = fopen("/proc/self/comm", "r");
         if (f) {
@@ -338,10 +346,15 @@ static void learn(uint32_t profile, uint64_t sample_ns) {
     p->samples++;
 }
 
-/* Retire BE launches whose completion the GPU has written. Completions seen
- * while the gate polls continuously are timed and teach the estimates. */
+/* Retire BE launches whose completion the GPU has written. A completion seen
+ * now happened after the previous poll, so a sample taken now is late by at
+ * most the gap between polls (plus the error of its start, when it started at
+ * the previous completion); samples whose error is small teach the estimates.
+ * The error bound is relative as well as absolute: past SPIN_NS the gate polls
+ * every ~20 us of nanosleep plus timer slack, and kernels longer than that must
+ * still be learned. */
 static void retire_completed(uint64_t now) {
-    int timed = S.last_poll_ns && now - S.last_poll_ns <= ACCURATE_POLL_NS;
+    uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
     S.last_poll_ns = now;
     uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
     for (uint32_t i = 0; i < n; i++) {
@@ -351,17 +364,23 @@ static void retire_completed(uint64_t now) {
         pthread_mutex_lock(&l->lock);
         while (l->head != l->tail && l->ring[l->head % RING].seq <= done) {
             struct inflight *e = &l->ring[l->head % RING];
-            if (timed && l->last_done_timed) {
-                uint64_t start = e->launch_ns > l->last_done_ns ? e->launch_ns : l->last_done_ns;
+            /* It started at its launch, or queued behind the previous one, at that one's completion. */
+            uint64_t start = e->launch_ns, err = gap;
+            if (l->last_done_ns > start) {
+                start = l->last_done_ns;
+                err = gap > UINT64_MAX - l->last_done_err ? UINT64_MAX : gap + l->last_done_err;
+            }
+            uint64_t sample = now - start;
+            if (err <= ACCURATE_POLL_NS || err <= sample / ACCURATE_POLL_SHARE) {
                 pthread_mutex_lock(&S.profile_lock);
-                learn(e->profile, now - start);
+                learn(e->profile, sample);
                 pthread_mutex_unlock(&S.profile_lock);
             }
             atomic_fetch_sub(&S.be_inflight_est_ns, e->est_ns);
             l->last_done_ns = now;
+            l->last_done_err = gap;
             l->head++;
         }
-        l->last_done_timed = timed;
         pthread_mutex_unlock(&l->lock);
     }
 }
@@ -434,7 +453,10 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     if (!pending.track || launch->context != S.context) return;
     pending.track = 0;
     if (result != CUDA_SUCCESS) return;
-    struct lane *l = lane_of(launch->stream);
+    /* CU_STREAM_PER_THREAD is a different stream in every thread: one lane each,
+     * or their completions would be written out of order into one lane. */
+    CUstream key = launch->stream == CU_STREAM_PER_THREAD ? (CUstream)((uintptr_t)&pending | 1) : launch->stream;
+    struct lane *l = lane_of(key);
     if (!l) return;
     uint32_t idx = (uint32_t)(l - S.lanes);
     struct tally_sb_lane *shared = &S.slot->lanes[idx];

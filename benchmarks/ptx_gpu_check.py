@@ -14,6 +14,17 @@ and compares all written buffers with the original launch bit for bit. It also
 times each mode against the original (throughput ratio) and measures the
 preemption latency (flag written -> kernel finished, CUDA events), p50/p99.
 
+Throughput ratio = original ms / transformed ms for the same grid of original
+blocks on the same buffers (> 1: the transformation is faster). Both sides get
+2 untimed warm-up launches, then `reps` launches back to back between two CUDA
+events on one stream; launch overhead is included on both sides (a slice plan
+of n launches pays it n times). PTB/preemptible launches each use their own
+State, all allocated and zeroed before the timed region, so no allocation or
+memset is timed. Worker counts: `sms`, `4*sms` and, when the occupancy query
+works, the number of workers that fit on the GPU at once (`resident_workers`).
+The summary reports, per transformation, the ratio of each configuration and
+the geometric mean over kernels, and the preemption latency per kernel.
+
 Writes ptx_gpu_check.json and ptx_gpu_check.md into --out and prints a short
 table last. --dry-run does only the CPU-side preparation (parse, transform,
 plan) and needs no GPU. Per-kernel failures are recorded, never fatal.
@@ -105,6 +116,7 @@ class Gpu:
         self.functions: dict[tuple[str, str], object] = {}
 
     def function(self, path: str, name: str, shared: int):
+        """`shared`: the launch's dynamic shared memory (transformed entries add no shared memory)."""
         if (path, name) in self.functions:
             return self.functions[(path, name)]
         if path not in self.modules:
@@ -179,7 +191,7 @@ class KernelRun:
 
     def function(self, mode):
         name = self.kernel["entry"] if mode == "original" else abi.transformed_name(self.kernel["entry"], mode)
-        return self.gpu.function(self.files[mode], name, self.shared + abi.EXTRA_STATIC_SHARED_BYTES.get(mode, 0))
+        return self.gpu.function(self.files[mode], name, self.shared)
 
     def launch(self, mode, args, grid=None, extra=()):
         function = self.function(mode)
@@ -190,8 +202,24 @@ class KernelRun:
     def typed(extra):
         return tuple(np.uint32(v) if t == "u32" else np.uint64(v) for t, v in extra)
 
-    def new_state(self):
-        return self.cp.zeros(abi.STATE_SIZE // 4, dtype=self.cp.uint32)
+    def new_state(self, workers, count=None):
+        """A zeroed State for launches of up to `workers` workers (abi.state_size), or
+        `count` of them, contiguous (count x words array)."""
+        words = abi.state_size(workers) // 4
+        with self.gpu.stream:  # zeroed on the launch stream (non-blocking: no implicit sync with stream 0)
+            state = self.cp.zeros(words if count is None else (count, words), dtype=self.cp.uint32)
+        self.gpu.stream.synchronize()
+        return state
+
+    def resident_workers(self, mode):
+        """Workers that are all resident at once (occupancy x SMs), or None if the query fails."""
+        try:
+            function = self.function(mode)
+            per_sm = self.cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                function.ptr, int(np.prod(self.block)), self.shared)
+            return abi.worker_count(self.gpu.sms, max(1, int(per_sm)), self.grid)
+        except Exception:
+            return None
 
     def read_state(self, state):
         self.gpu.stream.synchronize()
@@ -215,8 +243,9 @@ class KernelRun:
 
     def run_ptb(self, mode, workers):
         args, compared = self.fresh_buffers()
-        state = self.new_state()
-        self.launch(mode, args, abi.ptb_grid(self.grid, workers), self.typed(abi.ptb_args(self.grid, state.data.ptr)))
+        grid = abi.ptb_grid(self.grid, workers)
+        state = self.new_state(grid[0])
+        self.launch(mode, args, grid, self.typed(abi.ptb_args(self.grid, state.data.ptr)))
         final = self.read_state(state)
         if not final.finished(self.grid):
             raise RuntimeError(f"{mode} with {workers} workers stopped at block {final.next_index} of {self.total}")
@@ -225,9 +254,9 @@ class KernelRun:
     def run_preempted(self, workers, rng, max_delay_s):
         """Preempt at random moments and resume until done; returns (outputs, preemptions that interrupted)."""
         args, compared = self.fresh_buffers()
-        state = self.new_state()
-        extra = self.typed(abi.ptb_args(self.grid, state.data.ptr))
         grid = abi.ptb_grid(self.grid, workers)
+        state = self.new_state(grid[0])
+        extra = self.typed(abi.ptb_args(self.grid, state.data.ptr))
         interrupted, launches = 0, 0
         while True:
             launches += 1
@@ -246,53 +275,66 @@ class KernelRun:
         return self.snapshot(compared), interrupted, launches
 
     # -- timing ------------------------------------------------------------------
+    WARMUP = 2
+
     def time_ms(self, launch_once, reps):
+        """Mean ms of launch_once(i) over i = WARMUP .. WARMUP+reps-1, after untimed warm-up
+        launches i = 0 .. WARMUP-1 (and a synchronize, so nothing untimed overlaps the timing)."""
         cp = self.cp
-        for _ in range(2):
-            launch_once()
+        for i in range(self.WARMUP):
+            launch_once(i)
+        self.gpu.stream.synchronize()
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record(self.gpu.stream)
-        for _ in range(reps):
-            launch_once()
+        for i in range(self.WARMUP, self.WARMUP + reps):
+            launch_once(i)
         end.record(self.gpu.stream)
         end.synchronize()
         return cp.cuda.get_elapsed_time(start, end) / reps
 
     def throughput(self, reps, configs):
         args, _ = self.fresh_buffers()
-        state = self.new_state()
-        results = {"original_ms": self.time_ms(lambda: self.launch("original", args), reps)}
+        results = {"original_ms": self.time_ms(lambda i: self.launch("original", args), reps)}
 
         def ptb_once(mode, workers):
-            def once():
-                self.cp.cuda.runtime.memsetAsync(state.data.ptr, 0, abi.STATE_SIZE, self.gpu.stream.ptr)
-                self.launch(mode, args, abi.ptb_grid(self.grid, workers),
-                            self.typed(abi.ptb_args(self.grid, state.data.ptr)))
-            return once
+            grid = abi.ptb_grid(self.grid, workers)
+            # one zeroed State per launch, allocated and zeroed before the timing starts
+            states = self.new_state(grid[0], count=self.WARMUP + reps)
+            extras = [self.typed(abi.ptb_args(self.grid, states[i].data.ptr)) for i in range(self.WARMUP + reps)]
+
+            def once(i):
+                self.launch(mode, args, grid, extras[i])
+            return once, states
 
         def slice_once(size):
             plan = abi.slice_plan(self.grid, size)
+            extras = [(launch.grid, self.typed(launch.appended_args(self.grid))) for launch in plan]
 
-            def once():
-                for launch in plan:
-                    self.launch("slice", args, launch.grid, self.typed(launch.appended_args(self.grid)))
-            return once
+            def once(i):
+                for grid, extra in extras:
+                    self.launch("slice", args, grid, extra)
+            return once, None
 
         for mode, value in configs:
             key = f"{mode}:{value}"
-            once = slice_once(value) if mode == "slice" else ptb_once(mode, value)
+            once, states = slice_once(value) if mode == "slice" else ptb_once(mode, value)
             milliseconds = self.time_ms(once, reps)
             results[key] = {"ms": milliseconds, "ratio": results["original_ms"] / milliseconds}
+            if states is not None:
+                unfinished = [i for i, row in enumerate(self.cp.asnumpy(states))
+                              if not abi.read_state(row.tobytes()).finished(self.grid)]
+                if unfinished:
+                    raise RuntimeError(f"{key}: timed launches {unfinished[:5]} did not finish the grid")
         return results
 
     def preemption_latency(self, workers, samples, rng, kernel_ms):
         """Flag written (event after the copy on the preempt stream) -> kernel finished (event after it)."""
         cp = self.cp
         args, _ = self.fresh_buffers()
-        state = self.new_state()
+        state = self.new_state(abi.ptb_grid(self.grid, workers)[0])
         latencies, finished_first = [], 0
         for _ in range(samples):
-            cp.cuda.runtime.memsetAsync(state.data.ptr, 0, abi.STATE_SIZE, self.gpu.stream.ptr)
+            cp.cuda.runtime.memsetAsync(state.data.ptr, 0, state.nbytes, self.gpu.stream.ptr)
             self.gpu.stream.synchronize()
             self.launch("preemptible", args, abi.ptb_grid(self.grid, workers),
                         self.typed(abi.ptb_args(self.grid, state.data.ptr)))
@@ -352,7 +394,7 @@ def check_kernel(gpu: Gpu, plan: dict, kernel: dict, rng, quick: bool) -> dict:
                     compare(f"{mode} workers={workers}", run.run_ptb(mode, workers))
             if mode == "preemptible":
                 timing_args, _ = run.fresh_buffers()
-                original_ms = run.time_ms(lambda: run.launch("original", timing_args), 3)
+                original_ms = run.time_ms(lambda i: run.launch("original", timing_args), 3)
                 interrupted_total = 0
                 for trial in range(preempt_trials):
                     workers = int(rng.choice(worker_counts))
@@ -370,7 +412,11 @@ def check_kernel(gpu: Gpu, plan: dict, kernel: dict, rng, quick: bool) -> dict:
             if mode == "slice":
                 configs += [("slice", max(1, total // 4)), ("slice", min(total, 2 * sms))]
             else:
-                configs += [(mode, min(total, sms)), (mode, min(total, 4 * sms))]
+                resident = run.resident_workers(mode)
+                if resident is not None:
+                    record.setdefault("resident_workers", {})[mode] = resident
+                counts = sorted({min(total, sms), min(total, 4 * sms)} | ({resident} if resident else set()))
+                configs += [(mode, workers) for workers in counts]
         record["throughput"] = run.throughput(5 if quick else 20, configs)
         if "preemptible" in kernel["modes"]:
             kernel_ms = record["throughput"]["original_ms"]
@@ -429,7 +475,30 @@ def summarize(records) -> list[dict]:
     return rows
 
 
-def markdown(env, rows, totals) -> str:
+def per_transformation(records) -> dict:
+    """Per mode: geometric mean / min / max over kernels of the best throughput ratio among the
+    mode's timed configurations, and (preemptible) the preemption latency over kernels."""
+    modes = {}
+    for mode in MODES:
+        best = []
+        for record in records:
+            ratios = [v["ratio"] for k, v in record.get("throughput", {}).items()
+                      if isinstance(v, dict) and k.split(":")[0] == mode and v.get("ratio")]
+            if ratios:
+                best.append(max(ratios))
+        if not best:
+            continue
+        entry = {"kernels": len(best), "best_ratio_geomean": float(np.exp(np.mean(np.log(best)))),
+                 "best_ratio_min": min(best), "best_ratio_max": max(best)}
+        if mode == "preemptible":
+            p50 = [lat["p50_ms"] for r in records for lat in r.get("preemption_latency", []) if lat["p50_ms"] is not None]
+            p99 = [lat["p99_ms"] for r in records for lat in r.get("preemption_latency", []) if lat["p99_ms"] is not None]
+            entry.update(latency_p50_ms_median=percentile(p50, 50), latency_p99_ms_max=max(p99) if p99 else None)
+        modes[mode] = entry
+    return modes
+
+
+def markdown(env, rows, totals, modes=None) -> str:
     lines = ["# tally.ptx GPU check", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += ["", f"- kernels checked: {totals['kernels']}, bit-identical checks: {totals['identical']}/{totals['checks']}, "
@@ -440,6 +509,15 @@ def markdown(env, rows, totals) -> str:
         ratios = " ".join(f"{k}={v}" for k, v in row["ratios"].items())
         lines.append(f"| {row['kernel']} | {row['modes']} | {row['identical']} | {fmt(row['original_ms'])} | {ratios} | "
                      f"{fmt(row['preempt_p50_ms'])} | {fmt(row['preempt_p99_ms'])} ({row['preempt_workers']}) | {row['failures']} |")
+    if modes:
+        lines += ["", "Per transformation (ratio = original ms / transformed ms, best configuration per kernel; "
+                  "latency = retreat flag written -> kernel finished):", "",
+                  "| transformation | kernels | ratio geomean | ratio min | ratio max | latency p50 ms (median over kernels) | latency p99 ms (max over kernels) |",
+                  "|---|---|---|---|---|---|---|"]
+        for mode, entry in modes.items():
+            lines.append(f"| {mode} | {entry['kernels']} | {entry['best_ratio_geomean']:.3f} | {entry['best_ratio_min']:.3f} | "
+                         f"{entry['best_ratio_max']:.3f} | {fmt(entry.get('latency_p50_ms_median'))} | "
+                         f"{fmt(entry.get('latency_p99_ms_max'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -488,9 +566,11 @@ def main(argv=None) -> int:
     checks = [c for r in records for c in r["checks"]]
     totals = {"kernels": len(records), "checks": len(checks), "identical": sum(c["identical"] for c in checks),
               "failures": sum(len(r["failures"]) for r in records)}
+    modes = per_transformation(records)
     (args.out / "ptx_gpu_check.json").write_text(
-        json.dumps({"environment": env, "totals": totals, "summary": rows, "records": records}, indent=1) + "\n")
-    (args.out / "ptx_gpu_check.md").write_text(markdown(env, rows, totals))
+        json.dumps({"environment": env, "totals": totals, "summary": rows, "per_transformation": modes,
+                    "records": records}, indent=1) + "\n")
+    (args.out / "ptx_gpu_check.md").write_text(markdown(env, rows, totals, modes))
     print()
     for record in records:
         for failure in record["failures"]:
@@ -499,6 +579,11 @@ def main(argv=None) -> int:
     for row in rows:
         ratios = " ".join(f"{k}={v}" for k, v in row["ratios"].items())
         print(f"{row['kernel'][:48]:48} {row['identical']:>10} {fmt(row['preempt_p99_ms']):>8}  {ratios}")
+    for mode, entry in modes.items():
+        print(f"{mode:12} ratio geomean {entry['best_ratio_geomean']:.3f} (min {entry['best_ratio_min']:.3f}, "
+              f"max {entry['best_ratio_max']:.3f}, {entry['kernels']} kernels)"
+              + (f"; preemption latency p50 {fmt(entry.get('latency_p50_ms_median'))} ms, "
+                 f"p99 max {fmt(entry.get('latency_p99_ms_max'))} ms" if mode == "preemptible" else ""))
     print(f"bit-identical {totals['identical']}/{totals['checks']}, failures {totals['failures']}, "
           f"{env['seconds']} s; wrote {args.out / 'ptx_gpu_check.md'}")
     return 0 if totals["failures"] == 0 and totals["identical"] == totals["checks"] else 1

@@ -3,19 +3,29 @@
 The doubles (tests/agent/doubles/*.c) are compiled with gcc once per session into
 pytest's temporary directory. Without gcc the whole agent suite is skipped.
 The agent under test is the installed package's libtally_agent.so.
+
+For the scheduling path (test_sched.py) the tests act as the tally daemon: the
+`daemon` fixture creates a real scoreboard file and keeps its heartbeat fresh,
+and `spawn_app` starts the fake application without waiting for it, so a test
+can watch and change the scoreboard while the application runs.
 """
 from __future__ import annotations
 
 import importlib.resources
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tally.scoreboard import PolicyParams, Scoreboard
 
 DOUBLES = Path(__file__).parent / "doubles"
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fPIC", "-fvisibility=hidden"]
@@ -44,7 +54,8 @@ def doubles(tmp_path_factory) -> Doubles:
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc not found: the agent tests build C test doubles of libcuda and libcupti")
-    agent = Path(str(importlib.resources.files("tally") / "libtally_agent.so"))
+    # TALLY_TEST_AGENT: test another build of the agent (e.g. an older one, to see a test fail)
+    agent = Path(os.environ.get("TALLY_TEST_AGENT") or str(importlib.resources.files("tally") / "libtally_agent.so"))
     assert agent.is_file(), f"the installed package has no agent at {agent} (pip install -e .)"
     root = tmp_path_factory.mktemp("agent_doubles")
     dirs = {name: root / name for name in ("cuda", "cupti", "cupti_no_enable", "cupti_no_activity", "profiler", "bin")}
@@ -108,8 +119,50 @@ class AppRun:
     def trace(self) -> list[dict]:
         return [json.loads(line) for line in self.trace_lines()]
 
+    @property
+    def launches(self) -> list[tuple[int, int]]:
+        """(call_ns, ret_ns) of each timed launch (launch:ENTRY:N:DUR_US...), in print order."""
+        return [(int(m.group(1)), int(m.group(2))) for m in _TIMED.finditer(self.stdout)]
 
-_LINE = re.compile(r"^fake_app: (called )?([^=]+)=(.*)$")
+    def gpu(self, name: str) -> int:
+        """A fake-GPU counter the app printed at its end (gpu_NAME or writes_STREAM)."""
+        return int(self.values[name])
+
+
+_LINE = re.compile(r"^fake_app: (called )?([^=\s]+)=(.*)$")
+_TIMED = re.compile(r"^fake_app: launch i=\d+ call_ns=(\d+) ret_ns=(\d+)$", re.M)
+
+
+def _app_env(doubles: Doubles, stats_dir: Path, cupti, trace_dir: Path | None, inject: bool,
+             env: dict[str, str | None] | None) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("TALLY_", "FAKE_")) and k != "CUDA_INJECTION64_PATH"}
+    e["FAKE_APP_LIB_ROOT"] = str(doubles.root) + "/"
+    e["TALLY_STATS_DIR"] = str(stats_dir)
+    if inject:
+        e["CUDA_INJECTION64_PATH"] = str(doubles.agent)
+    if cupti is not None:
+        e["TALLY_CUPTI_PATH"] = str(cupti)
+    if trace_dir is not None:
+        e["TALLY_TRACE_DIR"] = str(trace_dir)
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
+    return e
+
+
+def _parse(r: AppRun) -> AppRun:
+    for line in r.stdout.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        if m.group(1):
+            r.called[m.group(2)] = int(m.group(3))
+        else:
+            r.values.setdefault(m.group(2), m.group(3))
+    return r
 
 
 @pytest.fixture
@@ -128,23 +181,10 @@ def run_app(doubles: Doubles, tmp_path):
         stats_dir = tmp_path / f"stats{n}"
         stats_dir.mkdir()
         trace_dir = None
-        e = {k: v for k, v in os.environ.items()
-             if not k.startswith(("TALLY_", "FAKE_")) and k != "CUDA_INJECTION64_PATH"}
-        e["FAKE_APP_LIB_ROOT"] = str(doubles.root) + "/"
-        e["TALLY_STATS_DIR"] = str(stats_dir)
-        if inject:
-            e["CUDA_INJECTION64_PATH"] = str(doubles.agent)
-        if cupti is not None:
-            e["TALLY_CUPTI_PATH"] = str(cupti)
         if trace:
             trace_dir = tmp_path / f"trace{n}"
             trace_dir.mkdir()
-            e["TALLY_TRACE_DIR"] = str(trace_dir)
-        for k, v in (env or {}).items():
-            if v is None:
-                e.pop(k, None)
-            else:
-                e[k] = v
+        e = _app_env(doubles, stats_dir, cupti, trace_dir, inject, env)
         proc = subprocess.Popen([str(doubles.app), *steps], env=e, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, errors="replace", cwd=tmp_path)
         try:
@@ -153,15 +193,174 @@ def run_app(doubles: Doubles, tmp_path):
             proc.kill()
             out, err = proc.communicate()
             pytest.fail(f"fake_app {' '.join(steps)} hung (killed after {timeout} s); stderr:\n{err}")
-        r = AppRun(proc.pid, proc.returncode, out, err, stats_dir, trace_dir)
-        for line in out.splitlines():
-            m = _LINE.match(line)
-            if not m:
-                continue
-            if m.group(1):
-                r.called[m.group(2)] = int(m.group(3))
-            else:
-                r.values.setdefault(m.group(2), m.group(3))
-        return r
+        return _parse(AppRun(proc.pid, proc.returncode, out, err, stats_dir, trace_dir))
 
     return run
+
+
+class RunningApp:
+    """A fake application started in the background; stdout is read as it comes."""
+
+    def __init__(self, proc: subprocess.Popen, stats_dir: Path, steps: tuple[str, ...]):
+        self.proc = proc
+        self.pid = proc.pid
+        self.stats_dir = stats_dir
+        self.steps = steps
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(proc.stdout, self._lines), daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream, sink: queue.Queue) -> None:
+        for line in stream:
+            sink.put(line)
+        sink.put(None)
+
+    def _read_err(self) -> None:
+        for line in self.proc.stderr:
+            self._err.append(line)
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next stdout line, or None at its end; fails the test after timeout."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            pytest.fail(f"fake_app {' '.join(self.steps)}: no output for {timeout} s; stderr:\n{''.join(self._err)}")
+        if line is not None:
+            self._out.append(line)
+        return line
+
+    def wait_for(self, prefix: str, timeout: float = 30) -> str:
+        """Reads stdout up to the first line starting with `fake_app: <prefix>`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next_line(max(0.01, deadline - time.monotonic()))
+            if line is None:
+                pytest.fail(f"fake_app ended before printing {prefix!r}; stderr:\n{''.join(self._err)}")
+            if line.startswith(f"fake_app: {prefix}"):
+                return line
+
+    def printed(self, prefix: str) -> bool:
+        """Whether a line starting with `fake_app: <prefix>` has come (without waiting)."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._lines.put(None)
+                break
+            self._out.append(line)
+        return any(line.startswith(f"fake_app: {prefix}") for line in self._out)
+
+    @property
+    def output(self) -> str:
+        """stdout read so far (by wait_for / printed)."""
+        return "".join(self._out)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def finish(self, timeout: float = 30) -> AppRun:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"fake_app {' '.join(self.steps)} hung (killed after {timeout} s); "
+                        f"stderr:\n{''.join(self._err)}")
+        while self.next_line(timeout=10) is not None:
+            pass
+        for t in self._readers:
+            t.join(timeout=10)
+        return _parse(AppRun(self.pid, self.proc.returncode, "".join(self._out), "".join(self._err),
+                             self.stats_dir, None))
+
+
+@pytest.fixture
+def spawn_app(doubles: Doubles, tmp_path):
+    """Start the fake application with the agent injected, without waiting for it
+    (same arguments as run_app). Whatever is still running at the end is killed."""
+    counter = iter(range(1_000_000))
+    started: list[RunningApp] = []
+
+    def spawn(*steps: str, cupti: Path | str | None = doubles.cupti,
+              env: dict[str, str | None] | None = None) -> RunningApp:
+        stats_dir = tmp_path / f"spawned-stats{next(counter)}"
+        stats_dir.mkdir()
+        e = _app_env(doubles, stats_dir, cupti, None, True, env)
+        proc = subprocess.Popen([str(doubles.app), *steps], env=e, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace", cwd=tmp_path)
+        app = RunningApp(proc, stats_dir, steps)
+        started.append(app)
+        return app
+
+    yield spawn
+    for app in started:
+        app.kill()
+
+
+# ------------------------------------------------------------------ daemon
+
+FAKE_UUID = "GPU-5c3c1a2b-0011-2233-4455-66778899aabb"
+
+
+class FakeDaemon:
+    """Plays the tally daemon for the agent: owns a scoreboard in a temporary
+    directory and refreshes its heartbeat every 10 ms from a thread."""
+
+    def __init__(self, directory: Path, uuid: str = FAKE_UUID, params: PolicyParams | None = None):
+        self.directory = directory
+        self.uuid = uuid
+        self.prefix = f"{directory}/tally-0-"
+        self.path = Path(self.prefix + uuid)
+        self.sb = Scoreboard.create(self.path, uuid, params or PolicyParams())
+        self._beating = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self.start_heartbeat()
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            if self._beating.is_set():
+                self.sb.daemon_heartbeat_ns = time.monotonic_ns()
+            time.sleep(0.01)
+
+    def start_heartbeat(self) -> None:
+        self.sb.daemon_heartbeat_ns = time.monotonic_ns()
+        self._beating.set()
+
+    def stop_heartbeat(self) -> int:
+        """Stops refreshing the heartbeat (as if the daemon died); returns its last value."""
+        self._beating.clear()
+        time.sleep(0.03)  # a refresh in progress has landed
+        return self.sb.daemon_heartbeat_ns
+
+    def env(self, priority: str, **extra: str | None) -> dict[str, str | None]:
+        e: dict[str, str | None] = {"TALLY_PRIORITY": priority, "TALLY_SCOREBOARD_PREFIX": self.prefix,
+                                    "FAKE_CUDA_UUID": self.uuid}
+        e.update(extra)
+        return e
+
+    def slots_of(self, pid: int) -> list[int]:
+        return [i for i in range(64) if self.sb.slot_get(i, "pid") == pid]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sb.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A FakeDaemon with the default policy parameters; tests change them via d.sb."""
+    d = FakeDaemon(tmp_path)
+    yield d
+    d.close()

@@ -193,3 +193,16 @@ def _child_pids(parent: int) -> list[int]:
         return [c.pid for c in psutil.Process(parent).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def test_tally_variants_pass_their_policy_to_tally_up():
+    from tally.bench import systems
+    from tally.errors import TallyError
+
+    variant = systems.make_system("tally[budget-us=1000,idle-window-us=2000]")
+    assert variant.name == "tally[budget-us=1000,idle-window-us=2000]"
+    assert variant.up_args == ["--budget-us", "1000", "--idle-window-us", "2000"]
+    assert systems.make_system("tally").up_args == []
+    for bad in ("tally[budget=1]", "tally[budget-us=fast]", "tally[budget-us]"):
+        with pytest.raises(TallyError):
+            systems.make_system(bad)

@@ -29,7 +29,8 @@ def ptxas_path():
 @pytest.fixture(scope="session")
 def assembled_corpus(ptxas_path):
     """{(file, mode or 'original'): (AssemblyResult, ModuleResult|None)}: every corpus
-    module, untransformed and transformed in every mode, assembled once, in parallel."""
+    module, untransformed and transformed in every mode, assembled once (ptxas -v,
+    so `resources` has per-function registers / static shared memory), in parallel."""
     from tally.ptx.parse import read_module
     from tally.ptx.ptxas import assemble
     from tally.ptx.transform import transform_module
@@ -42,5 +43,5 @@ def assembled_corpus(ptxas_path):
             result = transform_module(module, mode)
             jobs[(path.name, mode)] = (result.text, result)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {key: pool.submit(assemble, text, None, ptxas_path) for key, (text, _) in jobs.items()}
+        futures = {key: pool.submit(assemble, text, None, ptxas_path, verbose=True) for key, (text, _) in jobs.items()}
         return {key: (future.result(), jobs[key][1]) for key, future in futures.items()}

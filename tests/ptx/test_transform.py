@@ -82,13 +82,29 @@ def test_original_text_is_kept_and_new_entries_are_well_formed(path, mode):
         check_generated_body(module, original, function, mode)
 
 
+SLICE_PROLOGUE_READS = {"mov.u32 %__tally_tmp0, %ctaid.x;", "mov.u32 %__tally_tmp1, %ctaid.y;",
+                        "mov.u32 %__tally_tmp2, %ctaid.z;", "mov.u32 %__tally_tmp3, %nctaid.y;",
+                        "mov.u32 %__tally_tmp3, %nctaid.x;"}
+# the worker loop reads its own launch position once, to find its slot in the State
+WORKER_PROLOGUE_READS = {"mov.u32 %__tally_worker, %ctaid.z;", "mov.u32 %__tally_tmp1, %nctaid.y;",
+                         "mov.u32 %__tally_tmp2, %ctaid.y;", "mov.u32 %__tally_tmp1, %nctaid.x;",
+                         "mov.u32 %__tally_tmp2, %ctaid.x;"}
+
+
+def shared_declarations(function):
+    return [" ".join(s.text.split()) for s in function.statements if s.kind == "directive" and s.opcode == ".shared"]
+
+
 def check_generated_body(module, original, function, mode):
-    ours = {"mov.u32 %__tally_tmp0, %ctaid.x;", "mov.u32 %__tally_tmp1, %ctaid.y;", "mov.u32 %__tally_tmp2, %ctaid.z;",
-            "mov.u32 %__tally_tmp3, %nctaid.y;", "mov.u32 %__tally_tmp3, %nctaid.x;"}
+    ours = SLICE_PROLOGUE_READS if mode == "slice" else WORKER_PROLOGUE_READS
     for statement in function.statements:
         if statement.kind == "instruction" and re.search(r"%n?ctaid", statement.operands):
-            # the only real %ctaid/%nctaid reads left are the slice prologue's own
-            assert mode == "slice" and " ".join(statement.text.split()) in ours, statement.text
+            # the only real %ctaid/%nctaid reads left are the prologue's own
+            assert " ".join(statement.text.split()) in ours, statement.text
+    # The new entry declares exactly the original's shared memory: anything added would
+    # move the dynamic shared memory (laid out after all static shared variables).
+    assert shared_declarations(function) == shared_declarations(original)
+    assert "__tally" not in "".join(shared_declarations(function))
     original_returns = sum(1 for s in original.statements if s.kind == "instruction" and s.root in ("ret", "exit"))
     returns = [s for s in function.statements if s.kind == "instruction" and s.root in ("ret", "exit")]
     branches_to_done = [s for s in function.statements if s.kind == "instruction" and s.operands == "__tally_thread_done"]
@@ -104,6 +120,60 @@ def check_generated_body(module, original, function, mode):
     remaining = [s.opcode for s in function.statements if s.kind == "instruction" and s.root in ("bar", "barrier")]
     expected = ["barrier.sync"] + (["barrier.red.or.pred"] if barriers else [])
     assert remaining == expected
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("mode", MODES)
+def test_transformed_entries_keep_the_static_shared_memory_size(assembled_corpus, path, mode):
+    """ptxas's own account: a transformed entry uses exactly the original's static shared
+    memory, so the dynamic shared memory starts at the same (1024-byte aligned) offset.
+    (8 extra bytes here put Triton's wgmma operands at +16 and broke matmul/attention.)"""
+    result, transformed = assembled_corpus[(path.name, mode)]
+    assert result.ok, result.errors
+    for entry in transformed.entries:
+        if entry.new_entry:
+            original, new = result.resources[entry.entry], result.resources[entry.new_entry]
+            assert new.smem == original.smem, f"{entry.new_entry}: {new.smem} bytes smem, original {original.smem}"
+
+
+def shared_accesses(function):
+    return [" ".join(s.text.split()) for s in function.statements
+            if s.kind == "instruction" and ("shared" in s.opcode or s.root in ("ldmatrix", "stmatrix"))]
+
+
+@pytest.mark.parametrize("kernel", ["matmul_fp16", "attention_fwd"])
+def test_wgmma_kernels_keep_their_shared_layout_and_drain_wgmma_between_blocks(kernel):
+    module = read_module(CORPUS / "triton" / f"{kernel}.ptx")
+    original = module.entry(kernel)
+    module_shared = re.compile(r"^\s*(?:\.extern\s+)?\.shared\b.*$", re.M)
+    assert module_shared.findall(module.text) == [".extern .shared .align 16 .b8 global_smem[];"]
+    for mode in ("ptb", "preemptible"):
+        text = transform_module(module, mode).text
+        new = parse(text).entry(abi.transformed_name(kernel, mode))
+        # no shared variable added, in the entry or at module level; shared accesses are the original's
+        assert shared_declarations(new) == shared_declarations(original) == []
+        assert module_shared.findall(text) == module_shared.findall(module.text)
+        assert shared_accesses(new) == shared_accesses(original)
+        # the index travels through the worker's slot in the State
+        assert "st.relaxed.cta.global.u32 [%__tally_slot], %__tally_index;" in new.text
+        assert "ld.relaxed.cta.global.u32 %__tally_index, [%__tally_slot];" in new.text
+        # wgmma groups are drained where every thread of the block meets, before the next block
+        tail = new.text[new.text.index("__tally_block_done:"):]
+        assert tail.index("wgmma.wait_group.sync.aligned 0;") < tail.index("bra __tally_next_block;")
+
+
+def test_wgmma_without_block_barriers_is_refused_by_worker_loops():
+    body = ("\t.reg .b64 %rd<3>;\n\t.reg .f32 %f<5>;\n\twgmma.fence.sync.aligned;\n"
+            "\twgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%f1,%f2,%f3,%f4}, %rd1, %rd2, 1, 1, 1, 0, 0;\n"
+            "\twgmma.commit_group.sync.aligned;\n\twgmma.wait_group.sync.aligned 0;")
+    module = parse(mini(body).replace(".target sm_90", ".target sm_90a"))
+    entry = module.entry("k")
+    assert refusal(module, entry, "slice") is None
+    for mode in ("ptb", "preemptible"):
+        assert refusal(module, entry, mode).startswith("wgmma without block barriers")
+    with_barrier = parse(mini("\tbar.sync 0;\n" + body).replace(".target sm_90", ".target sm_90a"))
+    for mode in ("ptb", "preemptible"):
+        assert refusal(with_barrier, with_barrier.entry("k"), mode) is None
 
 
 def test_async_copies_are_drained_between_blocks():
@@ -245,7 +315,9 @@ def test_32_bit_address_form_uses_32_bit_state():
     new = parse(text).entry("k__tally_preemptible")
     assert new.params[-1].text == ".param .u32 __tally_state"
     assert "cvta.to.global.u32 %__tally_state, %__tally_state;" in text
-    assert ".reg .b32 %__tally_state, %__tally_retreat_address;" in text
+    assert ".reg .b32 %__tally_state, %__tally_retreat_address, %__tally_slots, %__tally_slot;" in text
+    assert f"mad.lo.u32 %__tally_slots, %__tally_worker, {abi.SLOT_STRIDE}, %__tally_state;" in text
+    assert "mad.lo.u32 %__tally_slot, %__tally_parity, 4, %__tally_slots;" in text
     # (ptxas 13 no longer assembles 32-bit addressing for any target, so this is checked structurally.)
 
 

@@ -153,9 +153,13 @@ class Tally(System):
     name = "tally"
     description = "tally daemon + agent, launch-level scheduling"
 
-    def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0):
+    def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
+                 up_args: list[str] | None = None, name: str | None = None):
         # `python -m tally` rather than a `tally` on PATH: the same installation as this process
         self.tally_command = tally_command or [sys.executable, "-m", "tally"]
+        self.up_args = list(up_args or [])
+        if name:
+            self.name = name
         self.timeout_s = timeout_s
         self._runtime_dir: Path | None = None
         self._up = False
@@ -166,9 +170,9 @@ class Tally(System):
         env["TALLY_RUNTIME_DIR"] = str(self._runtime_dir)
         return env
 
-    def _call(self, verb: str) -> None:
+    def _call(self, verb: str, args: list[str] = ()) -> None:
         try:
-            proc = subprocess.run(self.tally_command + [verb], env=self._env(), capture_output=True, text=True,
+            proc = subprocess.run(self.tally_command + [verb, *args], env=self._env(), capture_output=True, text=True,
                                   timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             raise TallyError(f"`tally {verb}` did not finish within {self.timeout_s:g} s") from None
@@ -180,7 +184,7 @@ class Tally(System):
         # a private runtime dir: our daemon never meets one the user started
         self._runtime_dir = short_runtime_dir("tb-tally-")
         self._up = True  # even a failed `up` may have started something: always `down`
-        self._call("up")
+        self._call("up", self.up_args)
 
     def stop(self) -> None:
         try:
@@ -203,7 +207,29 @@ TGS_REASON = "unavailable: needs agent policy tgs (TGS-style adaptive BE rate co
 TALLY_BLOCK_REASON = "unavailable: needs block-level scheduling in the agent (PTX slicing/preemption not wired yet)"
 
 
+# `tally up` options a bench system name may set: tally[budget-us=1000,idle-window-us=2000]
+TALLY_TUNABLES = ("idle-window-us", "budget-us", "unthrottle-ms")
+
+
+def tally_variant(name: str) -> Tally:
+    """A tally system with policy parameters in its name, so each variant is its own run."""
+    settings = name[len("tally["):-1]
+    args: list[str] = []
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in TALLY_TUNABLES:
+            raise TallyError(f"system {name!r}: expected KEY=VALUE with KEY one of {', '.join(TALLY_TUNABLES)}")
+        try:
+            float(value)
+        except ValueError:
+            raise TallyError(f"system {name!r}: {key} needs a number, not {value!r}") from None
+        args += [f"--{key}", value]
+    return Tally(up_args=args, name=name)
+
+
 def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | None = None) -> System:
+    if name.startswith("tally[") and name.endswith("]"):
+        return tally_variant(name)
     if name == "standalone":
         return Standalone()
     if name == "time-slicing":

@@ -18,14 +18,20 @@ preemptible (entry `<name>__tally_preemptible`)
   Launch with grid (workers, 1, 1) and the original block shape and dynamic
   shared memory. Each worker's thread (0,0,0) takes the next original block
   index with atom.global.add on State.next_index, publishes it to its block
-  through shared memory, and the block runs that original block; workers exit
-  when the index reaches grid_x*grid_y*grid_z. Blocks are handed out in
-  increasing linear order (x fastest).
+  through the worker's slot in the State (global memory), and the block runs
+  that original block; workers exit when the index reaches
+  grid_x*grid_y*grid_z. Blocks are handed out in increasing linear order
+  (x fastest).
 
-State (16 bytes, 4-byte aligned, in device memory):
-    offset 0  u32 next_index   the next original block to hand out
-    offset 4  u32 retreat      preemptible only: non-zero asks workers to exit
-    offset 8  u32 reserved[2]  zero
+State (state_size(workers) = 16 + 8 * workers bytes, 4-byte aligned, device memory):
+    offset 0       u32 next_index     the next original block to hand out
+    offset 4       u32 retreat        preemptible only: non-zero asks workers to exit
+    offset 8       u32 reserved[2]    zero
+    offset 16+8*w  u32 slot[w][2]     worker w's double-buffered index broadcast (scratch)
+  Worker w is the launch block with linear index w. The State must have a slot
+  for every launched worker (size it for the largest worker count launched
+  with it, e.g. when a preempted launch is resumed with more workers). The
+  slots need no initial value; zero the whole State for a fresh launch.
   A fresh launch needs next_index = 0 and retreat = 0. The preemptible worker
   reads `retreat` (ld.volatile) before each atomic; when it is set the worker
   exits without taking an index, so after the kernel has ended every block
@@ -35,8 +41,8 @@ State (16 bytes, 4-byte aligned, in device memory):
   grid exhausted each consume one index past the end).
 
 Limits: total blocks < 2**32 - 1 (0xFFFFFFFF is the in-kernel "preempted"
-sentinel). The transformed entries declare 8 bytes of extra static shared
-memory (ptb/preemptible) for the published index.
+sentinel). The transformed entries declare no shared memory of their own: the
+kernel's shared-memory layout (static and dynamic) is exactly the original's.
 """
 from __future__ import annotations
 
@@ -50,12 +56,26 @@ GRID_PARAMS = ("__tally_grid_x", "__tally_grid_y", "__tally_grid_z")
 BLOCK_OFFSET_PARAM = "__tally_block_offset"
 STATE_PARAM = "__tally_state"
 
-STATE_SIZE = 16
+STATE_HEADER_SIZE = 16
 NEXT_INDEX_OFFSET = 0
 RETREAT_OFFSET = 4
+SLOTS_OFFSET = STATE_HEADER_SIZE  # worker w's slot pair is at SLOTS_OFFSET + SLOT_STRIDE * w
+SLOT_STRIDE = 8
 PREEMPTED_SENTINEL = 0xFFFFFFFF
 MAX_TOTAL_BLOCKS = PREEMPTED_SENTINEL - 1
-EXTRA_STATIC_SHARED_BYTES = {"slice": 0, "ptb": 8, "preemptible": 8}
+MAX_WORKERS = (1 << 31) - 1  # a launch grid's x dimension
+
+
+def state_size(workers: int) -> int:
+    """Bytes of the State for launches of up to `workers` worker blocks."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
+    return SLOTS_OFFSET + SLOT_STRIDE * workers
+
+
+def slot_offset(worker: int, parity: int) -> int:
+    """Byte offset in the State of the slot worker `worker` uses for blocks of `parity` (0, 1)."""
+    return SLOTS_OFFSET + SLOT_STRIDE * worker + 4 * parity
 
 
 def appended_params(mode: str, address_size: int = 64) -> list[tuple[str, str]]:
@@ -156,8 +176,9 @@ def slice_block_linear(ctaid: tuple[int, int, int], slice_grid: tuple[int, int, 
     return (block_offset + x + sx * (y + sy * z)) % (1 << 32)
 
 
-def new_state(next_index: int = 0, retreat: int = 0) -> bytes:
-    return struct.pack("<IIII", next_index, retreat, 0, 0)
+def new_state(workers: int, next_index: int = 0, retreat: int = 0) -> bytes:
+    """A State for launches of up to `workers` workers (slots zeroed)."""
+    return struct.pack("<IIII", next_index, retreat, 0, 0) + bytes(state_size(workers) - STATE_HEADER_SIZE)
 
 
 @dataclass(frozen=True)
@@ -173,7 +194,7 @@ class State:
 
 
 def read_state(data: bytes) -> State:
-    next_index, retreat, _, _ = struct.unpack("<IIII", bytes(data[:STATE_SIZE]))
+    next_index, retreat, _, _ = struct.unpack("<IIII", bytes(data[:STATE_HEADER_SIZE]))
     return State(next_index, retreat)
 
 

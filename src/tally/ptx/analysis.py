@@ -75,6 +75,7 @@ class Usage:
     returns: int = 0  # ret/exit statements
     uses_cp_async: bool = False  # cp.async (non-bulk) groups that may be pending at block end
     uses_bulk_async: bool = False  # cp.async.bulk groups
+    uses_wgmma: bool = False  # wgmma.mma_async groups (drained at block end by the worker loop)
     reads_ctaid: bool = False
 
 
@@ -100,6 +101,13 @@ def analyze(module: Module, entry: Function) -> Usage:
     if module.address_size not in (32, 64):
         usage.reasons.append(f"unsupported .address_size {module.address_size}")
     _scan_function(module, entry, usage, is_entry=True, visiting=set())
+    if usage.uses_wgmma and usage.barrier_sites == 0:
+        # The worker loop drains pending wgmma groups (wgmma.wait_group.sync.aligned 0)
+        # where all threads of the block meet after the block's last barrier round;
+        # without block barriers there is no such convergent point.
+        usage.ptb_reasons.append(
+            "wgmma without block barriers (pending wgmma groups could not be drained uniformly between blocks)"
+        )
     return usage
 
 
@@ -156,6 +164,8 @@ def _scan_instruction(module, statement: Statement, usage: Usage, is_entry: bool
                 )
         else:
             usage.uses_cp_async = True
+    elif root == "wgmma":
+        usage.uses_wgmma = True
     elif root == "setmaxnreg":
         usage.ptb_reasons.append(f"warp-specialized register reallocation ({opcode}){where}")
     if opcode.startswith("mbarrier") and "shared::cluster" in opcode:

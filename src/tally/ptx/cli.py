@@ -63,8 +63,9 @@ def transform_command(path: Path, mode: str, output: Path, entries: tuple[str, .
         click.echo("ABI: launch any grid; block L of the slice runs original block block_offset + L (x fastest).")
     else:
         click.echo(
-            f"ABI: launch (workers,1,1) x original block; state = {abi.STATE_SIZE} zeroed bytes "
-            f"{{u32 next_index @{abi.NEXT_INDEX_OFFSET}, u32 retreat @{abi.RETREAT_OFFSET}, u32 reserved[2]}}"
+            f"ABI: launch (workers,1,1) x original block; state = {abi.SLOTS_OFFSET} + {abi.SLOT_STRIDE}*workers "
+            f"zeroed bytes {{u32 next_index @{abi.NEXT_INDEX_OFFSET}, u32 retreat @{abi.RETREAT_OFFSET}, "
+            f"u32 reserved[2], u32 slot[workers][2] @{abi.SLOTS_OFFSET}}}; no shared memory added"
             + ("; set retreat != 0 to preempt, clear it and relaunch with the same state to resume"
                if mode == "preemptible" else "")
         )

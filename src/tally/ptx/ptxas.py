@@ -14,7 +14,7 @@ import site
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tally.errors import TallyError
@@ -74,23 +74,64 @@ def arch_for(ptx_text: str, default: str = "sm_90") -> str:
 
 
 @dataclass
+class Resources:
+    """What ptxas -v reports for one function."""
+
+    registers: int = 0
+    smem: int = 0  # static shared memory bytes (the dynamic array is not counted)
+    stack: int = 0  # stack frame bytes
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+
+@dataclass
 class AssemblyResult:
     ok: bool
-    errors: str  # ptxas stderr (warnings included when ok)
+    errors: str  # ptxas stderr (warnings included when ok; with verbose, also ptxas's info lines)
     command: list[str]
+    resources: dict[str, Resources] = field(default_factory=dict)  # per function, with verbose=True
 
 
-def assemble(ptx_text: str, arch: str | None = None, ptxas: Path | None = None, timeout: float = 300) -> AssemblyResult:
+_INFO_FUNCTION = re.compile(r"ptxas info\s*: (?:Compiling entry function|Function properties for|Compiling function) '?([\w$]+)'?")
+
+
+def parse_resources(output: str) -> dict[str, Resources]:
+    """Per-function resource usage from ptxas -v output."""
+    resources: dict[str, Resources] = {}
+    current = None
+    for line in output.splitlines():
+        found = _INFO_FUNCTION.search(line)
+        if found:
+            current = resources.setdefault(found.group(1), Resources())
+            continue
+        if current is None:
+            continue
+        for pattern, attribute in ((r"Used (\d+) registers", "registers"), (r"(\d+) bytes smem", "smem"),
+                                   (r"(\d+) bytes stack frame", "stack"), (r"(\d+) bytes spill stores", "spill_stores"),
+                                   (r"(\d+) bytes spill loads", "spill_loads")):
+            match = re.search(pattern, line)
+            if match:
+                setattr(current, attribute, int(match.group(1)))
+    return resources
+
+
+def assemble(ptx_text: str, arch: str | None = None, ptxas: Path | None = None, timeout: float = 300,
+             verbose: bool = False) -> AssemblyResult:
     """Assemble PTX text with ptxas into a throwaway cubin; report errors.
 
     Modules that declare external functions (dynamic parallelism's runtime
-    calls) are assembled as relocatable code (-c), as nvcc -rdc would."""
+    calls) are assembled as relocatable code (-c), as nvcc -rdc would.
+    `verbose` adds -v and fills `resources` (registers, static shared memory,
+    stack and spills per function)."""
     ptxas = ptxas or find_ptxas()
     arch = arch or arch_for(ptx_text)
     relocatable = ["-c"] if re.search(r"^\s*\.extern\s+\.func", ptx_text, re.M) else []
     with tempfile.TemporaryDirectory(prefix="tally-ptxas-") as tmp:
         source = Path(tmp) / "module.ptx"
         source.write_text(ptx_text)
-        command = [str(ptxas), f"-arch={arch}", *relocatable, "-o", str(Path(tmp) / "module.cubin"), str(source)]
+        command = [str(ptxas), f"-arch={arch}", *relocatable, *(["-v"] if verbose else []),
+                   "-o", str(Path(tmp) / "module.cubin"), str(source)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    return AssemblyResult(completed.returncode == 0, completed.stderr.strip(), command)
+    output = (completed.stdout + "\n" + completed.stderr).strip()
+    return AssemblyResult(completed.returncode == 0, completed.stderr.strip(), command,
+                          parse_resources(output) if verbose else {})

@@ -8,8 +8,9 @@ inserted right after the original entry; the rest of the module is untouched.
 
 Worker loop (ptb, preemptible), per worker block:
 
+    prologue:     slot = &State.slots[worker]      -- worker = the launch block's linear index
     next_block:   leader (tid 0,0,0): [preemptible: if retreat is set, index = SENTINEL]
-                  else index = atomicAdd(next_index, 1); store index in slot[parity]
+                  else index = atomicAdd(next_index, 1); store index in slot[parity] (global)
                   barrier.sync 1                 -- every thread of the worker
                   index = slot[parity]; parity ^= 1
                   if index >= total: exit        -- uniform: all threads read the same index
@@ -20,7 +21,7 @@ Worker loop (ptb, preemptible), per worker block:
                   if !any: bra block_done               -- every thread has finished the block
                   if !working: bra sync                 -- finished threads keep joining barriers
                   bra resume_<site>                     -- working threads continue after their barrier
-    block_done:   [cp.async.wait_all] [cp.async.bulk.wait_group 0]
+    block_done:   [cp.async.wait_all] [cp.async.bulk.wait_group 0] [wgmma.wait_group 0]
                   bra next_block
 
 Each original `bar.sync 0` / `barrier.sync 0` becomes
@@ -31,9 +32,18 @@ is working releases all of them together. The loop-top barrier (barrier 1,
 never used by accepted kernels) separates consecutive original blocks, so a
 block never sees shared memory still in use by the previous one; the index slot
 is double-buffered so one barrier per block suffices.
+
+The transformed entries declare NO shared memory of their own: the index is
+broadcast through the worker's slot in the State (global memory; the
+barrier orders the leader's store before the other threads' loads). Static
+shared memory is laid out before the dynamic (`.extern .shared`) array, so
+even a few bytes of it would move the kernel's dynamic shared memory off its
+1024-byte-aligned base, which breaks kernels that rely on that alignment
+(Triton's swizzled layouts read by wgmma through shared-memory descriptors).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from tally.errors import TallyError
@@ -183,10 +193,9 @@ def _declarations(module: Module, mode: str, routed: bool) -> str:
     if mode != "slice":
         address_reg, _ = _address_type(module)
         lines += [
-            f"\t.reg .b32 {P}parity, {P}slot_address, {P}site;",
-            f"\t.reg {address_reg} {P}state, {P}retreat_address;",
+            f"\t.reg .b32 {P}parity, {P}worker, {P}site;",
+            f"\t.reg {address_reg} {P}state, {P}retreat_address, {P}slots, {P}slot;",
             f"\t.reg .pred {P}leader, {P}retreat, {P}working, {P}any_working, {P}is_site;",
-            f"\t.shared .align 4 .b32 {L}slot[2];",
         ]
     return "\n".join(lines) + "\n"
 
@@ -237,20 +246,20 @@ def _prologue(module: Module, mode: str, routed: bool) -> str:
         f"ld.param.{address} {P}state, [{abi.STATE_PARAM}];",
         f"cvta.to.global.{address} {P}state, {P}state;",
         f"add.{address} {P}retreat_address, {P}state, {abi.RETREAT_OFFSET};",
+    ] + _worker_slots(module) + [
         f"mov.u32 {P}tmp0, %tid.x;",
         f"mov.u32 {P}tmp1, %tid.y;",
         f"or.b32 {P}tmp0, {P}tmp0, {P}tmp1;",
         f"mov.u32 {P}tmp1, %tid.z;",
         f"or.b32 {P}tmp0, {P}tmp0, {P}tmp1;",
         f"setp.eq.u32 {P}leader, {P}tmp0, 0;",
-        f"mov.u32 {P}slot_address, {L}slot;",
         f"mov.u32 {P}parity, 0;",
     ]
+    ordering = _slot_ordering(module)
     loop = [
         f"{L}next_block:",
         f"\tmov.u32 {P}index, {abi.PREEMPTED_SENTINEL};",
-        f"\tshl.b32 {P}tmp0, {P}parity, 2;",
-        f"\tadd.u32 {P}tmp0, {P}slot_address, {P}tmp0;",
+    ] + ["\t" + line for line in _slot_address(module)] + [
         f"\t@!{P}leader bra {L}published;",
     ]
     if mode == "preemptible":
@@ -262,10 +271,10 @@ def _prologue(module: Module, mode: str, routed: bool) -> str:
     else:
         loop.append(f"\tatom.global.add.u32 {P}index, [{P}state], 1;")
     loop += [
-        f"\tst.shared.u32 [{P}tmp0], {P}index;",
+        f"\tst.{ordering}.global.u32 [{P}slot], {P}index;",
         f"{L}published:",
         "\tbarrier.sync 1;",
-        f"\tld.shared.u32 {P}index, [{P}tmp0];",
+        f"\tld.{ordering}.global.u32 {P}index, [{P}slot];",
         f"\txor.b32 {P}parity, {P}parity, 1;",
         f"\tsetp.ge.u32 {P}past_end, {P}index, {P}total;",
         f"\t@{P}past_end exit;",
@@ -273,6 +282,49 @@ def _prologue(module: Module, mode: str, routed: bool) -> str:
     if routed:
         loop.append(f"\tsetp.eq.u32 {P}working, {P}parity, {P}parity;")
     return "".join(f"\t{line}\n" for line in lines) + "\n".join(loop) + "\n"
+
+
+def _worker_slots(module: Module) -> list[str]:
+    """slots = &State.slots[worker] (abi.slot_offset(worker, 0)); worker = the launch block's
+    linear index, x fastest (the launch grid is (workers, 1, 1); y/z are folded in anyway)."""
+    lines = [
+        f"mov.u32 {P}worker, %ctaid.z;",
+        f"mov.u32 {P}tmp1, %nctaid.y;",
+        f"mov.u32 {P}tmp2, %ctaid.y;",
+        f"mad.lo.u32 {P}worker, {P}worker, {P}tmp1, {P}tmp2;",
+        f"mov.u32 {P}tmp1, %nctaid.x;",
+        f"mov.u32 {P}tmp2, %ctaid.x;",
+        f"mad.lo.u32 {P}worker, {P}worker, {P}tmp1, {P}tmp2;",
+    ]
+    if module.address_size == 64:
+        lines += [
+            f"mul.wide.u32 {P}slots, {P}worker, {abi.SLOT_STRIDE};",
+            f"add.u64 {P}slots, {P}slots, {P}state;",
+            f"add.u64 {P}slots, {P}slots, {abi.SLOTS_OFFSET};",
+        ]
+    else:
+        lines += [
+            f"mad.lo.u32 {P}slots, {P}worker, {abi.SLOT_STRIDE}, {P}state;",
+            f"add.u32 {P}slots, {P}slots, {abi.SLOTS_OFFSET};",
+        ]
+    return lines
+
+
+def _slot_address(module: Module) -> list[str]:
+    """slot = slots + 4 * parity: this block's half of the worker's double-buffered slot."""
+    if module.address_size == 64:
+        return [f"mul.wide.u32 {P}slot, {P}parity, 4;", f"add.u64 {P}slot, {P}slot, {P}slots;"]
+    return [f"mad.lo.u32 {P}slot, {P}parity, 4, {P}slots;"]
+
+
+def _slot_ordering(module: Module) -> str:
+    """Qualifier of the slot store/load. The barrier between them orders any global
+    accesses of the block's threads; the strong CTA-scope form also makes that explicit
+    to ptxas. `.relaxed.cta` needs PTX ISA 6.0 and sm_70; older modules use `.volatile`."""
+    match = re.match(r"sm_(\d+)", module.target)
+    if module.version >= (6, 0) and match and int(match.group(1)) >= 70:
+        return "relaxed.cta"
+    return "volatile"
 
 
 def _epilogue(usage, sites: int) -> str:
@@ -296,5 +348,8 @@ def _epilogue(usage, sites: int) -> str:
         lines.append("\tcp.async.wait_all;")
     if usage.uses_bulk_async:
         lines.append("\tcp.async.bulk.wait_group 0;")
+    if usage.uses_wgmma:
+        # every thread reaches block_done together (from the uniform `@!any` branch)
+        lines.append("\twgmma.wait_group.sync.aligned 0;")
     lines.append(f"\tbra {L}next_block;")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,21 @@
  *
  * cuInit(0) runs first (which loads CUDA_INJECTION64_PATH), then each step:
  *   launch:ENTRY:N        N launches through one entry point, main thread
+ *   launch:ENTRY:N:DUR_US[:STREAM]
+ *                         the same, each kernel lasting DUR_US on the fake GPU,
+ *                         on STREAM (s0..s3: streams this app created, s0 the one
+ *                         plain launches use; null; legacy = 0x1; ptds = 0x2);
+ *                         prints "fake_app: launch i=K call_ns=T0 ret_ns=T1"
+ *                         (CLOCK_MONOTONIC around each call) and flushes
+ *   tlaunch:T:ENTRY:M:DUR_US:STREAM
+ *                         T threads released together, M such launches each;
+ *                         thread t's kernels last (t % 3 + 1) x DUR_US ("ptds":
+ *                         each thread its own per-thread default stream)
+ *   sleep:US              sleep
+ *   capture:STREAM:on|off the fake driver reports STREAM as capturing (or not)
+ *   sync                  cuCtxSynchronize (waits for the fake GPU)
+ *   wait_file:PATH        print "fake_app: waiting=PATH", flush, and wait (60 s
+ *                         at most) until PATH exists
  *   threads:T:M           T threads released together, M launches each;
  *                         thread t's launch j uses entry (t + j) % N_ENTRIES
  *   names                 one cuLaunchKernel per awkward kernel name
@@ -15,7 +30,8 @@
  * grid_async graph graph_ptsz host host_ptsz.
  *
  * Output (stdout): "fake_app: key=value" lines, "fake_app: called NAME=N" per
- * entry point actually called, and "fake_app: done" at a normal end.
+ * entry point actually called, the fake GPU's counters ("fake_app: gpu_*=N",
+ * "fake_app: writes_STREAM=N"), and "fake_app: done" at a normal end.
  *
  * Hermeticity: this program interposes dlopen. Any library whose name contains
  * "cupti" and that is not under $FAKE_APP_LIB_ROOT is reported missing, so a
@@ -29,7 +45,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fake_driver.h"
@@ -95,6 +113,28 @@ static CUfunction funcs[N_ENTRIES];
 static CUfunction graph_nodes[2];
 static CUgraphExec graph;
 static CUstream stream;
+static CUstream extra_streams[3];
+
+static const char *stream_names[] = {"s0", "s1", "s2", "s3", "null", "legacy", "ptds"};
+#define N_STREAM_NAMES 7
+
+static CUstream stream_named(const char *name) {
+    if (!strcmp(name, "s0")) return stream;
+    if (!strcmp(name, "s1")) return extra_streams[0];
+    if (!strcmp(name, "s2")) return extra_streams[1];
+    if (!strcmp(name, "s3")) return extra_streams[2];
+    if (!strcmp(name, "null")) return NULL;
+    if (!strcmp(name, "legacy")) return (CUstream)0x1;
+    if (!strcmp(name, "ptds")) return (CUstream)0x2;
+    fprintf(stderr, "fake_app: unknown stream %s\n", name);
+    exit(98);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 static atomic_long called[N_ENTRIES];
 static atomic_long host_func_runs;
 
@@ -110,13 +150,17 @@ static void host_fn(void *arg) {
     atomic_fetch_add(&host_func_runs, 1);
 }
 
-static void launch(int e, unsigned salt) {
+/* on: the stream to use instead of the entry's usual one (s0, or NULL for _ptsz) */
+static void launch_on(int e, unsigned salt, int override, CUstream on) {
+    CUstream stream_ = override ? on : stream, null_ = override ? on : NULL;
+#define stream stream_
+#define NULL_STREAM null_
     CUfunction f = funcs[e];
     unsigned g = 1 + salt % 64, b = 32 * (1 + salt % 8), smem = 16 * (salt % 4);
     CUresult r = CUDA_SUCCESS;
     switch (e) {
     case E_KERNEL: r = cuLaunchKernel(f, g, 2, 1, b, 1, 1, smem, stream, NULL, NULL); break;
-    case E_KERNEL_PTSZ: r = cuLaunchKernel_ptsz(f, g, 1, 3, b, 2, 1, smem, NULL, NULL, NULL); break;
+    case E_KERNEL_PTSZ: r = cuLaunchKernel_ptsz(f, g, 1, 3, b, 2, 1, smem, NULL_STREAM, NULL, NULL); break;
     case E_EX:
     case E_EX_PTSZ: {
         CUlaunchConfig cfg = {g, 1, 1, b, 1, 1, smem, stream, NULL, 0};
@@ -124,7 +168,7 @@ static void launch(int e, unsigned salt) {
         break;
     }
     case E_COOP: r = cuLaunchCooperativeKernel(f, g, 1, 1, b, 1, 1, smem, stream, NULL); break;
-    case E_COOP_PTSZ: r = cuLaunchCooperativeKernel_ptsz(f, g, 1, 1, b, 1, 1, smem, NULL, NULL); break;
+    case E_COOP_PTSZ: r = cuLaunchCooperativeKernel_ptsz(f, g, 1, 1, b, 1, 1, smem, NULL_STREAM, NULL); break;
     case E_COOP_MULTI: {
         CUDA_LAUNCH_PARAMS l[2] = {{f, g, 1, 1, b, 1, 1, smem, stream, NULL},
                                    {f, g, 1, 1, b, 1, 1, smem, stream, NULL}};
@@ -135,12 +179,32 @@ static void launch(int e, unsigned salt) {
     case E_GRID: r = cuLaunchGrid(f, (int)g, 2); break;
     case E_GRID_ASYNC: r = cuLaunchGridAsync(f, (int)g, 2, stream); break;
     case E_GRAPH: r = cuGraphLaunch(graph, stream); break;
-    case E_GRAPH_PTSZ: r = cuGraphLaunch_ptsz(graph, NULL); break;
+    case E_GRAPH_PTSZ: r = cuGraphLaunch_ptsz(graph, NULL_STREAM); break;
     case E_HOST: r = cuLaunchHostFunc(stream, host_fn, NULL); break;
-    case E_HOST_PTSZ: r = cuLaunchHostFunc_ptsz(NULL, host_fn, NULL); break;
+    case E_HOST_PTSZ: r = cuLaunchHostFunc_ptsz(NULL_STREAM, host_fn, NULL); break;
     }
+#undef stream
+#undef NULL_STREAM
     check(r, entry_api[e]);
     atomic_fetch_add_explicit(&called[e], 1, memory_order_relaxed);
+}
+
+static void launch(int e, unsigned salt) { launch_on(e, salt, 0, NULL); }
+
+/* One timed launch: the fake GPU runs its kernel(s) for us microseconds. Always
+ * the same launch configuration, so the agent sees one kernel it can learn. */
+static atomic_long timed_launches;
+
+static void launch_timed(int e, unsigned us, CUstream on) {
+    fake_cuda_set_kernel_duration_us(us);
+    uint64_t t0 = now_ns();
+    launch_on(e, 0, 1, on);
+    uint64_t t1 = now_ns();
+    fake_cuda_set_kernel_duration_us(0);
+    long k = atomic_fetch_add(&timed_launches, 1);
+    printf("fake_app: launch i=%ld call_ns=%llu ret_ns=%llu\n", k, (unsigned long long)t0,
+           (unsigned long long)t1);
+    fflush(stdout);
 }
 
 static int entry_of(const char *arg) {
@@ -162,12 +226,25 @@ static void *thread_main(void *arg) {
     return NULL;
 }
 
-static void run_threads(long n, long m) {
+static int timed_entry;
+static unsigned timed_us;
+static CUstream timed_stream;
+
+static void *timed_thread_main(void *arg) {
+    long t = (long)arg;
+    pthread_barrier_wait(&start_together);
+    /* thread t's kernels last (t % 3 + 1) x DUR_US: per-stream order is all that keeps completions in order */
+    for (long j = 0; j < per_thread; j++)
+        launch_timed(timed_entry, timed_us * (unsigned)(t % 3 + 1), timed_stream);
+    return NULL;
+}
+
+static void run_threads_of(long n, long m, void *(*body)(void *)) {
     pthread_t *tids = calloc((size_t)n, sizeof *tids);
     per_thread = m;
     pthread_barrier_init(&start_together, NULL, (unsigned)n);
     for (long t = 0; t < n; t++)
-        if (pthread_create(&tids[t], NULL, thread_main, (void *)t) != 0) {
+        if (pthread_create(&tids[t], NULL, body, (void *)t) != 0) {
             fprintf(stderr, "fake_app: pthread_create failed\n");
             exit(97);
         }
@@ -175,6 +252,8 @@ static void run_threads(long n, long m) {
     pthread_barrier_destroy(&start_together);
     free(tids);
 }
+
+static void run_threads(long n, long m) { run_threads_of(n, m, thread_main); }
 
 /* ------------------------------------------------------------- names */
 
@@ -224,6 +303,14 @@ static void print_called(void) {
         if (n) printf("fake_app: called %s=%ld\n", entry_api[e], n);
     }
     printf("fake_app: host_func_runs=%ld\n", atomic_load(&host_func_runs));
+    static const char *gpu_names[] = {"kernels", "max_inflight", "writes_issued", "writes_done", "bad_writes",
+                                      "regressions", "captured_writes", "host_registers", "capturing_queries"};
+    uint64_t v[9] = {0};
+    int n = fake_cuda_gpu_stats(v, 9);
+    for (int i = 0; i < n && i < 9; i++) printf("fake_app: gpu_%s=%llu\n", gpu_names[i], (unsigned long long)v[i]);
+    for (int i = 0; i < N_STREAM_NAMES; i++)
+        printf("fake_app: writes_%s=%llu\n", stream_names[i],
+               (unsigned long long)fake_cuda_stream_writes(stream_named(stream_names[i])));
 }
 
 int main(int argc, char **argv) {
@@ -233,6 +320,7 @@ int main(int argc, char **argv) {
     int version = 0;
     check(cuDriverGetVersion(&version), "cuDriverGetVersion");
     check(cuStreamCreate(&stream, 0), "cuStreamCreate");
+    for (int i = 0; i < 3; i++) check(cuStreamCreate(&extra_streams[i], 0), "cuStreamCreate");
     for (int e = 0; e < N_ENTRIES; e++) {
         char name[64];
         snprintf(name, sizeof name, "mix_kernel_%s", entry_arg[e]);
@@ -248,11 +336,42 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         char *arg = argv[i];
         if (strncmp(arg, "launch:", 7) == 0) {
-            char entry[32];
+            char entry[32], sname[32] = "";
             long n;
-            if (sscanf(arg + 7, "%31[^:]:%ld", entry, &n) != 2) return 96;
+            unsigned us = 0;
+            int got = sscanf(arg + 7, "%31[^:]:%ld:%u:%31s", entry, &n, &us, sname);
+            if (got < 2) return 96;
             int e = entry_of(entry);
-            for (long j = 0; j < n; j++) launch(e, (unsigned)j);
+            if (got == 2) {
+                for (long j = 0; j < n; j++) launch(e, (unsigned)j);
+            } else {
+                CUstream on = got == 4 ? stream_named(sname)
+                              : (e == E_KERNEL_PTSZ || e == E_EX_PTSZ || e == E_COOP_PTSZ || e == E_GRAPH_PTSZ ||
+                                 e == E_HOST_PTSZ) ? NULL : stream;
+                for (long j = 0; j < n; j++) launch_timed(e, us, on);
+            }
+        } else if (strncmp(arg, "tlaunch:", 8) == 0) {
+            char entry[32], sname[32];
+            long t, m;
+            if (sscanf(arg + 8, "%ld:%31[^:]:%ld:%u:%31s", &t, entry, &m, &timed_us, sname) != 5) return 96;
+            timed_entry = entry_of(entry);
+            timed_stream = stream_named(sname);
+            run_threads_of(t, m, timed_thread_main);
+        } else if (strncmp(arg, "sleep:", 6) == 0) {
+            long us = atol(arg + 6);
+            struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+            nanosleep(&ts, NULL);
+        } else if (strncmp(arg, "capture:", 8) == 0) {
+            char sname[32], mode[8];
+            if (sscanf(arg + 8, "%31[^:]:%7s", sname, mode) != 2) return 96;
+            fake_cuda_set_capturing(stream_named(sname), 0, strcmp(mode, "on") == 0);
+        } else if (strcmp(arg, "sync") == 0) {
+            check(cuCtxSynchronize(), "cuCtxSynchronize");
+        } else if (strncmp(arg, "wait_file:", 10) == 0) {
+            printf("fake_app: waiting=%s\n", arg + 10);
+            fflush(stdout);
+            struct stat st;
+            for (int k = 0; k < 60000 && stat(arg + 10, &st) != 0; k++) usleep(1000);
         } else if (strncmp(arg, "threads:", 8) == 0) {
             long t, m;
             if (sscanf(arg + 8, "%ld:%ld", &t, &m) != 2) return 96;

@@ -3,9 +3,27 @@
  * cuInit does what the real driver does with CUDA_INJECTION64_PATH: on the
  * first call it dlopens that library and calls its InitializeInjection() once.
  * Every API call is reported to the attached tool (the fake libcupti), which
- * turns it into CUPTI callbacks; launches "run" at once on a fake GPU and are
- * reported as kernel executions for the Activity API. No callbacks happen
- * while no tool is attached, as with the real driver.
+ * turns it into CUPTI callbacks; launches are reported at once as kernel
+ * executions for the Activity API. No callbacks happen while no tool is
+ * attached, as with the real driver.
+ *
+ * The fake GPU (for the agent's scheduling path, agent/sched.c): every stream
+ * is a FIFO of work items. A kernel launch enqueues a kernel lasting the
+ * calling thread's current duration (fake_cuda_set_kernel_duration_us; 0 by
+ * default: a zero-length kernel on an idle stream completes at once, without
+ * the queue); cuStreamWriteValue64 enqueues a 64-bit store into host memory
+ * registered with cuMemHostRegister. A background "GPU" thread runs the
+ * streams concurrently, each in order: it sleeps through kernels and then
+ * performs stores with release semantics, so completions arrive later,
+ * asynchronously, in stream order. The legacy default stream (NULL or
+ * CU_STREAM_LEGACY) is one stream; CU_STREAM_PER_THREAD (and a NULL stream
+ * given to a _ptsz entry point) is a separate stream for each host thread, as
+ * with the real driver. cuCtxSynchronize waits until every stream is idle.
+ *
+ * Knobs (environment): FAKE_CUDA_UUID=hex (16 bytes, dashes and a "GPU-"
+ * prefix allowed) for cuDeviceGetUuid; FAKE_CUDA_HOST_REGISTER_RESULT=n makes
+ * cuMemHostRegister fail with n. Stream capture is set per stream with
+ * fake_cuda_set_capturing. Counters: fake_cuda_gpu_stats.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -14,6 +32,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
 
 #include "fake_driver.h"
 
@@ -95,9 +115,12 @@ static uint32_t stream_id(CUstream s, int per_thread_default) {
     return s->id;
 }
 
-static void run_kernel(api_call *c, CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                       unsigned by, unsigned bz, unsigned smem, uint32_t stream, uint32_t device,
-                       uint8_t launch_type, uint32_t graph_id, uint64_t node_id) {
+static void gpu_launch(uint64_t key);
+
+static void run_kernel(api_call *c, uint64_t gpu_stream_key, CUfunction f, unsigned gx, unsigned gy,
+                       unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, uint32_t stream,
+                       uint32_t device, uint8_t launch_type, uint32_t graph_id, uint64_t node_id) {
+    gpu_launch(gpu_stream_key);
     if (!c->tool) return;
     fake_kernel_exec k = {
         .name = f->name, .registers = f->registers, .static_smem = f->static_smem,
@@ -110,6 +133,401 @@ static void run_kernel(api_call *c, CUfunction f, unsigned gx, unsigned gy, unsi
 
 #define CHECK_INIT() \
     do { if (!atomic_load(&initialized)) return CUDA_ERROR_NOT_INITIALIZED; } while (0)
+
+
+/* ------------------------------------------------------------ fake GPU */
+
+#define GPU_MAX_STREAMS 512
+#define GPU_MAX_REGISTERED 16
+#define GPU_KEY_LEGACY 1ull
+#define GPU_KEY_PER_THREAD_BASE (1ull << 40) /* + host thread number */
+
+enum { WORK_KERNEL = 1, WORK_WRITE = 2 };
+
+typedef struct work {
+    struct work *next;
+    int kind;
+    uint64_t duration_ns; /* kernel */
+    uint64_t end_ns;      /* kernel, once it reached the head of its stream */
+    int started;
+    uint64_t *address; /* write */
+    uint64_t value;
+} work;
+
+typedef struct {
+    uint64_t key;
+    work *head, *tail;
+    int capturing;
+    uint64_t writes, kernels;
+} gpu_stream;
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, idle;
+    int thread_running;
+    gpu_stream streams[GPU_MAX_STREAMS];
+    int n_streams;
+    long queued;           /* work items in all queues */
+    long inflight;         /* kernels launched and not completed */
+    long max_inflight;
+    uint64_t kernels, writes_issued, writes_done, bad_writes, regressions, captured_writes,
+        capturing_queries, host_registers;
+    struct { char *base; size_t size; unsigned flags; } registered[GPU_MAX_REGISTERED];
+    int n_registered;
+} gpu = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static atomic_uint next_thread_number = 1;
+static __thread unsigned thread_number;
+static __thread uint64_t kernel_duration_ns;
+
+EXPORT void fake_cuda_set_kernel_duration_us(unsigned us) { kernel_duration_ns = (uint64_t)us * 1000; }
+
+static uint64_t gpu_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Which FIFO a stream handle names, for the calling thread. */
+static uint64_t gpu_key(CUstream s, int per_thread_default) {
+    if (s == (CUstream)0x2 || (s == NULL && per_thread_default)) {
+        if (!thread_number) thread_number = atomic_fetch_add(&next_thread_number, 1);
+        return GPU_KEY_PER_THREAD_BASE + thread_number;
+    }
+    if (s == NULL || s == (CUstream)0x1) return GPU_KEY_LEGACY;
+    return 100 + (uint64_t)s->id;
+}
+
+static int key_is_per_thread(uint64_t key) { return key > GPU_KEY_PER_THREAD_BASE; }
+
+/* Under gpu.lock. */
+static gpu_stream *gpu_stream_of(uint64_t key) {
+    for (int i = 0; i < gpu.n_streams; i++)
+        if (gpu.streams[i].key == key) return &gpu.streams[i];
+    if (gpu.n_streams == GPU_MAX_STREAMS) {
+        fprintf(stderr, "fake libcuda: more than %d streams\n", GPU_MAX_STREAMS);
+        abort();
+    }
+    gpu_stream *q = &gpu.streams[gpu.n_streams++];
+    memset(q, 0, sizeof *q);
+    q->key = key;
+    return q;
+}
+
+static int any_capturing(void) {
+    for (int i = 0; i < gpu.n_streams; i++)
+        if (gpu.streams[i].capturing) return 1;
+    return 0;
+}
+
+static void *gpu_main(void *arg) {
+    (void)arg;
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0); /* sleep through kernels precisely */
+    pthread_mutex_lock(&gpu.lock);
+    for (;;) {
+        uint64_t now = gpu_now_ns(), next = UINT64_MAX;
+        for (int i = 0; i < gpu.n_streams; i++) {
+            gpu_stream *q = &gpu.streams[i];
+            while (q->head) {
+                work *w = q->head;
+                if (w->kind == WORK_KERNEL) {
+                    if (!w->started) {
+                        w->started = 1;
+                        w->end_ns = now + w->duration_ns;
+                    }
+                    if (now < w->end_ns) {
+                        if (w->end_ns < next) next = w->end_ns;
+                        break;
+                    }
+                    gpu.inflight--; /* the kernel is done before anything after it in the stream */
+                } else {
+                    uint64_t old = __atomic_load_n(w->address, __ATOMIC_ACQUIRE);
+                    if (w->value < old) gpu.regressions++;
+                    __atomic_store_n(w->address, w->value, __ATOMIC_RELEASE);
+                    gpu.writes_done++;
+                }
+                q->head = w->next;
+                if (!q->head) q->tail = NULL;
+                gpu.queued--;
+                free(w);
+            }
+        }
+        if (gpu.queued == 0) pthread_cond_broadcast(&gpu.idle);
+        if (next == UINT64_MAX) {
+            pthread_cond_wait(&gpu.wake, &gpu.lock);
+        } else {
+            struct timespec ts = {(time_t)(next / 1000000000ull), (long)(next % 1000000000ull)};
+            pthread_cond_timedwait(&gpu.wake, &gpu.lock, &ts);
+        }
+    }
+    return NULL;
+}
+
+/* Under gpu.lock. */
+static void gpu_enqueue(gpu_stream *q, work *w) {
+    if (!gpu.thread_running) {
+        pthread_condattr_t attr;
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        pthread_cond_init(&gpu.wake, &attr);
+        pthread_cond_init(&gpu.idle, NULL);
+        pthread_condattr_destroy(&attr);
+        pthread_t t;
+        if (pthread_create(&t, NULL, gpu_main, NULL) != 0) {
+            fprintf(stderr, "fake libcuda: cannot start the GPU thread\n");
+            abort();
+        }
+        pthread_detach(t);
+        gpu.thread_running = 1;
+    }
+    w->next = NULL;
+    if (q->tail) q->tail->next = w;
+    else q->head = w;
+    q->tail = w;
+    gpu.queued++;
+    pthread_cond_signal(&gpu.wake);
+}
+
+/* One kernel of a launch. A kernel on a capturing stream is recorded, not run. */
+static void gpu_launch(uint64_t key) {
+    uint64_t duration = kernel_duration_ns;
+    pthread_mutex_lock(&gpu.lock);
+    gpu_stream *q = gpu_stream_of(key);
+    if (q->capturing) {
+        pthread_mutex_unlock(&gpu.lock);
+        return;
+    }
+    gpu.kernels++;
+    q->kernels++;
+    if (++gpu.inflight > gpu.max_inflight) gpu.max_inflight = gpu.inflight;
+    if (duration == 0 && !q->head) {
+        gpu.inflight--;
+    } else {
+        work *w = calloc(1, sizeof *w);
+        w->kind = WORK_KERNEL;
+        w->duration_ns = duration;
+        gpu_enqueue(q, w);
+    }
+    pthread_mutex_unlock(&gpu.lock);
+}
+
+static void gpu_synchronize(void) {
+    pthread_mutex_lock(&gpu.lock);
+    while (gpu.queued) pthread_cond_wait(&gpu.idle, &gpu.lock);
+    pthread_mutex_unlock(&gpu.lock);
+}
+
+/* fork: the child has no GPU thread; start it again on demand. */
+static void gpu_before_fork(void) { pthread_mutex_lock(&gpu.lock); }
+static void gpu_after_fork_parent(void) { pthread_mutex_unlock(&gpu.lock); }
+static void gpu_after_fork_child(void) {
+    for (int i = 0; i < gpu.n_streams; i++) gpu.streams[i].head = gpu.streams[i].tail = NULL;
+    gpu.queued = gpu.inflight = 0;
+    gpu.thread_running = 0;
+    pthread_mutex_init(&gpu.lock, NULL);
+}
+
+__attribute__((constructor)) static void gpu_load(void) {
+    pthread_atfork(gpu_before_fork, gpu_after_fork_parent, gpu_after_fork_child);
+}
+
+/* Test control and introspection. */
+EXPORT void fake_cuda_set_capturing(CUstream s, int per_thread_default, int on) {
+    pthread_mutex_lock(&gpu.lock);
+    gpu_stream_of(gpu_key(s, per_thread_default))->capturing = on;
+    pthread_mutex_unlock(&gpu.lock);
+}
+
+/* out: kernels, max_inflight, writes_issued, writes_done, bad_writes,
+ * regressions, captured_writes, host_registers, capturing_queries */
+EXPORT int fake_cuda_gpu_stats(uint64_t *out, int n) {
+    pthread_mutex_lock(&gpu.lock);
+    uint64_t v[] = {gpu.kernels, (uint64_t)gpu.max_inflight, gpu.writes_issued, gpu.writes_done,
+                    gpu.bad_writes, gpu.regressions, gpu.captured_writes, gpu.host_registers,
+                    gpu.capturing_queries};
+    pthread_mutex_unlock(&gpu.lock);
+    int m = (int)(sizeof v / sizeof v[0]);
+    for (int i = 0; i < n && i < m; i++) out[i] = v[i];
+    return m;
+}
+
+/* Memory writes issued to the stream a handle names (for CU_STREAM_PER_THREAD:
+ * summed over every thread's per-thread stream). */
+EXPORT uint64_t fake_cuda_stream_writes(CUstream s) {
+    uint64_t n = 0;
+    pthread_mutex_lock(&gpu.lock);
+    for (int i = 0; i < gpu.n_streams; i++) {
+        uint64_t k = gpu.streams[i].key;
+        if (s == (CUstream)0x2 ? key_is_per_thread(k) : k == gpu_key(s, 0)) n += gpu.streams[i].writes;
+    }
+    pthread_mutex_unlock(&gpu.lock);
+    return n;
+}
+
+/* ------------------------------------------- driver calls the agent uses */
+
+EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
+    CHECK_INIT();
+    if (!device) return CUDA_ERROR_INVALID_VALUE;
+    *device = 0;
+    return CUDA_SUCCESS;
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+EXPORT CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice device) {
+    CHECK_INIT();
+    if (!uuid || device != 0) return CUDA_ERROR_INVALID_VALUE;
+    static const unsigned char fallback[16] = {0x5c, 0x3c, 0x1a, 0x2b, 0x00, 0x11, 0x22, 0x33,
+                                               0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb};
+    memcpy(uuid->bytes, fallback, 16);
+    const char *text = getenv("FAKE_CUDA_UUID");
+    if (text && *text) {
+        if (strncmp(text, "GPU-", 4) == 0) text += 4;
+        unsigned char b[16];
+        int n = 0, hi = -1;
+        for (; *text && n < 16; text++) {
+            if (*text == '-') continue;
+            int d = hex_digit(*text);
+            if (d < 0) return CUDA_ERROR_INVALID_VALUE;
+            if (hi < 0) hi = d;
+            else b[n++] = (unsigned char)(hi << 4 | d), hi = -1;
+        }
+        if (n != 16) return CUDA_ERROR_INVALID_VALUE;
+        memcpy(uuid->bytes, b, 16);
+    }
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice device) { return cuDeviceGetUuid_v2(uuid, device); }
+
+EXPORT CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned int flags) {
+    CHECK_INIT();
+    pthread_mutex_lock(&gpu.lock);
+    gpu.host_registers++;
+    pthread_mutex_unlock(&gpu.lock);
+    const char *forced = getenv("FAKE_CUDA_HOST_REGISTER_RESULT");
+    if (forced && *forced && atoi(forced) != 0) return atoi(forced);
+    if (!p || !size || flags > 0xf) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&gpu.lock);
+    CUresult r = CUDA_SUCCESS;
+    for (int i = 0; i < gpu.n_registered; i++) {
+        char *b = gpu.registered[i].base;
+        if ((char *)p < b + gpu.registered[i].size && b < (char *)p + size) r = CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+    }
+    if (r == CUDA_SUCCESS && gpu.n_registered == GPU_MAX_REGISTERED) r = CUDA_ERROR_OUT_OF_MEMORY;
+    if (r == CUDA_SUCCESS) {
+        gpu.registered[gpu.n_registered].base = p;
+        gpu.registered[gpu.n_registered].size = size;
+        gpu.registered[gpu.n_registered].flags = flags;
+        gpu.n_registered++;
+    }
+    pthread_mutex_unlock(&gpu.lock);
+    return r;
+}
+
+EXPORT CUresult cuMemHostRegister(void *p, size_t size, unsigned int flags) {
+    return cuMemHostRegister_v2(p, size, flags);
+}
+
+/* Under gpu.lock: the registration holding [p, p + n), or -1. */
+static int registration_of(const void *p, size_t n) {
+    for (int i = 0; i < gpu.n_registered; i++) {
+        const char *b = gpu.registered[i].base;
+        if ((const char *)p >= b && (const char *)p + n <= b + gpu.registered[i].size) return i;
+    }
+    return -1;
+}
+
+EXPORT CUresult cuMemHostUnregister(void *p) {
+    CHECK_INIT();
+    pthread_mutex_lock(&gpu.lock);
+    CUresult r = CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+    for (int i = 0; i < gpu.n_registered; i++)
+        if (gpu.registered[i].base == p) {
+            gpu.registered[i] = gpu.registered[--gpu.n_registered];
+            r = CUDA_SUCCESS;
+            break;
+        }
+    pthread_mutex_unlock(&gpu.lock);
+    return r;
+}
+
+/* Mapped host memory has the same address on the (fake) GPU. */
+EXPORT CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *out, void *p, unsigned int flags) {
+    CHECK_INIT();
+    if (!out || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&gpu.lock);
+    int i = registration_of(p, 1);
+    int mapped = i >= 0 && (gpu.registered[i].flags & 0x02 /* DEVICEMAP */);
+    pthread_mutex_unlock(&gpu.lock);
+    if (!mapped) return CUDA_ERROR_INVALID_VALUE;
+    *out = (CUdeviceptr)(uintptr_t)p;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuMemHostGetDevicePointer(CUdeviceptr *out, void *p, unsigned int flags) {
+    return cuMemHostGetDevicePointer_v2(out, p, flags);
+}
+
+EXPORT CUresult cuStreamIsCapturing(CUstream s, int *status) {
+    CHECK_INIT();
+    if (!status) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&gpu.lock);
+    gpu.capturing_queries++;
+    uint64_t key = gpu_key(s, 0);
+    CUresult r = CUDA_SUCCESS;
+    /* The legacy stream may not be used while another stream captures (global mode). */
+    if (key == GPU_KEY_LEGACY && any_capturing()) r = CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+    else *status = gpu_stream_of(key)->capturing ? 1 /* ACTIVE */ : 0 /* NONE */;
+    pthread_mutex_unlock(&gpu.lock);
+    return r;
+}
+
+static CUresult write_value64(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags, int ptsz) {
+    CHECK_INIT();
+    if (flags > 1 /* CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER */) return CUDA_ERROR_INVALID_VALUE;
+    uint64_t *p = (uint64_t *)(uintptr_t)address;
+    pthread_mutex_lock(&gpu.lock);
+    gpu.writes_issued++;
+    int i = ((uintptr_t)p & 7) ? -1 : registration_of(p, 8);
+    if (i < 0 || !(gpu.registered[i].flags & 0x02)) {
+        gpu.bad_writes++;
+        pthread_mutex_unlock(&gpu.lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    gpu_stream *q = gpu_stream_of(gpu_key(s, ptsz));
+    q->writes++;
+    if (q->capturing) {
+        gpu.captured_writes++; /* recorded into the graph being captured */
+    } else {
+        work *w = calloc(1, sizeof *w);
+        w->kind = WORK_WRITE;
+        w->address = p;
+        w->value = value;
+        gpu_enqueue(q, w);
+    }
+    pthread_mutex_unlock(&gpu.lock);
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuStreamWriteValue64_v2(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags) {
+    return write_value64(s, address, value, flags, 0);
+}
+
+EXPORT CUresult cuStreamWriteValue64(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags) {
+    return write_value64(s, address, value, flags, 0);
+}
+
+EXPORT CUresult cuStreamWriteValue64_v2_ptsz(CUstream s, CUdeviceptr address, uint64_t value,
+                                             unsigned int flags) {
+    return write_value64(s, address, value, flags, 1);
+}
 
 /* ------------------------------------------------------ plain calls */
 
@@ -164,6 +582,7 @@ EXPORT CUresult cuCtxSynchronize(void) {
     cuCtxSynchronize_params p = {0};
     api_call c;
     enter(&c, FAKE_CBID_cuCtxSynchronize, "cuCtxSynchronize", &p, NULL);
+    gpu_synchronize();
     return leave(&c, CUDA_SUCCESS);
 }
 
@@ -189,7 +608,7 @@ static CUresult launch_kernel(uint32_t cbid, const char *name, int ptsz, CUfunct
     api_call c;
     enter(&c, cbid, name, &p, f ? f->name : NULL);
     if (!f || !gx || !gy || !gz || !bx || !by || !bz) return leave(&c, CUDA_ERROR_INVALID_VALUE);
-    run_kernel(&c, f, gx, gy, gz, bx, by, bz, smem, stream_id(s, ptsz), 0, 0, 0, 0);
+    run_kernel(&c, gpu_key(s, ptsz), f, gx, gy, gz, bx, by, bz, smem, stream_id(s, ptsz), 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
 
@@ -214,7 +633,7 @@ static CUresult launch_kernel_ex(uint32_t cbid, const char *name, int ptsz, cons
     api_call c;
     enter(&c, cbid, name, &p, f ? f->name : NULL);
     if (!cfg || !f) return leave(&c, CUDA_ERROR_INVALID_VALUE);
-    run_kernel(&c, f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY,
+    run_kernel(&c, gpu_key(cfg->hStream, ptsz), f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY,
                cfg->blockDimZ, cfg->sharedMemBytes, stream_id(cfg->hStream, ptsz), 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
@@ -237,7 +656,7 @@ static CUresult launch_coop(uint32_t cbid, const char *name, int ptsz, CUfunctio
     api_call c;
     enter(&c, cbid, name, &p, f ? f->name : NULL);
     if (!f) return leave(&c, CUDA_ERROR_INVALID_VALUE);
-    run_kernel(&c, f, gx, gy, gz, bx, by, bz, smem, stream_id(s, ptsz), 0, 1, 0, 0);
+    run_kernel(&c, gpu_key(s, ptsz), f, gx, gy, gz, bx, by, bz, smem, stream_id(s, ptsz), 0, 1, 0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
 
@@ -266,7 +685,7 @@ EXPORT CUresult cuLaunchCooperativeKernelMultiDevice(CUDA_LAUNCH_PARAMS *list, u
     if (!list || !n) return leave(&c, CUDA_ERROR_INVALID_VALUE);
     for (unsigned i = 0; i < n; i++) {
         const CUDA_LAUNCH_PARAMS *l = &list[i];
-        run_kernel(&c, l->function, l->gridDimX, l->gridDimY, l->gridDimZ, l->blockDimX, l->blockDimY,
+        run_kernel(&c, gpu_key(l->hStream, 0), l->function, l->gridDimX, l->gridDimY, l->gridDimZ, l->blockDimX, l->blockDimY,
                    l->blockDimZ, l->sharedMemBytes, stream_id(l->hStream, 0), i, 2, 0, 0);
     }
     return leave(&c, CUDA_SUCCESS);
@@ -278,7 +697,7 @@ EXPORT CUresult cuLaunch(CUfunction f) {
     api_call c;
     enter(&c, FAKE_CBID_cuLaunch, "cuLaunch", &p, f ? f->name : NULL);
     if (!f) return leave(&c, CUDA_ERROR_INVALID_VALUE);
-    run_kernel(&c, f, 1, 1, 1, f->block[0], f->block[1], f->block[2], 0, FAKE_STREAM_DEFAULT_ID, 0, 0,
+    run_kernel(&c, GPU_KEY_LEGACY, f, 1, 1, 1, f->block[0], f->block[1], f->block[2], 0, FAKE_STREAM_DEFAULT_ID, 0, 0,
                0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
@@ -289,7 +708,7 @@ EXPORT CUresult cuLaunchGrid(CUfunction f, int w, int h) {
     api_call c;
     enter(&c, FAKE_CBID_cuLaunchGrid, "cuLaunchGrid", &p, f ? f->name : NULL);
     if (!f || w <= 0 || h <= 0) return leave(&c, CUDA_ERROR_INVALID_VALUE);
-    run_kernel(&c, f, (unsigned)w, (unsigned)h, 1, f->block[0], f->block[1], f->block[2], 0,
+    run_kernel(&c, GPU_KEY_LEGACY, f, (unsigned)w, (unsigned)h, 1, f->block[0], f->block[1], f->block[2], 0,
                FAKE_STREAM_DEFAULT_ID, 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
@@ -300,7 +719,7 @@ EXPORT CUresult cuLaunchGridAsync(CUfunction f, int w, int h, CUstream s) {
     api_call c;
     enter(&c, FAKE_CBID_cuLaunchGridAsync, "cuLaunchGridAsync", &p, f ? f->name : NULL);
     if (!f || w <= 0 || h <= 0) return leave(&c, CUDA_ERROR_INVALID_VALUE);
-    run_kernel(&c, f, (unsigned)w, (unsigned)h, 1, f->block[0], f->block[1], f->block[2], 0,
+    run_kernel(&c, gpu_key(s, 0), f, (unsigned)w, (unsigned)h, 1, f->block[0], f->block[1], f->block[2], 0,
                stream_id(s, 0), 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
@@ -312,7 +731,7 @@ static CUresult graph_launch(uint32_t cbid, const char *name, int ptsz, CUgraphE
     enter(&c, cbid, name, &p, NULL);
     if (!g) return leave(&c, CUDA_ERROR_INVALID_VALUE);
     for (int i = 0; i < g->n_nodes; i++)
-        run_kernel(&c, g->nodes[i], 4, 1, 1, 128, 1, 1, 0, stream_id(s, ptsz), 0, 0, g->id,
+        run_kernel(&c, gpu_key(s, ptsz), g->nodes[i], 4, 1, 1, 128, 1, 1, 0, stream_id(s, ptsz), 0, 0, g->id,
                    ((uint64_t)g->id << 32) | (uint64_t)i);
     return leave(&c, CUDA_SUCCESS);
 }

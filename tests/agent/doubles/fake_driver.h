@@ -24,10 +24,16 @@ typedef struct CUstream_st *CUstream;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUgraphExec_st *CUgraphExec;
 typedef void (*CUhostFn)(void *userData);
+typedef unsigned long long CUdeviceptr;
+typedef struct { char bytes[16]; } CUuuid;
 
 #define CUDA_SUCCESS 0
 #define CUDA_ERROR_INVALID_VALUE 1
+#define CUDA_ERROR_OUT_OF_MEMORY 2
 #define CUDA_ERROR_NOT_INITIALIZED 3
+#define CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED 712
+#define CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED 713
+#define CUDA_ERROR_STREAM_CAPTURE_IMPLICIT 906
 
 /* The double's objects behind the opaque handles. */
 struct CUfunc_st {
@@ -165,6 +171,10 @@ typedef struct {
 /* Exported by the fake libcuda. */
 void fake_cuda_register_tool(const fake_tool_ops *ops);
 CUresult fake_cuda_graph_exec_create(CUgraphExec *out, const CUfunction *nodes, int n_nodes);
+void fake_cuda_set_kernel_duration_us(unsigned us);
+void fake_cuda_set_capturing(CUstream s, int per_thread_default, int on);
+int fake_cuda_gpu_stats(uint64_t *out, int n);
+uint64_t fake_cuda_stream_writes(CUstream s);
 
 #define FAKE_STREAM_DEFAULT_ID 7u   /* CUPTI's id of the legacy default stream */
 #define FAKE_STREAM_PER_THREAD_ID 13u

@@ -1,0 +1,401 @@
+"""CPU tests of the agent's scheduling path (agent/sched.c) through the doubles.
+
+Real processes, a real scoreboard file: the test plays the tally daemon (the
+`daemon` fixture creates the scoreboard and keeps its heartbeat fresh) and,
+where needed, a high-priority client of its own (a slot it claims and whose
+lanes it sets). The fake application runs with the agent injected; its fake
+libcuda has a fake GPU that runs each stream's kernels and memory writes in
+order, later, on a thread of its own, so completions really arrive
+asynchronously (see tests/agent/doubles/fake_cuda.c).
+
+Timing: nothing here asserts that something happened within a time. Orderings
+that the code guarantees are asserted (a held launch returns after the test
+released it; an idle window ends before a launch is admitted); timeouts only
+keep a broken agent from hanging the suite.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tally import scoreboard as sbmod
+from tally.scoreboard import MAX_CLIENTS, MAX_LANES, PolicyParams, Scoreboard
+
+WARNING = re.compile(r"^tally: warning: .+")
+MS = 1_000_000
+
+
+def wait_until(predicate, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.001)
+
+
+def slot_of(daemon, pid: int, timeout: float = 20) -> int:
+    """The slot the agent in process pid claimed (waits for the claim)."""
+    slots = wait_until(lambda: daemon.slots_of(pid), timeout, f"pid {pid} to claim a slot")
+    assert len(slots) == 1, slots
+    return slots[0]
+
+
+def lanes(sb: Scoreboard, slot: int) -> list[tuple[int, int]]:
+    return [sb.lane(slot, j) for j in range(MAX_LANES)]
+
+
+def hp_client_in_flight(sb: Scoreboard, lane: int = 3) -> int:
+    """Claims a high-priority slot for this test process with work in flight on one lane."""
+    slot = sb.claim_slot(os.getpid(), sbmod.PRIORITY_HIGH, comm="test-hp")
+    sb.set_lane_launched(slot, lane, 7)
+    sb.set_lane_completed(slot, lane, 6)
+    sb.hp_active = 1
+    return slot
+
+
+def one_warning(r, *fragments: str) -> str:
+    lines = r.stderr_lines
+    assert len(lines) == 1 and WARNING.match(lines[0]), f"stderr was {lines!r}"
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def completed_ok(r) -> None:
+    assert r.returncode == 0, r.stderr
+    assert "fake_app: done" in r.stdout
+    assert r.gpu("gpu_bad_writes") == 0
+    assert r.gpu("gpu_regressions") == 0
+
+
+def inspect_while_alive(daemon, spawn_app, tmp_path, steps, priority, env=None, timeout=30):
+    """Runs the app up to a final wait_file step; returns (its slot's client dict
+    and lanes as seen then, the finished AppRun)."""
+    go = tmp_path / f"go-{time.monotonic_ns()}"
+    app = spawn_app(*steps, f"wait_file:{go}", env=daemon.env(priority, **(env or {})))
+    app.wait_for("waiting", timeout=timeout)
+    slot = slot_of(daemon, app.pid)
+    seen = daemon.sb.client(slot), lanes(daemon.sb, slot)
+    go.touch()
+    return seen, app.finish(timeout=timeout)
+
+
+# ------------------------------------------------------------ high priority
+
+def test_hp_joins_tracks_completions_and_releases(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    go1, go2 = tmp_path / "go1", tmp_path / "go2"
+    long_us = 300_000
+    app = spawn_app("launch:kernel:3:1000:s0", "launch:kernel:2:1000:s1", f"launch:kernel:1:{long_us}:s0",
+                    f"wait_file:{go1}", "sync", f"wait_file:{go2}", env=daemon.env("high"))
+    app.wait_for("waiting")
+    seen_at = time.monotonic_ns()
+    slot = slot_of(daemon, app.pid)
+    c = sb.client(slot)
+    assert c["state"] == sbmod.SLOT_ACTIVE and c["priority"] == sbmod.PRIORITY_HIGH
+    assert c["pid"] == app.pid and c["comm"] == "fake_app"
+    assert c["launches"] == 6 and c["graph_launches"] == 0 and c["failopen"] == 0
+    assert c["pid_start_ticks"] > 0 and c["claim_ns"] > 0
+    launched = [launched for launched, _ in lanes(sb, slot)]
+    assert launched[:2] == [4, 2] and set(launched[2:]) == {0}  # one lane per stream, in order of use
+    # The long kernel cannot have finished yet if we looked within its duration.
+    long_call = int(re.search(r"launch i=5 call_ns=(\d+)", app.output).group(1))
+    if seen_at < long_call + long_us * 1000:
+        assert sb.lane(slot, 0)[1] < 4
+    hp_last = sb.hp_last_launch_ns
+    assert long_call <= hp_last <= seen_at
+    assert sb.client(slot)["last_launch_ns"] == hp_last
+    go1.touch()
+    app.wait_for("waiting")
+    # After cuCtxSynchronize every completion was written by the (fake) GPU, in order.
+    assert lanes(sb, slot)[:2] == [(4, 4), (2, 2)]
+    assert sb.in_flight(slot) == 0
+    go2.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_writes_issued") == r.gpu("gpu_writes_done") == 6
+    assert r.gpu("writes_s0") == 4 and r.gpu("writes_s1") == 2
+    assert r.gpu("gpu_host_registers") == 1
+    # Released at exit.
+    assert sb.slot_state(slot) == sbmod.SLOT_FREE and sb.slot_get(slot, "pid") == 0
+    assert all(launched == completed for launched, completed in lanes(sb, slot))
+
+
+def test_hp_completion_arrives_after_the_kernels_ran(daemon, spawn_app):
+    sb = daemon.sb
+    app = spawn_app("launch:kernel:4:25000:s0", "sync", env=daemon.env("high"))
+    slot = slot_of(daemon, app.pid)
+    seen = wait_until(lambda: sb.lane(slot, 0)[1] == 4 and time.monotonic_ns(), what="completed_seq 4")
+    r = app.finish()
+    completed_ok(r)
+    first_call = r.launches[0][0]
+    assert seen >= first_call + 4 * 25 * MS  # four 25 ms kernels, one after another
+    assert r.gpu("gpu_max_inflight") >= 2  # HP launches are never held back
+
+
+def test_reused_slot_starts_with_fresh_counters(daemon, spawn_app, run_app, tmp_path):
+    r = run_app("launch:kernel:7:0:s0", env=daemon.env("high"))
+    completed_ok(r)
+    (c, lane_state), r2 = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:3:0:s0", "sync"], "high")
+    completed_ok(r2)
+    assert c["slot"] == 0  # the first app's slot, freed at its exit
+    assert c["launches"] == 3
+    # Sequence numbers continue after the previous owner's.
+    assert lane_state[0] == (10, 10)
+
+
+# ------------------------------------------------------------ best effort
+
+def test_be_held_until_hp_work_completes(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    hp = hp_client_in_flight(sb)
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:1000:s0", "launch:kernel:3:1000:s0", f"wait_file:{go}",
+                    env=daemon.env("best-effort"))
+    slot = slot_of(daemon, app.pid)
+    wait_until(lambda: sb.slot_get(slot, "launches") >= 1, what="the BE launch to reach the gate")
+    observed = time.monotonic_ns()
+    time.sleep(0.05)
+    assert not app.printed("launch i=0"), "the BE launch returned while HP work was in flight"
+    assert sb.slot_get(slot, "launches") == 1
+    released = time.monotonic_ns()
+    sb.set_lane_completed(hp, 3, 7)
+    app.wait_for("waiting")
+    c = sb.client(slot)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert len(r.launches) == 4
+    assert all(ret > released for _, ret in r.launches)
+    assert c["held_launches"] >= 1
+    # held from before `observed` (the gate's clock starts before the launch is counted)
+    assert c["held_ns"] >= released - observed
+    assert c["launches"] == 4
+    # Tracked while an HP client exists: every BE launch got its completion write.
+    assert r.gpu("writes_s0") == 4
+
+
+def test_be_waits_for_the_idle_window(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    window = 300 * MS
+    sb.idle_window_ns = window
+    sb.hp_active = 1
+    last_hp = time.monotonic_ns()
+    sb.hp_last_launch_ns = last_hp
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:3:100:s0", "sync"], "best-effort")
+    completed_ok(r)
+    (first_call, first_ret), *_ = r.launches
+    assert first_ret >= last_hp + window  # admitted only once HP was idle for the window
+    if first_call < last_hp + window:
+        assert c["held_launches"] >= 1 and c["held_ns"] > 0
+
+
+def test_long_kernels_run_one_at_a_time(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    # Budget 200 us, kernels of 3 ms: once timed, each is a "long kernel".
+    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=200_000,
+                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
+    sb.hp_active = 1
+    sb.hp_last_launch_ns = time.monotonic_ns()  # HP seen recently: BE stays throttled
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:40:3000:s0", "sync"], "best-effort")
+    completed_ok(r)
+    assert r.gpu("gpu_kernels") == 40
+    assert r.gpu("gpu_max_inflight") == 1  # never two BE kernels on the GPU at once
+    assert c["long_kernels"] >= 1  # learned to be longer than the budget, then admitted alone
+    assert c["held_launches"] >= 1  # each waited for the previous one's completion
+
+
+def test_short_kernels_share_the_budget(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    # Budget 50 ms, kernels of 2 ms: once one was timed, several are queued at once.
+    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=50 * MS,
+                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
+    sb.hp_active = 1
+    sb.hp_last_launch_ns = time.monotonic_ns()
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:20:2000:s0", "sync"], "best-effort")
+    completed_ok(r)
+    assert c["long_kernels"] == 0
+    assert r.gpu("gpu_max_inflight") >= 2
+
+
+@pytest.mark.parametrize("setup", ["no_hp_client", "passthrough"])
+def test_be_ungated_pays_nothing(daemon, spawn_app, tmp_path, setup):
+    sb = daemon.sb
+    if setup == "no_hp_client":
+        sb.hp_active = 0
+    else:
+        hp_client_in_flight(sb)
+        sb.policy = sbmod.POLICY_PASSTHROUGH
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path,
+                                    ["launch:kernel:10:1000:s0", "launch:kernel_ptsz:5:1000:null", "sync"],
+                                    "best-effort")
+    completed_ok(r)
+    assert r.stderr == ""
+    assert c["launches"] == 15 and c["held_launches"] == 0 and c["held_ns"] == 0
+    assert r.gpu("gpu_writes_issued") == 0
+    assert r.gpu("gpu_capturing_queries") == 0
+
+
+# ------------------------------------------------------------- fail open
+
+def _fail_open_env(daemon, case: str, tmp_path: Path) -> dict:
+    env = daemon.env("best-effort")
+    if case == "no_prefix":
+        env["TALLY_SCOREBOARD_PREFIX"] = None
+    elif case == "missing_file":
+        env["TALLY_SCOREBOARD_PREFIX"] = f"{tmp_path}/elsewhere/tally-0-"
+    elif case == "other_gpu":
+        env["FAKE_CUDA_UUID"] = "GPU-00000000-1111-2222-3333-444444444444"
+    elif case == "host_register_fails":
+        env["FAKE_CUDA_HOST_REGISTER_RESULT"] = "2"
+    return env
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("no_prefix", "TALLY_SCOREBOARD_PREFIX is not set"),
+    ("missing_file", "no tally scoreboard for GPU-5c3c1a2b-0011-2233-4455-66778899aabb"),
+    ("other_gpu", "no tally scoreboard for GPU-00000000-1111-2222-3333-444444444444"),
+    ("foreign_file", "not one this agent understands"),
+    ("short_file", "not one this agent understands"),
+    ("wrong_version", "not one this agent understands"),
+    ("host_register_fails", "cuMemHostRegister failed"),
+    ("no_free_slot", "no free client slot"),
+])
+@pytest.mark.parametrize("priority", ["best-effort", "high"])
+def test_fail_open(daemon, run_app, tmp_path, case, fragment, priority):
+    sb = daemon.sb
+    hp_client_in_flight(sb)  # a gated BE launch would wait forever
+    env = _fail_open_env(daemon, case, tmp_path)
+    env["TALLY_PRIORITY"] = priority
+    if case in ("foreign_file", "short_file"):
+        # a new file under the scoreboard's name (the test's mapping keeps the old one)
+        other = tmp_path / "other"
+        other.write_bytes(os.urandom(sbmod.TOTAL_SIZE) if case == "foreign_file" else b"TALLYSCB")
+        os.replace(other, daemon.path)
+    elif case == "wrong_version":
+        sb.version = sbmod.VERSION + 1
+    elif case == "no_free_slot":
+        for _ in range(MAX_CLIENTS - 1):
+            sb.claim_slot(os.getpid(), sbmod.PRIORITY_BEST_EFFORT, comm="filler")
+    before = {i: sb.slot_state(i) for i in range(MAX_CLIENTS)}
+    r = run_app("launch:kernel:5:1000:s0", "launch:graph:1", timeout=30, env=env)
+    completed_ok(r)
+    one_warning(r, fragment, "high-priority launches are not scheduled" if priority == "high"
+                else "best-effort launches are not scheduled")
+    assert r.gpu("gpu_writes_issued") == 0
+    assert {i: sb.slot_state(i) for i in range(MAX_CLIENTS)} == before  # no slot left claimed
+
+
+def test_stale_heartbeat_means_ungated(daemon, run_app):
+    sb = daemon.sb
+    hp_client_in_flight(sb)
+    daemon.stop_heartbeat()
+    sb.daemon_timeout_ns = 50 * MS
+    sb.daemon_heartbeat_ns = time.monotonic_ns() - 10 * 10**9
+    r = run_app("launch:kernel:5:1000:s0", "launch:kernel:2:1000:s1", timeout=30, env=daemon.env("best-effort"))
+    completed_ok(r)
+    one_warning(r, "daemon stopped responding")
+    assert r.gpu("gpu_writes_issued") == 0
+
+
+def test_daemon_dying_while_be_is_held_releases_it(daemon, spawn_app):
+    sb = daemon.sb
+    timeout = 300 * MS
+    sb.daemon_timeout_ns = timeout
+    hp_client_in_flight(sb)
+    app = spawn_app("launch:kernel:3:1000:s0", env=daemon.env("best-effort"))
+    slot = slot_of(daemon, app.pid)
+    wait_until(lambda: sb.slot_get(slot, "launches") >= 1, what="the BE launch to reach the gate")
+    last_beat = daemon.stop_heartbeat()
+    r = app.finish(timeout=30)
+    completed_ok(r)
+    one_warning(r, "daemon stopped responding")
+    assert len(r.launches) == 3
+    assert r.launches[0][1] > last_beat + timeout  # released because the heartbeat went stale
+    assert r.gpu("gpu_writes_issued") == 0
+
+
+# ----------------------------------------------------------- stream capture
+
+def test_be_launches_being_captured_are_neither_held_nor_tracked(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    hp_client_in_flight(sb)
+    (c, lane_state), r = inspect_while_alive(
+        daemon, spawn_app, tmp_path,
+        ["capture:s1:on", "launch:kernel:4:1000:s1", "capture:ptds:on", "launch:kernel_ptsz:2:1000:null"],
+        "best-effort")
+    completed_ok(r)
+    assert r.stderr == ""
+    assert c["launches"] == 6 and c["held_launches"] == 0
+    assert r.gpu("gpu_writes_issued") == 0 and r.gpu("gpu_captured_writes") == 0
+    assert all(lane == (0, 0) for lane in lane_state)
+
+
+def test_hp_launches_being_captured_are_not_tracked(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    go = tmp_path / "go"
+    app = spawn_app("capture:s1:on", "launch:kernel:3:1000:s1", f"wait_file:{go}", "capture:s1:off",
+                    "launch:kernel:2:1000:s1", "launch:kernel:1:1000:s0", "sync", env=daemon.env("high"))
+    app.wait_for("waiting")
+    slot = slot_of(daemon, app.pid)
+    assert sb.slot_get(slot, "launches") == 3
+    assert sb.hp_last_launch_ns == 0  # captured work does not run now: HP is not busy
+    assert all(lane == (0, 0) for lane in lanes(sb, slot))
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.gpu("gpu_captured_writes") == 0
+    assert r.gpu("writes_s1") == 2 and r.gpu("writes_s0") == 1
+
+
+# ------------------------------------------------------------ default streams
+
+def test_per_thread_default_stream_writes_go_to_stream_0x2(daemon, spawn_app, tmp_path):
+    (c, lane_state), r = inspect_while_alive(
+        daemon, spawn_app, tmp_path,
+        ["launch:kernel_ptsz:4:1000:null", "launch:ex_ptsz:1:1000:null", "launch:kernel:3:1000:null",
+         "launch:kernel:2:1000:legacy", "sync"], "high")
+    completed_ok(r)
+    assert r.gpu("writes_ptds") == 5
+    assert r.gpu("writes_null") == r.gpu("writes_legacy") == 5  # NULL and 0x1: the one legacy stream
+    assert lane_state[:3] == [(5, 5), (3, 3), (2, 2)]
+
+
+# ------------------------------------------------------------- many threads
+
+@pytest.mark.parametrize("stream", ["s0", "ptds"])
+def test_threads_launching_keep_completions_in_order(daemon, spawn_app, tmp_path, stream):
+    """T threads launch HP kernels of different lengths, on one stream or each on
+    its own per-thread default stream; completed_seq, sampled meanwhile, never
+    goes back and never passes launched_seq, and ends equal to it."""
+    sb = daemon.sb
+    threads, per_thread = 4, 40
+    go = tmp_path / "go"
+    app = spawn_app(f"tlaunch:{threads}:kernel:{per_thread}:150:{stream}", "sync", f"wait_file:{go}",
+                    env=daemon.env("high"))
+    slot = slot_of(daemon, app.pid)
+    samples = []
+    while not app.printed("waiting") and app.proc.poll() is None:
+        samples.append(lanes(sb, slot))
+    final = lanes(sb, slot)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert len(r.launches) == threads * per_thread
+    for j in range(MAX_LANES):
+        assert all(s[j][1] <= s[j][0] for s in samples), f"lane {j}: completed passed launched"
+        completions = [s[j][1] for s in samples]
+        assert completions == sorted(completions), f"lane {j}: completed_seq went back"
+    used = [lane for lane in final if lane != (0, 0)]
+    assert len(used) == (1 if stream == "s0" else threads)  # a per-thread stream is one stream per thread
+    assert all(launched == completed for launched, completed in used)
+    assert sum(launched for launched, _ in used) == threads * per_thread
