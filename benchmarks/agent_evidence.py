@@ -254,25 +254,40 @@ def gate_overhead(steps: int, rounds: int, env: dict) -> dict:
     try:
         state = find_daemon()
         mps_env = dict(env)
-        mps_env.update({k: v for k, v in client_env(state, "best-effort").items() if k.startswith("CUDA_MPS_")})
-        mps, gated = [], []
+        mps_env.update({k: v for k, v in client_env(state, "best-effort").items()
+                        if k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")})
+        # Five clients, interleaved: plain MPS; plain MPS at BE's MPS client
+        # priority; the agent alone (no scheduling); tally BE (agent + gate fast
+        # path, MPS priority 1); tally BE at MPS priority 0. Separates the
+        # agent's, the scheduler's and MPS priority's costs.
+        configs = {
+            "mps": ([], mps_env),
+            "mps_client_priority_1": ([], dict(mps_env, CUDA_MPS_CLIENT_PRIORITY="1")),
+            "agent_only": (TALLY + ["run", "--"], mps_env),
+            "tally_be": (TALLY + ["run", "--priority", "best-effort", "--"], env),
+            "tally_be_client_priority_0": (TALLY + ["run", "--priority", "best-effort", "--"],
+                                           dict(env, CUDA_MPS_CLIENT_PRIORITY="0")),
+        }
+        runs: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(rounds):
-            mps.append(run_worker("resnet50-train", "time", steps, 20, [], mps_env))
-            gated.append(run_worker("resnet50-train", "time", steps, 20,
-                                    TALLY + ["run", "--priority", "best-effort", "--"], env))
+            for name, (prefix, run_env) in configs.items():
+                r = run_worker("resnet50-train", "time", steps, 20, prefix, run_env)
+                runs[name].append(statistics.median(r["step_times_s"]))
         status = subprocess.run(TALLY + ["status", "--json"], env=env, capture_output=True, text=True).stdout
     finally:
         subprocess.run(TALLY + ["down", "--force"], env=env, capture_output=True, text=True)
-    m = [statistics.median(r["step_times_s"]) for r in mps]
-    g = [statistics.median(r["step_times_s"]) for r in gated]
+    med = {name: statistics.median(v) for name, v in runs.items()}
     return {
         "workload": "resnet50-train batch 64 fp32 eager, only client of the daemon (no HP client)",
         "steps_per_run": steps, "rounds": rounds,
-        "mps_median_step_ms": [round(x * 1e3, 3) for x in m],
-        "tally_be_median_step_ms": [round(x * 1e3, 3) for x in g],
-        "mps_ms": round(statistics.median(m) * 1e3, 3),
-        "tally_be_ms": round(statistics.median(g) * 1e3, 3),
-        "gate_cost_pct": round((statistics.median(g) / statistics.median(m) - 1) * 100, 2),
+        "median_step_ms": {name: round(v * 1e3, 3) for name, v in med.items()},
+        "per_run_median_step_ms": {name: [round(x * 1e3, 3) for x in v] for name, v in runs.items()},
+        "mps_ms": round(med["mps"] * 1e3, 3),
+        "tally_be_ms": round(med["tally_be"] * 1e3, 3),
+        "gate_cost_pct": round((med["tally_be"] / med["mps"] - 1) * 100, 2),
+        "gate_cost_same_mps_priority_pct": round((med["tally_be_client_priority_0"] / med["mps"] - 1) * 100, 2),
+        "mps_client_priority_1_cost_pct": round((med["mps_client_priority_1"] / med["mps"] - 1) * 100, 2),
+        "agent_only_cost_pct": round((med["agent_only"] / med["mps"] - 1) * 100, 2),
         "status_during": status[-2000:],
     }
 
@@ -356,10 +371,14 @@ def markdown(result: dict) -> str:
                   f"{o['agent_median_step_ms']})."]
     go = result.get("gate_overhead", {})
     if "gate_cost_pct" in go:
-        lines += ["", f"Gate with no HP client ({go['workload']}): median step {go['mps_ms']} ms as a plain MPS "
-                      f"client, {go['tally_be_ms']} ms as a tally best-effort client: **{go['gate_cost_pct']:+.2f}%** "
-                      f"({go['rounds']} interleaved runs of {go['steps_per_run']} steps; per-run medians "
-                      f"{go['mps_median_step_ms']} vs {go['tally_be_median_step_ms']})."]
+        lines += ["", f"Gate with no HP client ({go['workload']}; {go['rounds']} interleaved rounds of "
+                      f"{go['steps_per_run']} steps), median step ms:", "",
+                      "| client | median step ms | per-run medians |", "|---|---|---|"]
+        lines += [f"| {name} | {ms} | {go['per_run_median_step_ms'][name]} |" for name, ms in go["median_step_ms"].items()]
+        lines += ["", f"Tally best-effort vs plain MPS: **{go['gate_cost_pct']:+.2f}%**; at the same MPS client "
+                      f"priority: **{go['gate_cost_same_mps_priority_pct']:+.2f}%**; MPS client priority 1 alone: "
+                      f"{go['mps_client_priority_1_cost_pct']:+.2f}%; the agent alone (no scheduling): "
+                      f"{go['agent_only_cost_pct']:+.2f}%."]
     lc = result.get("launch_cost", {})
     if "agent_cost_ns_per_launch" in lc:
         lines += ["", f"Launch microbenchmark (empty kernel, host time per launch, median of {lc['rounds']} runs): "

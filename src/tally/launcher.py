@@ -82,7 +82,10 @@ def run_command(priority, auto_up, stats_dir, verbose, command):
         from tally.daemon.client import client_env, ensure_daemon
 
         state = ensure_daemon(auto_up=auto_up)
-        env.update(client_env(state, priority))
+        joined = client_env(state, priority)
+        if "CUDA_MPS_CLIENT_PRIORITY" in env:
+            joined.pop("CUDA_MPS_CLIENT_PRIORITY", None)  # the user's own choice wins
+        env.update(joined)
         env["TALLY_PRIORITY"] = priority
     if stats_dir:
         os.makedirs(stats_dir, exist_ok=True)

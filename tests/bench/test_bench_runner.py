@@ -199,8 +199,8 @@ def test_tally_variants_pass_their_policy_to_tally_up():
     from tally.bench import systems
     from tally.errors import TallyError
 
-    variant = systems.make_system("tally[budget-us=1000,idle-window-us=2000]")
-    assert variant.name == "tally[budget-us=1000,idle-window-us=2000]"
+    variant = systems.make_system("tally[budget-us=1000;idle-window-us=2000]")
+    assert variant.name == "tally[budget-us=1000;idle-window-us=2000]"
     assert variant.up_args == ["--budget-us", "1000", "--idle-window-us", "2000"]
     assert systems.make_system("tally").up_args == []
     for bad in ("tally[budget=1]", "tally[budget-us=fast]", "tally[budget-us]"):

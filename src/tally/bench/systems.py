@@ -207,7 +207,8 @@ TGS_REASON = "unavailable: needs agent policy tgs (TGS-style adaptive BE rate co
 TALLY_BLOCK_REASON = "unavailable: needs block-level scheduling in the agent (PTX slicing/preemption not wired yet)"
 
 
-# `tally up` options a bench system name may set: tally[budget-us=1000,idle-window-us=2000]
+# `tally up` options a bench system name may set: tally[budget-us=1000;idle-window-us=2000]
+# (';' because system lists are comma-separated)
 TALLY_TUNABLES = ("idle-window-us", "budget-us", "unthrottle-ms")
 
 
@@ -215,7 +216,7 @@ def tally_variant(name: str) -> Tally:
     """A tally system with policy parameters in its name, so each variant is its own run."""
     settings = name[len("tally["):-1]
     args: list[str] = []
-    for item in filter(None, settings.split(",")):
+    for item in filter(None, settings.split(";")):
         key, sep, value = item.partition("=")
         if not sep or key not in TALLY_TUNABLES:
             raise TallyError(f"system {name!r}: expected KEY=VALUE with KEY one of {', '.join(TALLY_TUNABLES)}")
