@@ -247,15 +247,27 @@ class PrivateMps(Mps):
         self.stop()
 
 
-def _is_mps_process(pid: int) -> bool:
+def _program_names(pid: int) -> set[str]:
+    """Every name the process goes by: the kernel's comm is cut to 15
+    characters ("nvidia-cuda-mps" for both MPS programs), so the executable
+    and argv[0] are asked too."""
+    names: set[str] = set()
     try:
-        return psutil.Process(pid).name() in (CONTROL, SERVER)
+        proc = psutil.Process(pid)
+        names.add(proc.name())
+        for getter in (proc.exe, lambda: (proc.cmdline() or [""])[0]):
+            try:
+                names.add(os.path.basename(getter()))
+            except (psutil.Error, OSError):
+                pass
     except psutil.Error:
-        return False
+        pass
+    return names
+
+
+def _is_mps_process(pid: int) -> bool:
+    return bool(_program_names(pid) & {CONTROL, SERVER})
 
 
 def _is_mps_control(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).name() == CONTROL
-    except psutil.Error:
-        return False
+    return CONTROL in _program_names(pid)
