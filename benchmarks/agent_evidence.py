@@ -425,24 +425,19 @@ def main() -> None:
                     row = {"workload": workload, "error": str(exc)}
                 print(json.dumps(row), flush=True)
                 result["coverage"].append(row)
-        if "launch" not in skip:
+        measurements = {
+            "launch": ("launch_cost", lambda: launch_cost(work, env, 3)),
+            "overhead": ("overhead", lambda: overhead(args.overhead_steps, args.overhead_rounds, env)),
+            "gate": ("gate_overhead", lambda: gate_overhead(args.overhead_steps, args.overhead_rounds, env)),
+        }
+        for name, (key, measure) in measurements.items():
+            if name in skip:
+                continue
             try:
-                result["launch_cost"] = launch_cost(work, env, 3)
-            except Exception as exc:
-                result["launch_cost"] = {"error": str(exc)}
-            print(json.dumps(result["launch_cost"]), flush=True)
-        if "overhead" not in skip:
-            try:
-                result["overhead"] = overhead(args.overhead_steps, args.overhead_rounds, env)
-            except Exception as exc:
-                result["overhead"] = {"error": str(exc)}
-            print(json.dumps(result["overhead"]), flush=True)
-        if "gate" not in skip:
-            try:
-                result["gate_overhead"] = gate_overhead(args.overhead_steps, args.overhead_rounds, env)
-            except Exception as exc:
-                result["gate_overhead"] = {"error": str(exc)}
-            print(json.dumps(result["gate_overhead"]), flush=True)
+                result[key] = measure()
+            except Exception as exc:  # recorded; the other measurements still run
+                result[key] = {"error": str(exc)}
+            print(json.dumps(result[key]), flush=True)
     (out / f"{args.json_name}.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
     (out / f"{args.json_name}.md").write_text(md)
