@@ -480,15 +480,19 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     pthread_mutex_unlock(&l->lock);
 }
 
-/* Leave the scoreboard: nothing of ours may look in flight after we are gone. */
+/* Leave the scoreboard: nothing of ours may look in flight after we are gone.
+ * The slot is left REPAIRING, not FREE: completion writes still queued on the
+ * GPU can land after this (CUDA tears contexts down after atexit handlers), and
+ * the daemon frees the slot only after its quarantine, so such a late write
+ * can never lower a new owner's completed_seq. */
 void tally_sched_exit(void) {
     if (atomic_load(&S.state) != JOINED || !S.slot) return;
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
         uint64_t a = __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);
         __atomic_store_n(&S.slot->lanes[i].completed_seq, a, __ATOMIC_RELEASE);
     }
+    __atomic_store_n(&S.slot->state, TALLY_SB_SLOT_REPAIRING, __ATOMIC_RELEASE);
     __atomic_store_n(&S.slot->pid, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&S.slot->state, TALLY_SB_SLOT_FREE, __ATOMIC_RELEASE);
     atomic_store(&S.state, UNGATED);
 }
 
