@@ -2,6 +2,7 @@
 #ifndef TALLY_AGENT_H
 #define TALLY_AGENT_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -26,6 +27,7 @@ struct tally_launch {
     CUstream stream;       /* with the per-thread default stream made explicit */
     uintptr_t kernel;      /* CUfunction or CUgraphExec: identifies the work */
     uint64_t grid_threads; /* grid blocks x block threads; 0 for graphs */
+    const char *symbol;    /* the kernel's mangled name (CUPTI symbolName), or NULL; valid in the callback only */
 };
 
 /* sched.c: priority scheduling through the scoreboard (TALLY_PRIORITY set). */
@@ -35,5 +37,36 @@ void tally_sched_launch_enter(const struct tally_launch *launch);
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result);
 void tally_sched_exit(void);
 void tally_sched_after_fork(void);
+
+/* profiles.c: per-program kernel duration profiles, the file named by
+ * TALLY_PROFILE_FILE (format: docs/scheduling.md, "Profile files"). */
+#define TALLY_PROFILES_VERSION 1
+#define TALLY_PROFILES_MAX_KERNELS 4096 /* lines in a file */
+#define TALLY_PROFILES_MAX_NAME 4095    /* bytes of a mangled name */
+
+struct tally_profile_entry {
+    uint64_t name_hash;    /* tally_fnv1a64 of the mangled name */
+    uint64_t grid_threads;
+    uint64_t est_ns;
+    uint64_t samples;      /* 0: none */
+    const char *name;
+};
+
+/* A CUfunction's name, copied and hashed the first time it is seen. */
+struct tally_kernel_name {
+    uintptr_t kernel;
+    uint64_t hash;
+    const char *name;      /* NULL: no persistable name */
+};
+
+uint64_t tally_fnv1a64(const char *s, size_t n);
+/* Reads TALLY_PROFILE_FILE (once; a bad file: one warning, ignored). 0 when unset. */
+int tally_profiles_load(void);
+/* The name of kernel (symbol: its launch's symbolName), or NULL without one. */
+const struct tally_kernel_name *tally_profiles_name(uintptr_t kernel, const char *symbol);
+/* The loaded file's estimate for a kernel; 0 when it has none. */
+int tally_profiles_seed(uint64_t name_hash, uint64_t grid_threads, uint64_t *est_ns, uint64_t *samples);
+/* Merges what this run learned (samples: learned in this run) into the file, atomically. */
+void tally_profiles_save(const struct tally_profile_entry *learned, size_t n);
 
 #endif

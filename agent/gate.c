@@ -45,6 +45,44 @@ enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint
     return TALLY_GATE_WAIT_BUDGET;
 }
 
+/* GCRA: launches are spaced interval = 1e9 / rate apart on average; a launch
+ * conforms when now >= tat - (burst - 1) * interval, and then moves tat to
+ * max(tat, now) + interval. An idle bucket refills to `burst` launches. */
+enum tally_gate_decision tally_gate_decide_rate(const struct tally_sb_header *h, uint64_t now_ns,
+                                                struct tally_gate_bucket *bucket, uint64_t *wait_ns) {
+    if (wait_ns) *wait_ns = 0;
+    if (load32(&h->policy) != TALLY_SB_POLICY_TGS) return TALLY_GATE_UNGATED;
+    if (!tally_gate_daemon_alive(h, now_ns)) return TALLY_GATE_DAEMON_DEAD;
+    if (load32(&h->hp_active) == 0) return TALLY_GATE_UNGATED;
+    uint64_t rate = load64(&h->be_rate_limit_per_s);
+    if (rate == 0) return TALLY_GATE_UNGATED; /* unlimited */
+    if (rate > 1000000000ull) rate = 1000000000ull;
+    uint64_t interval = 1000000000ull / rate;
+    uint64_t burst = load64(&h->be_rate_burst);
+    if (burst == 0) burst = 1;
+    if (burst > 1000000ull) burst = 1000000ull;
+    uint64_t tolerance = (burst - 1) * interval;
+    uint64_t tat = __atomic_load_n(&bucket->tat_ns, __ATOMIC_RELAXED);
+    for (;;) {
+        uint64_t earliest = tat > tolerance ? tat - tolerance : 0;
+        if (now_ns < earliest) {
+            if (wait_ns) *wait_ns = earliest - now_ns;
+            return TALLY_GATE_WAIT_RATE;
+        }
+        uint64_t next = (tat > now_ns ? tat : now_ns) + interval;
+        if (__atomic_compare_exchange_n(&bucket->tat_ns, &tat, next, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return TALLY_GATE_ADMIT_RATE;
+        /* another thread took a token: tat was reloaded, decide again */
+    }
+}
+
+enum tally_gate_decision tally_gate_decide_be(const struct tally_sb_header *h, uint64_t now_ns,
+                                              uint64_t be_inflight_est_ns, uint64_t kernel_est_ns,
+                                              struct tally_gate_bucket *bucket) {
+    if (load32(&h->policy) == TALLY_SB_POLICY_TGS) return tally_gate_decide_rate(h, now_ns, bucket, NULL);
+    return tally_gate_decide(h, now_ns, be_inflight_est_ns, kernel_est_ns);
+}
+
 const char *tally_gate_decision_name(enum tally_gate_decision d) {
     switch (d) {
     case TALLY_GATE_ADMIT: return "admit";
@@ -54,6 +92,8 @@ const char *tally_gate_decision_name(enum tally_gate_decision d) {
     case TALLY_GATE_DAEMON_DEAD: return "daemon-dead";
     case TALLY_GATE_WAIT_HP: return "wait-hp";
     case TALLY_GATE_WAIT_BUDGET: return "wait-budget";
+    case TALLY_GATE_ADMIT_RATE: return "admit-rate";
+    case TALLY_GATE_WAIT_RATE: return "wait-rate";
     }
     return "unknown";
 }

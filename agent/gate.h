@@ -14,6 +14,13 @@
  *     much BE work (an unbounded launch queue could hold tens of ms);
  *   - no HP client, the passthrough policy, or a dead daemon: ungated.
  *
+ * Policy tgs (the TGS baseline, NSDI'23; docs/scheduling.md): BE launches pass
+ * a token bucket at the rate the daemon's AIMD controller sets in
+ * be_rate_limit_per_s (0 = unlimited), be_rate_burst deep. The bucket is
+ * process-local (struct tally_gate_bucket) and kept as a GCRA "theoretical
+ * arrival time", updated with a CAS so launching threads need no lock. HP is
+ * never delayed; no HP client or a dead daemon: ungated / fail open.
+ *
  * The decision is a pure function of (scoreboard, now, BE in-flight
  * estimate, kernel estimate) so it is tested on a simulated clock.
  */
@@ -32,9 +39,17 @@ enum tally_gate_decision {
     TALLY_GATE_DAEMON_DEAD = 4,  /* heartbeat stale: fail open */
     TALLY_GATE_WAIT_HP = 5,      /* HP busy */
     TALLY_GATE_WAIT_BUDGET = 6,  /* our in-flight BE work must drain first */
+    TALLY_GATE_ADMIT_RATE = 7,   /* policy tgs: a token was taken */
+    TALLY_GATE_WAIT_RATE = 8,    /* policy tgs: no token yet */
 };
 
-#define TALLY_GATE_IS_WAIT(d) ((d) >= TALLY_GATE_WAIT_HP)
+#define TALLY_GATE_IS_WAIT(d) \
+    ((d) == TALLY_GATE_WAIT_HP || (d) == TALLY_GATE_WAIT_BUDGET || (d) == TALLY_GATE_WAIT_RATE)
+
+/* A BE process's token bucket (policy tgs); zero-initialized = full. */
+struct tally_gate_bucket {
+    uint64_t tat_ns; /* GCRA theoretical arrival time of the next launch */
+};
 
 #define TALLY_GATE_IDLE_DEPTH_NS 2000000ull
 
@@ -45,6 +60,18 @@ int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns);
 
 enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint64_t now_ns,
                                            uint64_t be_inflight_est_ns, uint64_t kernel_est_ns);
+
+/* Policy tgs: whether a BE launch at now_ns may go; takes a token (advances
+ * the bucket) when it may. With a wait, *wait_ns (if not NULL) is how long
+ * until the next token. Pure apart from the bucket it is given. */
+enum tally_gate_decision tally_gate_decide_rate(const struct tally_sb_header *h, uint64_t now_ns,
+                                                struct tally_gate_bucket *bucket, uint64_t *wait_ns);
+
+/* A BE launch under whichever policy the scoreboard holds: tally_gate_decide
+ * for policy tally, tally_gate_decide_rate for policy tgs, else ungated. */
+enum tally_gate_decision tally_gate_decide_be(const struct tally_sb_header *h, uint64_t now_ns,
+                                              uint64_t be_inflight_est_ns, uint64_t kernel_est_ns,
+                                              struct tally_gate_bucket *bucket);
 
 const char *tally_gate_decision_name(enum tally_gate_decision d);
 

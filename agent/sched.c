@@ -71,7 +71,9 @@ struct profile {
     uintptr_t kernel;
     uint64_t grid_threads;
     uint64_t est_ns;
-    uint64_t samples;
+    uint64_t samples;      /* including those of a seed from the profile file */
+    uint64_t learned;      /* samples learned in this process (what is saved at exit) */
+    const struct tally_kernel_name *name; /* for the profile file; NULL without one */
 };
 
 static struct {
@@ -202,6 +204,8 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
     return NULL;
 }
 
+static void save_profiles(void);
+
 /* Called on the first launch, when its context is current. */
 static void join(CUcontext context) {
     pthread_mutex_lock(&S.join_lock);
@@ -272,6 +276,8 @@ static void join(CUcontext context) {
         __atomic_store_n(&slot->lanes[i].completed_seq, S.lanes[i].next_seq, __ATOMIC_RELEASE);
         __atomic_store_n(&slot->lanes[i].launched_seq, S.lanes[i].next_seq, __ATOMIC_RELEASE);
     }
+    /* Best effort: kernel duration estimates persist per program (docs/scheduling.md). */
+    if (S.priority == TALLY_SB_PRIO_BEST_EFFORT && tally_profiles_load()) atexit(save_profiles);
     atomic_store(&S.state, JOINED);
     if (getenv("TALLY_VERBOSE"))
         fprintf(stderr, "tally: pid %d joined %s as %s (slot %ld)\n", (int)getpid(), path,
@@ -315,7 +321,9 @@ static int capturing(CUstream stream) {
 
 /* ------------------------------------------------------------ profiles */
 
-static uint32_t profile_index(uintptr_t kernel, uint64_t grid_threads) {
+/* symbol: the launch's mangled kernel name (or NULL), used only the first time
+ * a (kernel, grid_threads) is seen, to seed its estimate from the profile file. */
+static uint32_t profile_index(uintptr_t kernel, uint64_t grid_threads, const char *symbol) {
     uint64_t h = (uint64_t)kernel * 0x9E3779B97F4A7C15ull ^ grid_threads * 0xC2B2AE3D27D4EB4Full;
     uint32_t i = (uint32_t)(h >> 40) % PROFILE_SLOTS;
     for (uint32_t probe = 0; probe < 32; probe++, i = (i + 1) % PROFILE_SLOTS) {
@@ -324,6 +332,8 @@ static uint32_t profile_index(uintptr_t kernel, uint64_t grid_threads) {
         if (p->kernel == 0) {
             p->kernel = kernel;
             p->grid_threads = grid_threads;
+            p->name = tally_profiles_name(kernel, symbol); /* hashed once per CUfunction */
+            if (p->name) tally_profiles_seed(p->name->hash, grid_threads, &p->est_ns, &p->samples);
             return i;
         }
     }
@@ -344,6 +354,23 @@ static void learn(uint32_t profile, uint64_t sample_ns) {
     /* exponentially weighted, weight 1/4 for the new sample */
     p->est_ns = p->samples ? p->est_ns + ((int64_t)sample_ns - (int64_t)p->est_ns) / 4 : sample_ns;
     p->samples++;
+    p->learned++;
+}
+
+/* At exit (registered by join when a profile file is in use): what this
+ * process learned goes into the program's profile file. */
+static void save_profiles(void) {
+    static struct tally_profile_entry learned[PROFILE_SLOTS];
+    size_t n = 0;
+    pthread_mutex_lock(&S.profile_lock);
+    for (uint32_t i = 0; i < PROFILE_SLOTS; i++) {
+        const struct profile *p = &S.profiles[i];
+        if (p->learned && p->name && p->est_ns)
+            learned[n++] = (struct tally_profile_entry){p->name->hash, p->grid_threads, p->est_ns, p->learned,
+                                                        p->name->name};
+    }
+    pthread_mutex_unlock(&S.profile_lock);
+    tally_profiles_save(learned, n);
 }
 
 /* Retire BE launches whose completion the GPU has written. A completion seen
@@ -389,17 +416,18 @@ static void retire_completed(uint64_t now) {
 
 static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
     pthread_mutex_lock(&S.profile_lock);
-    uint32_t profile = profile_index(launch->kernel, launch->grid_threads);
+    uint32_t profile = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
     pthread_mutex_unlock(&S.profile_lock);
     uint64_t est = estimate(profile);
     uint64_t held_since = 0;
+    static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
     enum tally_gate_decision d;
     for (;;) {
         retire_completed(now);
-        d = tally_gate_decide(S.sb, now, atomic_load(&S.be_inflight_est_ns), est);
+        d = tally_gate_decide_be(S.sb, now, atomic_load(&S.be_inflight_est_ns), est, &bucket);
         if (!TALLY_GATE_IS_WAIT(d)) break;
         if (!held_since) held_since = now;
-        if (now - held_since < SPIN_NS) sched_yield();
+        if (d != TALLY_GATE_WAIT_RATE && now - held_since < SPIN_NS) sched_yield(); /* rate waits sleep */
         else {
             struct timespec ts = {0, 20000};
             nanosleep(&ts, NULL);
@@ -436,7 +464,8 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     __atomic_store_n(&slot->last_launch_ns, now, __ATOMIC_RELAXED);
     /* The common case for training with nobody to protect: two loads, no tracking. */
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT &&
-        (__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY ||
+        ((__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY &&
+          __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TGS) ||
          __atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) == 0))
         return;
     if (launch->trackable && capturing(launch->stream)) return; /* recorded into a graph, runs later */

@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #define TALLY_SB_MAGIC 0x424353594c4c4154ULL /* "TALLYSCB" little-endian */
-#define TALLY_SB_VERSION 1u
+#define TALLY_SB_VERSION 2u
 #define TALLY_SB_MAX_CLIENTS 64u
 #define TALLY_SB_MAX_LANES 16u
 #define TALLY_SB_GPU_UUID_LEN 48u
@@ -47,6 +47,7 @@
 #define TALLY_SB_DEFAULT_TURNAROUND_BUDGET_NS 100000ull
 #define TALLY_SB_DEFAULT_UNTHROTTLE_AFTER_NS 100000000ull
 #define TALLY_SB_DEFAULT_DAEMON_TIMEOUT_NS 500000000ull
+#define TALLY_SB_DEFAULT_BE_RATE_BURST 16ull
 
 /* One stream's in-flight window: launched - completed kernels not yet done. */
 struct tally_sb_lane {
@@ -79,7 +80,10 @@ struct tally_sb_header {
     uint64_t daemon_start_ns;                /* @144 daemon: CLOCK_MONOTONIC ns when the daemon created the scoreboard */
     uint32_t hp_active;                      /* @152 daemon: number of ACTIVE high-priority slots */
     uint32_t be_active;                      /* @156 daemon: number of ACTIVE best-effort slots */
-    uint8_t _pad160[32];
+    uint64_t be_rate_limit_per_s;            /* @160 daemon: policy tgs: kernel launches per second each BE client may issue (token bucket); 0 = unlimited */
+    uint64_t be_rate_burst;                  /* @168 daemon: policy tgs: token bucket depth, launches a BE client may issue back to back (0 = 1) */
+    uint64_t hp_rate_per_s;                  /* @176 daemon: policy tgs (monitoring): HP completed launches per second over the controller's last window */
+    uint64_t hp_standalone_rate_per_s;       /* @184 daemon: policy tgs (monitoring): the HP rate the controller learned with BE throttled or absent (0 = not yet) */
     uint64_t hp_last_launch_ns;              /* @192 any agent: CLOCK_MONOTONIC ns of an HP launch (relaxed store; not a strict max) */
     uint8_t _pad200[56];
 };
@@ -103,6 +107,10 @@ _Static_assert(offsetof(struct tally_sb_header, epoch) == 136, "tally_sb_header.
 _Static_assert(offsetof(struct tally_sb_header, daemon_start_ns) == 144, "tally_sb_header.daemon_start_ns offset");
 _Static_assert(offsetof(struct tally_sb_header, hp_active) == 152, "tally_sb_header.hp_active offset");
 _Static_assert(offsetof(struct tally_sb_header, be_active) == 156, "tally_sb_header.be_active offset");
+_Static_assert(offsetof(struct tally_sb_header, be_rate_limit_per_s) == 160, "tally_sb_header.be_rate_limit_per_s offset");
+_Static_assert(offsetof(struct tally_sb_header, be_rate_burst) == 168, "tally_sb_header.be_rate_burst offset");
+_Static_assert(offsetof(struct tally_sb_header, hp_rate_per_s) == 176, "tally_sb_header.hp_rate_per_s offset");
+_Static_assert(offsetof(struct tally_sb_header, hp_standalone_rate_per_s) == 184, "tally_sb_header.hp_standalone_rate_per_s offset");
 _Static_assert(offsetof(struct tally_sb_header, hp_last_launch_ns) == 192, "tally_sb_header.hp_last_launch_ns offset");
 
 /* One client process. */

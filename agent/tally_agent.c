@@ -363,6 +363,7 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
         if (tally_sched_enabled()) {
             decode_launch(cbid, d->functionParams, &launch);
             launch.context = d->context;
+            launch.symbol = kind == LAUNCH_KERNEL ? d->symbolName : NULL;
             tally_sched_launch_enter(&launch);
         }
     } else if (d->callbackSite == CUPTI_API_EXIT && tally_sched_enabled()) {

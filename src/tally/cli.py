@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "down": "tally.daemon.cli:down_command",
     "status": "tally.daemon.cli:status_command",
     "bench": "tally.bench.cli:bench_command",
+    "profiles": "tally.profiles:profiles_group",
 }
 
 HELP = {
@@ -35,6 +36,7 @@ HELP = {
     "down": "Stop the node daemon and everything it started.",
     "status": "Show the daemon, its GPUs and its clients.",
     "bench": "Run the co-location benchmark (HP inference next to BE training).",
+    "profiles": "Show or seed (from a trace) a program's kernel duration profiles.",
 }
 
 

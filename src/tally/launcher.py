@@ -34,6 +34,17 @@ def agent_env(command: list[str], base: dict[str, str] | None = None) -> dict[st
     return env
 
 
+def _client_device_count(env: dict[str, str], state: dict) -> int:
+    """How many CUDA devices the client will see (MPS limits are per
+    device ordinal): CUDA_VISIBLE_DEVICES's entries, else the GPUs visible."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([entry for entry in visible.split(",") if entry.strip()])
+    from tally import gpus as gpumod
+
+    return len(gpumod.list_gpus()) or len(state.get("gpus", []))
+
+
 def exec_command(command: list[str], env: dict[str, str]) -> None:
     """Replace this process with `command`; never returns."""
     if shutil.which(command[0], path=env.get("PATH")) is None and not os.path.exists(command[0]):
@@ -64,6 +75,14 @@ class NotFound(TallyError):
 )
 @click.option("--auto-up", is_flag=True, help="Start the node daemon if none is running.")
 @click.option(
+    "--memory-limit",
+    default=None,
+    metavar="SIZE",
+    help="Device memory this program may allocate, per GPU it sees (e.g. 8G, or 0=8G,1=4G per device "
+    "ordinal): MPS's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT. Needs --priority and a daemon with MPS. "
+    "Default: [client] memory_limit of the config.",
+)
+@click.option(
     "--stats-dir",
     type=click.Path(file_okay=False, writable=True),
     default=None,
@@ -71,22 +90,53 @@ class NotFound(TallyError):
 )
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_command(priority, auto_up, stats_dir, verbose, command):
+def run_command(priority, auto_up, memory_limit, stats_dir, verbose, command):
     """Run COMMAND with the tally agent injected.
 
     Use `--` before the command: tally run --priority high -- python serve.py
     """
     command = list(command)
     env = agent_env(command)
+    if memory_limit is not None and not priority:
+        raise TallyError("--memory-limit needs --priority: the limit is MPS's, and only clients of the "
+                         "tally daemon run under its MPS")
     if priority:
-        from tally.daemon.client import client_env, ensure_daemon
+        from tally import config as cfgmod
+        from tally.daemon.client import client_env, ensure_daemon, version_skew
 
+        cfg = cfgmod.load()
+        if priority == "high":
+            cfg.check_high_priority()
+        explicit_limit = memory_limit is not None
+        if explicit_limit:
+            cfgmod.parse_memory_limit(memory_limit)
+        elif "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in env:  # the user's own setting wins over the config
+            memory_limit = cfg.memory_limit
         state = ensure_daemon(auto_up=auto_up)
+        error, warning = version_skew(state)
+        if error:
+            raise TallyError(error)
+        if warning:
+            click.echo(f"tally: warning: {warning}", err=True)
         joined = client_env(state, priority)
         if "CUDA_MPS_CLIENT_PRIORITY" in env:
             joined.pop("CUDA_MPS_CLIENT_PRIORITY", None)  # the user's own choice wins
         env.update(joined)
         env["TALLY_PRIORITY"] = priority
+        if memory_limit is not None and not state.get("mps"):
+            if explicit_limit:
+                raise TallyError("--memory-limit needs MPS, but the running tally daemon has none "
+                                 "(started with --no-mps): restart it with MPS, or drop the limit")
+            click.echo(f"tally: warning: the config's memory_limit {memory_limit} is not applied: "
+                       "the running tally daemon has no MPS", err=True)
+            memory_limit = None
+        if memory_limit is not None:
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = cfgmod.mps_memory_limit(
+                memory_limit, _client_device_count(env, state))
+        if priority == "best-effort" and "TALLY_PROFILE_FILE" not in env:
+            from tally.profiles import profile_path  # kernel duration estimates persist per program
+
+            env["TALLY_PROFILE_FILE"] = str(profile_path(command, env.get("PATH")))
     if stats_dir:
         os.makedirs(stats_dir, exist_ok=True)
         env["TALLY_STATS_DIR"] = os.path.abspath(stats_dir)

@@ -43,7 +43,7 @@ from tally.errors import TallyError
 
 MAGIC = int.from_bytes(b"TALLYSCB", "little")
 # Bump on any layout change; the agent refuses a scoreboard of another version.
-VERSION = 1
+VERSION = 2
 MAX_CLIENTS = 64
 MAX_LANES = 16
 CACHE_LINE = 64
@@ -64,7 +64,7 @@ PRIORITY_NAMES = {PRIORITY_HIGH: "high", PRIORITY_BEST_EFFORT: "best-effort"}
 
 POLICY_PASSTHROUGH = 0
 POLICY_TALLY = 1
-POLICY_TGS = 2  # reserved: TGS-style adaptive rate control of BE launches
+POLICY_TGS = 2  # TGS-style adaptive rate control of BE launches (agent/gate.h, tally.daemon.tgs)
 POLICY_NAMES = {POLICY_PASSTHROUGH: "passthrough", POLICY_TALLY: "tally", POLICY_TGS: "tgs"}
 
 SCOREBOARD_NAME_PREFIX = "tally-"
@@ -179,6 +179,14 @@ HEADER = _struct("tally_sb_header", 256, "Scoreboard header: identity, policy, d
     (144, "daemon_start_ns", "u64", 1, "daemon", "CLOCK_MONOTONIC ns when the daemon created the scoreboard"),
     (152, "hp_active", "u32", 1, "daemon", "number of ACTIVE high-priority slots"),
     (156, "be_active", "u32", 1, "daemon", "number of ACTIVE best-effort slots"),
+    (160, "be_rate_limit_per_s", "u64", 1, "daemon",
+     "policy tgs: kernel launches per second each BE client may issue (token bucket); 0 = unlimited"),
+    (168, "be_rate_burst", "u64", 1, "daemon",
+     "policy tgs: token bucket depth, launches a BE client may issue back to back (0 = 1)"),
+    (176, "hp_rate_per_s", "u64", 1, "daemon",
+     "policy tgs (monitoring): HP completed launches per second over the controller's last window"),
+    (184, "hp_standalone_rate_per_s", "u64", 1, "daemon",
+     "policy tgs (monitoring): the HP rate the controller learned with BE throttled or absent (0 = not yet)"),
     # line 3: stored by HP agents on every launch; alone on its line so those
     # stores do not invalidate the line BE agents read the policy from
     (192, "hp_last_launch_ns", "u64", 1, "any agent",
@@ -272,6 +280,7 @@ class PolicyParams:
     turnaround_budget_ns: int = 100_000
     unthrottle_after_ns: int = 100_000_000
     daemon_timeout_ns: int = 500_000_000
+    be_rate_burst: int = 16  # policy tgs: BE token bucket depth (launches)
 
 
 # ---------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def render_header() -> str:
     defaults = sb.PolicyParams()
     out.append("")
     out.append("/* defaults the daemon writes unless told otherwise */")
-    for name in ("idle_window_ns", "turnaround_budget_ns", "unthrottle_after_ns", "daemon_timeout_ns"):
+    for name in ("idle_window_ns", "turnaround_budget_ns", "unthrottle_after_ns", "daemon_timeout_ns", "be_rate_burst"):
         out.append(f"#define TALLY_SB_DEFAULT_{name.upper()} {getattr(defaults, name)}ull")
     out.append("")
     for struct in (sb.LANE, sb.HEADER, sb.SLOT):

@@ -16,7 +16,8 @@ Trace format (JSON lines, one object per line, `type` first):
    "graph_launches", "by_entry_point": {...}, "trace_dropped"}
 
 Kernel durations from a trace seed the scheduler's per-kernel profiles
-(`kernel_profiles`).
+(`kernel_profiles`; `tally profiles seed TRACE` writes the traced program's
+profile file, see tally.profiles and docs/scheduling.md).
 """
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ from tally import scoreboard as sbm
 ROOT = Path(__file__).resolve().parents[2]
 US = 1_000
 
-ADMIT, ADMIT_ALONE, ADMIT_IDLE, UNGATED, DAEMON_DEAD, WAIT_HP, WAIT_BUDGET = range(7)
-NAMES = ["admit", "admit-alone", "admit-idle", "ungated", "daemon-dead", "wait-hp", "wait-budget"]
+ADMIT, ADMIT_ALONE, ADMIT_IDLE, UNGATED, DAEMON_DEAD, WAIT_HP, WAIT_BUDGET, ADMIT_RATE, WAIT_RATE = range(9)
+NAMES = ["admit", "admit-alone", "admit-idle", "ungated", "daemon-dead", "wait-hp", "wait-budget", "admit-rate",
+         "wait-rate"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,18 @@ def gate(tmp_path_factory):
     g.tally_gate_decide.restype = ctypes.c_int
     g.tally_gate_decide.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
     g.tally_gate_decision_name.restype = ctypes.c_char_p
+    g.tally_gate_decide_rate.restype = ctypes.c_int
+    g.tally_gate_decide_rate.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(Bucket),
+                                         ctypes.POINTER(ctypes.c_uint64)]
+    g.tally_gate_decide_be.restype = ctypes.c_int
+    g.tally_gate_decide_be.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
+                                       ctypes.POINTER(Bucket)]
     return g
+
+
+class Bucket(ctypes.Structure):
+    """struct tally_gate_bucket"""
+    _fields_ = [("tat_ns", ctypes.c_uint64)]
 
 
 @pytest.fixture
@@ -73,7 +85,7 @@ def add_hp(sb, last_launch_offset_ns, clock, launched=0, completed=0):
 
 
 def test_decision_names_match(gate):
-    assert [gate.tally_gate_decision_name(i).decode() for i in range(7)] == NAMES
+    assert [gate.tally_gate_decision_name(i).decode() for i in range(len(NAMES))] == NAMES
 
 
 def test_passthrough_policy_never_gates(gate, board):
@@ -188,3 +200,166 @@ def test_matches_reference_policy(gate, tmp_path_factory, policy, heartbeat_age,
         expected = reference(policy, heartbeat_age <= params.daemon_timeout_ns, hp_clients,
                              min(inflight_lanes, hp_clients) > 0, idle, inflight, est, params)
         assert decide(gate, sb, now, inflight, est) == expected
+
+
+# ---------------------------------------------------------------- policy tgs
+
+
+def rate(gate, sb, now, bucket):
+    wait = ctypes.c_uint64(12345)
+    d = gate.tally_gate_decide_rate(sb._address(0), now, ctypes.byref(bucket), ctypes.byref(wait))
+    return d, wait.value
+
+
+@pytest.fixture
+def tgs_board(board):
+    board.policy = sbm.POLICY_TGS
+    board.be_rate_limit_per_s = 1_000  # one launch per ms
+    board.be_rate_burst = 4
+    board.daemon_timeout_ns = 10**15  # simulated runs of seconds; the dead-daemon test sets its own
+    return board
+
+
+def test_tgs_without_hp_client_or_limit_is_ungated(gate, tgs_board):
+    clock, bucket = Clock(tgs_board), Bucket()
+    assert rate(gate, tgs_board, clock.at(0), bucket) == (UNGATED, 0)
+    add_hp(tgs_board, 0, clock, launched=5, completed=1)
+    tgs_board.be_rate_limit_per_s = 0  # 0 = unlimited
+    assert rate(gate, tgs_board, clock.at(0), bucket) == (UNGATED, 0)
+    assert bucket.tat_ns == 0  # no token was taken
+
+
+def test_tgs_dead_daemon_fails_open(gate, tgs_board):
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock)
+    tgs_board.daemon_timeout_ns = 500_000 * US
+    assert rate(gate, tgs_board, clock.at(499_000 * US), bucket)[0] == ADMIT_RATE
+    assert rate(gate, tgs_board, clock.at(501_000 * US), bucket)[0] == DAEMON_DEAD
+    tgs_board.daemon_heartbeat_ns = 0
+    assert rate(gate, tgs_board, clock.at(0), bucket)[0] == DAEMON_DEAD
+
+
+def test_tgs_ignores_hp_in_flight_and_the_idle_window(gate, tgs_board):
+    """TGS controls the rate only: no priority hold, no budget (that is tally's policy)."""
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock, launched=7, completed=6)
+    assert rate(gate, tgs_board, clock.at(1 * US), bucket)[0] == ADMIT_RATE
+
+
+def test_tgs_burst_then_one_launch_per_interval(gate, tgs_board):
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock)
+    t = clock.at(1_000_000 * US)
+    assert [rate(gate, tgs_board, t, bucket)[0] for _ in range(4)] == [ADMIT_RATE] * 4  # the burst
+    d, wait = rate(gate, tgs_board, t, bucket)
+    assert d == WAIT_RATE and wait == 1_000 * US  # the next token, one interval later
+    assert rate(gate, tgs_board, t + wait - 1, bucket)[0] == WAIT_RATE
+    assert rate(gate, tgs_board, t + wait, bucket)[0] == ADMIT_RATE
+    assert rate(gate, tgs_board, t + wait, bucket)[0] == WAIT_RATE
+    # a long pause refills the bucket to its depth, not beyond
+    later = t + 1_000_000 * US
+    assert [rate(gate, tgs_board, later, bucket)[0] for _ in range(5)] == [ADMIT_RATE] * 4 + [WAIT_RATE]
+
+
+def test_tgs_burst_zero_means_one(gate, tgs_board):
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock)
+    tgs_board.be_rate_burst = 0
+    t = clock.at(1_000 * US)
+    assert [rate(gate, tgs_board, t, bucket)[0] for _ in range(2)] == [ADMIT_RATE, WAIT_RATE]
+
+
+@pytest.mark.parametrize("limit", [50, 1_000, 7_777, 40_000])
+def test_tgs_long_run_rate_is_the_limit(gate, tgs_board, limit):
+    """A launcher that always has work, on a simulated clock, gets limit launches/s (+ the burst)."""
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock)
+    tgs_board.be_rate_limit_per_s = limit
+    t, end, admitted = clock.at(0), clock.at(2_000_000 * US), 0
+    while t < end:
+        d, wait = rate(gate, tgs_board, t, bucket)
+        if d == ADMIT_RATE:
+            admitted += 1
+        else:
+            assert d == WAIT_RATE and wait > 0
+            t += wait
+    assert abs(admitted - (2 * limit + 4)) <= 2
+
+
+def test_tgs_limit_change_applies_to_the_next_launch(gate, tgs_board):
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock)
+    tgs_board.be_rate_burst = 1
+    t = clock.at(1_000 * US)
+    assert rate(gate, tgs_board, t, bucket)[0] == ADMIT_RATE
+    tgs_board.be_rate_limit_per_s = 10  # multiplicative decrease by the daemon
+    d, wait = rate(gate, tgs_board, t + 1_000 * US, bucket)
+    assert d == ADMIT_RATE  # the token was already due at the old rate
+    d, wait = rate(gate, tgs_board, t + 1_000 * US, bucket)
+    assert d == WAIT_RATE and wait == 100_000 * US
+
+
+def test_tgs_threads_share_one_bucket(gate, tgs_board):
+    """Concurrent launching threads: the CAS hands out exactly `burst` tokens at one instant."""
+    import threading
+
+    clock, bucket = Clock(tgs_board), Bucket()
+    add_hp(tgs_board, 0, clock)
+    tgs_board.be_rate_burst = 1_000
+    t = clock.at(1_000 * US)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def launcher():
+        mine = [rate(gate, tgs_board, t, bucket)[0] for _ in range(400)]
+        with lock:
+            results.extend(mine)
+
+    threads = [threading.Thread(target=launcher) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results.count(ADMIT_RATE) == 1_000 and results.count(WAIT_RATE) == 600
+
+
+def test_decide_be_dispatches_on_the_policy(gate, board):
+    clock, bucket = Clock(board), Bucket()
+    add_hp(board, 0, clock, launched=5, completed=1)
+    address = board._address(0)
+    now = clock.at(10 * US)
+    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == WAIT_HP
+    board.policy = sbm.POLICY_TGS
+    board.be_rate_limit_per_s, board.be_rate_burst = 100, 1
+    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == ADMIT_RATE
+    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == WAIT_RATE
+    assert gate.tally_gate_decide(address, now, 0, 10 * US) == UNGATED  # the tally gate is not tgs's
+    board.policy = sbm.POLICY_PASSTHROUGH
+    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == UNGATED
+
+
+def reference_rate(tat, now, limit, burst):
+    """GCRA written independently: (decision, new tat, wait)."""
+    interval = 10**9 // limit
+    tolerance = (max(burst, 1) - 1) * interval
+    if now < tat - tolerance:
+        return WAIT_RATE, tat, tat - tolerance - now
+    return ADMIT_RATE, max(tat, now) + interval, 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(limit=st.integers(1, 100_000), burst=st.integers(0, 64),
+       gaps=st.lists(st.integers(0, 5_000 * US), min_size=1, max_size=40))
+def test_tgs_matches_reference_bucket(gate, tmp_path_factory, limit, burst, gaps):
+    path = tmp_path_factory.mktemp("tgs") / "sb"
+    params = sbm.PolicyParams(policy=sbm.POLICY_TGS, daemon_timeout_ns=10**15, be_rate_burst=burst)
+    with sbm.Scoreboard.create(path, "GPU-tgs", params) as sb:
+        sb.claim_slot(1000, sbm.PRIORITY_HIGH)
+        sb.hp_active = 1
+        sb.be_rate_limit_per_s = limit
+        bucket, tat, now = Bucket(), 0, sb.daemon_heartbeat_ns
+        for gap in gaps:
+            now += gap
+            expected, tat, wait = reference_rate(tat, now, limit, burst)
+            assert rate(gate, sb, now, bucket) == (expected, wait)
+            assert bucket.tat_ns == tat

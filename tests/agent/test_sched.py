@@ -401,3 +401,41 @@ def test_threads_launching_keep_completions_in_order(daemon, spawn_app, tmp_path
     assert len(used) == (1 if stream == "s0" else threads)  # a per-thread stream is one stream per thread
     assert all(launched == completed for launched, completed in used)
     assert sum(launched for launched, _ in used) == threads * per_thread
+
+
+# ------------------------------------------------------------- policy tgs
+
+def test_tgs_rate_limits_be_launches_and_tracks_nothing(daemon, spawn_app, tmp_path):
+    """Policy tgs: BE launches pass the token bucket at the daemon's rate, are not held for
+    HP work in flight (that is the tally policy), and get no completion memops."""
+    sb = daemon.sb
+    hp_client_in_flight(sb)  # under policy tally this would hold every BE launch
+    sb.policy = sbmod.POLICY_TGS
+    sb.be_rate_limit_per_s, sb.be_rate_burst = 100, 2  # one launch per 10 ms after a burst of 2
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:12:100:s0", "sync"],
+                                    "best-effort")
+    completed_ok(r)
+    assert r.stderr == ""
+    assert c["launches"] == 12 and c["held_launches"] >= 9 and c["held_ns"] > 0
+    calls = [int(x) for x in re.findall(r"launch i=\d+ call_ns=(\d+)", r.stdout)]
+    assert len(calls) == 12
+    # launch k (k >= 1) is admitted no earlier than the first + (k - 1) x 10 ms; the 12th call
+    # starts after the 11th was admitted
+    assert calls[-1] - calls[0] >= 90 * MS
+    assert r.gpu("gpu_writes_issued") == 0
+
+
+def test_tgs_with_no_limit_or_no_hp_is_ungated(daemon, spawn_app, tmp_path):
+    sb = daemon.sb
+    sb.policy = sbmod.POLICY_TGS
+    sb.be_rate_limit_per_s, sb.be_rate_burst = 1, 1  # would take seconds if it applied
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:5:100:s0", "sync"],
+                                    "best-effort")
+    completed_ok(r)
+    assert c["held_launches"] == 0  # no HP client
+    hp_client_in_flight(sb)
+    sb.be_rate_limit_per_s = 0  # unlimited
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:5:100:s0", "sync"],
+                                    "best-effort")
+    completed_ok(r)
+    assert c["held_launches"] == 0 and r.gpu("gpu_writes_issued") == 0

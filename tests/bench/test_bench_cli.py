@@ -50,14 +50,14 @@ def test_gpu_check_is_injectable(monkeypatch):
 
 def test_fake_run_end_to_end_writes_results_and_report(tmp_path):
     out = tmp_path / "out"
-    result = _tally(["--hp", "fake-infer", "--be", "fake-train", "--systems", "standalone,time-slicing,tgs",
+    result = _tally(["--hp", "fake-infer", "--be", "fake-train", "--systems", "standalone,time-slicing,tally-block",
                      "--duration", "1", "--arrivals", "poisson", "--out", str(out)],
                     {bench_cli.ALLOW_NO_GPU_ENV: "1"})
     assert result.returncode == 0, result.stderr
     assert "3 runs" in result.stderr
     report = (out / "report.md").read_text()
     assert "| fake-infer | fake-train | 0.5 | time-slicing |" in report
-    assert "not run: unavailable: needs agent policy tgs" in report
+    assert "not run: unavailable: needs block-level scheduling" in report
     assert (out / "charts" / "p99_overhead.png").is_file()
     # --report-only rewrites the report from the stored runs, no GPU needed
     (out / "report.md").unlink()
@@ -94,3 +94,27 @@ def test_bad_selections_are_one_line_errors():
         result = runner.invoke(bench_cli.bench_command, args)
         assert isinstance(result.exception, TallyError), args
         assert fragment in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_dry_run_estimate_uses_measured_overheads(tmp_path):
+    """The printed estimate comes from per-run overheads: the H100 defaults, or what an output
+    dir's earlier runs measured."""
+    import json
+
+    from tally.bench import runner as runner_mod
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(bench_cli.bench_command, ["--quick", "--dry-run", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "per-run overheads: defaults" in result.output
+    default_min = float(result.output.split("estimated ")[1].split(" min")[0])
+    # a run measured with slow startups makes the estimate grow
+    key = runner_mod.RunKey("bert-infer", "resnet50-train", "mps", 0.5)
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / f"{key.run_id}.json").write_text(json.dumps({
+        "status": "ok", "key": key.__dict__,
+        "timing": {"hp_startup_s": 30.0, "be_startup_s": 60.0, "system_start_s": 1.0, "teardown_s": 1.0}}))
+    result = runner.invoke(bench_cli.bench_command, ["--quick", "--dry-run", "--out", str(out)])
+    assert "per-run overheads: measured" in result.output
+    assert float(result.output.split("estimated ")[1].split(" min")[0]) > default_min + 5

@@ -64,14 +64,74 @@ def test_time_slicing_with_fakes_shows_interference_and_leaves_no_process(tmp_pa
 
 def test_standalone_and_unavailable_systems(tmp_path):
     runner = make_runner(tmp_path)
-    standalone, tgs, block = runner.run_matrix([
-        runner_mod.RunKey("fake-infer", "fake-train", name, 0.5) for name in ("standalone", "tgs", "tally-block")])
+    standalone, block = runner.run_matrix([
+        runner_mod.RunKey("fake-infer", "fake-train", name, 0.5) for name in ("standalone", "tally-block")])
     assert standalone["status"] == "ok" and standalone["p99_overhead"] == 0.0
-    assert tgs["status"] == "unavailable" and "needs agent policy tgs" in tgs["reason"]
-    assert block["status"] == "unavailable"
-    assert "p99_overhead" not in tgs  # never a made-up number
-    # unavailable runs are not cached as done: a later tally may have the policy
-    assert runner_mod._read_ok(runner.run_path(runner_mod.RunKey("fake-infer", "fake-train", "tgs", 0.5))) is None
+    assert block["status"] == "unavailable" and "needs block-level scheduling" in block["reason"]
+    assert "p99_overhead" not in block  # never a made-up number
+    # unavailable runs are not cached as done: a later tally may have the feature
+    key = runner_mod.RunKey("fake-infer", "fake-train", "tally-block", 0.5)
+    assert runner_mod._read_ok(runner.run_path(key)) is None
+
+
+def test_tgs_is_tally_up_with_policy_tgs():
+    from tally.bench import systems
+
+    tgs = systems.make_system("tgs")
+    assert isinstance(tgs, systems.Tally) and tgs.unavailable_reason() is None
+    assert tgs.name == "tgs" and tgs.up_args == ["--policy", "tgs"]
+    assert "TGS" in tgs.describe()["description"]
+    assert systems.make_system("tally-block").unavailable_reason() is not None
+
+
+def test_system_variants_get_slugged_file_names(tmp_path):
+    name = "tally[budget-us=1000;idle-window-us=2000]"
+    key = runner_mod.RunKey("fake-infer", "fake-train", name, 0.5)
+    assert key.run_id == "fake-infer__fake-train__tally_budget-us-1000_idle-window-us-2000__load0.5"
+    assert runner_mod.system_slug("mps-priority") == "mps-priority"
+    for bad in "[];= /":
+        assert bad not in key.run_id
+    runner = make_runner(tmp_path)
+    assert runner.run_path(key).name == key.run_id + ".json"
+    # a result stored under the old verbatim name is still found when resuming
+    legacy = tmp_path / "runs" / f"{key.legacy_run_id}.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text('{"status": "ok", "key": {"system": "%s"}, "created": "then"}' % name)
+    assert runner.run(key)["created"] == "then"
+    assert runner.processes.spawned_pids == []
+
+
+def test_run_timing_breaks_down_a_run():
+    marks = {"begin": 100.0, "system_up": 101.5, "go": 117.0, "hp_exit": 125.7, "down": 127.0}
+    t = runner_mod.run_timing(marks, hp_ready=108.0, be_ready=116.9)
+    assert t == {"system_start_s": 1.5, "hp_startup_s": 6.5, "be_startup_s": 15.4, "startup_s": 15.5,
+                 "measure_s": 8.7, "teardown_s": 1.3, "total_s": 27.0}
+    assert runner_mod.run_timing({"begin": 1.0}, None, None) == {}
+
+
+def test_overheads_from_earlier_runs(tmp_path):
+    import json
+
+    config = runner_mod.BenchConfig(out_dir=tmp_path, startup_estimate_s=3.0, warmup_s=1.0)
+    o = runner_mod.Overheads.measured(tmp_path / "runs", config)
+    assert o.source == "defaults" and o.startup("bert-infer") == runner_mod.DEFAULT_STARTUP_S["bert-infer"]
+    assert o.startup("some.module:make") == 4.0 and o.system_s("tally[budget-us=5]") == o.system_s("tally")
+    (tmp_path / "runs").mkdir()
+    for i, be_startup in enumerate((10.0, 12.0, 30.0)):
+        (tmp_path / "runs" / f"r{i}.json").write_text(json.dumps({
+            "status": "ok", "key": {"hp": "bert-infer", "be": "gpt2-train", "system": "mps", "load": 0.5},
+            "timing": {"hp_startup_s": 5.0, "be_startup_s": be_startup, "system_start_s": 2.0,
+                       "teardown_s": 0.5}}))
+    (tmp_path / "runs" / "failed.json").write_text(json.dumps({"status": "failed", "timing": {}}))
+    o = runner_mod.Overheads.measured(tmp_path / "runs", config)
+    assert o.startup("gpt2-train") == 12.0 and o.startup("bert-infer") == 5.0
+    assert o.system_s("mps") == 2.0 and o.teardown_s == 0.5 and o.source.startswith("measured")
+    runner = runner_mod.Runner(config)
+    keys = [runner_mod.RunKey("bert-infer", "gpt2-train", "mps", 0.5)]
+    # capacity + HP alone + BE alone + one co-located run, each startup + its measured part + overheads
+    expected = ((5.0 + 3.0 + 0.5) + (5.0 + 20.0 + 0.7 + 0.5) + (12.0 + 20.0 + 0.5)
+                + (2.0 + 12.0 + 20.0 + 0.7 + 0.5))
+    assert runner.plan_seconds(keys) == pytest.approx(expected)
 
 
 class FakeMps:

@@ -55,7 +55,7 @@ def _corrupt(path, offset, data):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: _corrupt(p, 0, b"NOTTALLY"), "is not a tally scoreboard"),
-    (lambda p: _corrupt(p, 8, (sb.VERSION + 1).to_bytes(4, "little")), "layout version 2"),
+    (lambda p: _corrupt(p, 8, (sb.VERSION + 1).to_bytes(4, "little")), f"layout version {sb.VERSION + 1}"),
     (lambda p: _corrupt(p, 16, (999).to_bytes(4, "little")), "corrupt: slot_size=999"),
     (lambda p: os.truncate(p, 4096), "corrupt: file is 4096 bytes"),
     (lambda p: os.truncate(p, 100), "shorter than its header"),

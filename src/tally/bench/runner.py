@@ -54,6 +54,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@-]+", "_", text)
 
 
+def system_slug(name: str) -> str:
+    """A file-name-safe form of a system name: tally[budget-us=1000;idle-window-us=2000] ->
+    tally_budget-us-1000_idle-window-us-2000 (no brackets, '=' or ';' in paths)."""
+    text = name.replace("=", "-").replace(";", "_").replace("[", "_").replace("]", "")
+    return _slug(text).strip("_") or "_"
+
+
 def _load_tag(load: float) -> str:
     return f"load{load:g}"
 
@@ -92,6 +99,13 @@ class RunKey:
 
     @property
     def run_id(self) -> str:
+        """The run's file name stem: system variants such as tally[budget-us=1000;idle-window-us=2000]
+        are slugged (tally_budget-us-1000_idle-window-us-2000); JSON keeps the display name in `key`."""
+        return f"{_slug(self.hp)}__{_slug(self.be)}__{system_slug(self.system)}__{_load_tag(self.load)}"
+
+    @property
+    def legacy_run_id(self) -> str:
+        """The name earlier versions used (the system name verbatim), read when resuming."""
         return f"{_slug(self.hp)}__{_slug(self.be)}__{self.system}__{_load_tag(self.load)}"
 
 
@@ -223,6 +237,7 @@ class Runner:
         self.processes = ProcessSet()
         self.say = progress or (lambda message: None)
         self._trace: traces.AzureTrace | None = None
+        self.last_timing: dict | None = None  # where the last co-located run's time went
 
     # ---- paths
     def capacity_path(self, hp: str) -> Path:
@@ -385,6 +400,8 @@ class Runner:
         path = self.run_path(key)
         if not force:
             cached = _read_ok(path)
+            if cached is None and key.legacy_run_id != key.run_id:
+                cached = _read_ok(self.out / "runs" / f"{key.legacy_run_id}.json")
             if cached is not None:
                 return cached
         base = {"key": key.__dict__, "run_id": key.run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -405,6 +422,10 @@ class Runner:
             be_alone = self.be_alone(key.be)
             hp_result, be_result, samples = self._colocated(key, system)
             summary = self._summarize(key, base, hp_result, be_result, hp_alone, be_alone, samples)
+            summary["timing"] = {**(self.last_timing or {}),
+                                 "hp_build_s": hp_result.get("build_s"), "be_build_s": be_result.get("build_s"),
+                                 "hp_warmup_s": (hp_result.get("warmup") or {}).get("seconds"),
+                                 "be_warmup_s": (be_result.get("warmup") or {}).get("seconds")}
         except (RunFailed, TallyError) as exc:
             summary = {**base, "status": "failed", "reason": str(exc)}
         _write(path, summary)
@@ -420,23 +441,30 @@ class Runner:
                                      "--go-file", str(go_file)])
         be_argv = self._worker_argv(key.be, "be", raw / "be.json", ["--ready-file", str(raw / "be.ready")])
         self.say(f"{key.hp} + {key.be} under {key.system}")
+        marks = {"begin": now()}
+        self.last_timing = None
         with ExitStack() as stack:
             # LIFO: processes die before the system (an MPS quit waits for its clients)
+            stack.callback(lambda: marks.setdefault("down", now()))
             stack.callback(system.stop)
             system.start()
+            marks["system_up"] = now()
             stack.callback(self.processes.stop_all, self.config.stop_grace_s)
             be = self._spawn_worker(system, "be", be_argv, raw / "be.log")
             hp = self._spawn_worker(system, "hp", hp_argv, raw / "hp.log")
             self._wait_ready({"be": (be, raw / "be.ready", raw / "be.log"),
                               "hp": (hp, raw / "hp.ready", raw / "hp.log")}, self.config.start_timeout_s)
             sampler = self._sampler(stack)
-            go_file.write_text(str(now()))
+            marks["go"] = now()
+            go_file.write_text(str(marks["go"]))
             # the HP replay ends on its own; BE must outlive it to share the whole window
             rc = self._wait_exit(hp, 2 * self.config.duration_s + 60, "hp", raw / "hp.log")
+            marks["hp_exit"] = now()
             if be.poll() is not None:
                 raise RunFailed(f"be worker exited (status {be.returncode}) during the run: {_last_line(raw / 'be.log')}")
             self.processes.stop(be, self.config.stop_grace_s)
             samples = list(sampler.samples) if sampler else []
+        self.last_timing = run_timing(marks, _ready_time(raw / "hp.ready"), _ready_time(raw / "be.ready"))
         if rc != 0:
             raise RunFailed(f"hp worker failed (status {rc}): {_last_line(raw / 'hp.log')}")
         return _read_worker(raw / "hp.json", raw / "hp.log"), _read_worker(raw / "be.json", raw / "be.log"), samples
@@ -500,17 +528,28 @@ class Runner:
         }
 
     # ---- a matrix of runs
-    def plan_seconds(self, keys: list[RunKey]) -> float:
-        """Rough wall time of `keys` from scratch (for the ETA and the printed estimate)."""
+    def overheads(self) -> "Overheads":
+        """Per-run overheads for the estimate: measured ones from this output dir's earlier runs
+        where there are any, else the defaults measured on an H100 (see Overheads)."""
+        return Overheads.measured(self.out / "runs", self.config)
+
+    def plan_seconds(self, keys: list[RunKey], overheads: "Overheads | None" = None) -> float:
+        """Wall time of `keys` from scratch (for the ETA and the printed estimate), from per-run
+        overheads: worker startup (interpreter, torch import, model build, warm-up; HP and BE in
+        parallel), system start/stop, and the measurement's tail."""
         c = self.config
-        start = c.startup_estimate_s + c.warmup_s
-        hps = {(k.hp) for k in keys}
+        o = overheads or self.overheads()
+        hps = {k.hp for k in keys}
         hp_loads = {(k.hp, k.load) for k in keys}
         bes = {k.be for k in keys}
         colocated = [k for k in keys if k.system not in ("standalone",)
                      and systems_mod.make_system(k.system).unavailable_reason() is None]
-        return (len(hps) * (start + c.capacity_s) + len(hp_loads) * (start + c.duration_s)
-                + len(bes) * (start + c.duration_s) + len(colocated) * (start + c.duration_s + 3))
+        total = sum(o.startup(hp) + c.capacity_s + o.teardown_s for hp in hps)
+        total += sum(o.startup(hp) + c.duration_s + o.tail_s + o.teardown_s for hp, _ in hp_loads)
+        total += sum(o.startup(be) + c.duration_s + o.teardown_s for be in bes)
+        total += sum(o.system_s(k.system) + max(o.startup(k.hp), o.startup(k.be)) + c.duration_s + o.tail_s
+                     + o.teardown_s for k in colocated)
+        return total
 
     def run_matrix(self, keys: list[RunKey], on_done: Callable[[RunKey, dict, float], None] | None = None) -> list[dict]:
         results = []
@@ -537,6 +576,109 @@ class Runner:
         env = collect_environment()
         _write(path, env)
         return env
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _ready_time(path: Path) -> float | None:
+    try:
+        return float(json.loads(path.read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_timing(marks: dict, hp_ready: float | None, be_ready: float | None) -> dict:
+    """Where a co-located run's wall time went (seconds), from the runner's marks and the
+    workers' ready times (all CLOCK_MONOTONIC)."""
+    begin, up = marks["begin"], marks.get("system_up")
+    out: dict = {}
+    if up is not None:
+        out["system_start_s"] = up - begin
+        if hp_ready is not None:
+            out["hp_startup_s"] = hp_ready - up
+        if be_ready is not None:
+            out["be_startup_s"] = be_ready - up
+        if "go" in marks:
+            out["startup_s"] = marks["go"] - up
+    if "go" in marks and "hp_exit" in marks:
+        out["measure_s"] = marks["hp_exit"] - marks["go"]
+    if "hp_exit" in marks and "down" in marks:
+        out["teardown_s"] = marks["down"] - marks["hp_exit"]
+    if "down" in marks:
+        out["total_s"] = marks["down"] - begin
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+# Worker startup (python + torch import + model build + warm-up, seconds), measured on one H100
+# (benchmarks/results/bench-quick-2026-11-25: build_s and warm-up of every run, warm-up 1 s / 5
+# steps) plus ~1 s of interpreter start; replaced by this output dir's own measurements when it has any.
+DEFAULT_STARTUP_S = {
+    "bert-infer": 6.5, "llama-decode": 10.5, "resnet50-train": 16.0, "gpt2-train": 13.0,
+}
+DEFAULT_SYSTEM_START_S = {"time-slicing": 0.1, "mps": 1.2, "mps-priority": 1.2, "mps-split": 1.2,
+                          "tally": 2.2, "tgs": 2.2}
+
+
+@dataclass
+class Overheads:
+    startup_s: dict[str, float] = field(default_factory=dict)     # per workload ref
+    system_start_s: dict[str, float] = field(default_factory=dict)  # per system name
+    default_startup_s: float = 15.0
+    tail_s: float = 0.7       # the HP replay's end after the last arrival, and result writing
+    teardown_s: float = 1.0   # stopping BE (SIGTERM, result, CUDA teardown) and the system
+    source: str = "defaults"
+
+    def startup(self, ref: str) -> float:
+        return self.startup_s.get(ref, self.default_startup_s)
+
+    def system_s(self, name: str) -> float:
+        if name in self.system_start_s:
+            return self.system_start_s[name]
+        base = "tally" if name.startswith("tally[") else name
+        return self.system_start_s.get(base, 1.0)
+
+    @classmethod
+    def measured(cls, runs_dir: Path, config: "BenchConfig") -> "Overheads":
+        fake = {"fake-infer", "fake-train"}
+        o = cls(startup_s={k: v for k, v in DEFAULT_STARTUP_S.items()},
+                system_start_s=dict(DEFAULT_SYSTEM_START_S),
+                default_startup_s=config.startup_estimate_s + config.warmup_s)
+        for name in fake:
+            o.startup_s[name] = config.startup_estimate_s + config.warmup_s
+        samples: dict[str, list[float]] = {}
+        systems: dict[str, list[float]] = {}
+        teardowns: list[float] = []
+        for path in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
+            try:
+                run = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            timing, key = run.get("timing"), run.get("key")
+            if run.get("status") != "ok" or not isinstance(timing, dict) or not isinstance(key, dict):
+                continue
+            for role in ("hp", "be"):
+                if timing.get(f"{role}_startup_s") is not None:
+                    samples.setdefault(key[role], []).append(float(timing[f"{role}_startup_s"]))
+            if timing.get("system_start_s") is not None:
+                systems.setdefault(key["system"], []).append(float(timing["system_start_s"]))
+            if timing.get("teardown_s") is not None:
+                teardowns.append(float(timing["teardown_s"]))
+        for ref, values in samples.items():
+            o.startup_s[ref] = _median(values)
+        for name, values in systems.items():
+            o.system_start_s[name] = _median(values)
+        if teardowns:
+            o.teardown_s = _median(teardowns)
+        if samples:
+            o.source = f"measured in {runs_dir}"
+        return o
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 # ---------------------------------------------------------------- helpers

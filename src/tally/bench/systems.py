@@ -9,8 +9,8 @@ each role's process gets (environment variables, a command prefix).
                  done by our worker, not by the user's program)
   mps-split      mps, BE limited by CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (default 50)
   tgs            TGS-style adaptive rate control (NSDI'23) as a policy of the
-                 tally agent: declared, reported as unavailable until the
-                 agent has that policy; never run with made-up numbers
+                 tally agent: `tally up --policy tgs` (the daemon's AIMD
+                 controller sets the BE launch rate; docs/scheduling.md)
   tally          `tally up` (daemon, its own MPS), each process under
                  `tally run --priority high|best-effort --`; `tally down` after
   tally-block    tally with block-level scheduling: declared, unavailable yet
@@ -203,7 +203,6 @@ class Tally(System):
                           prefix=self.tally_command + ["run", "--priority", priority, "--"])
 
 
-TGS_REASON = "unavailable: needs agent policy tgs (TGS-style adaptive BE rate control is not in the agent yet)"
 TALLY_BLOCK_REASON = "unavailable: needs block-level scheduling in the agent (PTX slicing/preemption not wired yet)"
 
 
@@ -242,7 +241,10 @@ def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | 
     if name == "mps-split":
         return Mps("mps-split", be_thread_percent=mps_split_percent, mps_factory=mps_factory)
     if name == "tgs":
-        return Unavailable("tgs", "TGS-style adaptive rate control of BE launches (NSDI'23)", TGS_REASON)
+        tgs = Tally(up_args=["--policy", "tgs"], name="tgs")
+        tgs.description = ("TGS-style adaptive rate control of BE launches (NSDI'23): tally agent + daemon, "
+                           "`tally up --policy tgs`")
+        return tgs
     if name == "tally":
         return Tally()
     if name == "tally-block":

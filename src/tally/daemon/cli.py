@@ -22,8 +22,9 @@ from tally.errors import TallyError
               help="Join an MPS control daemon already running with this pipe directory (not stopped by down).")
 @click.option("--mps-log-dir", type=click.Path(file_okay=False), default=None,
               help="That MPS's log directory, passed on to clients.")
-@click.option("--policy", type=click.Choice(["tally", "passthrough"]), default="tally", show_default=True,
-              help="tally: launch-level gate for best-effort work; passthrough: no gating.")
+@click.option("--policy", type=click.Choice(["tally", "passthrough", "tgs"]), default="tally", show_default=True,
+              help="tally: launch-level gate for best-effort work; passthrough: no gating; "
+                   "tgs: TGS-style adaptive rate control of best-effort launches (a baseline).")
 @click.option("--idle-window-us", type=float, default=100.0, show_default=True,
               help="HP must be idle this long before BE launches.")
 @click.option("--budget-us", type=float, default=100.0, show_default=True,
@@ -36,8 +37,16 @@ from tally.errors import TallyError
               help="Prometheus metrics on 127.0.0.1:PORT; 0 turns them off.")
 @click.option("--foreground", is_flag=True, help="Run the daemon in this process (debugging, systemd).")
 def up_command(**options):
-    """Start the node daemon: MPS, one scoreboard per GPU, liveness, metrics."""
-    control.up(control.UpOptions(**options), say=click.echo)
+    """Start the node daemon: MPS, one scoreboard per GPU, liveness, metrics.
+
+    Defaults come from the config files (/etc/tally/config.toml, then
+    ~/.config/tally/config.toml; see docs/operations.md); options given here
+    override them.
+    """
+    ctx = click.get_current_context()
+    given = {name for name in options
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    control.up(control.options_from_config(options, given), say=click.echo)
 
 
 @click.command("down")
@@ -67,8 +76,43 @@ def _uptime_s(pid: int) -> float | None:
     return boot_uptime - st[1] / os.sysconf("SC_CLK_TCK")
 
 
+def gpu_memory_by_pid() -> dict[str, dict[int, int]] | None:
+    """{GPU UUID: {pid: bytes of device memory}} from NVML's running compute
+    processes, or None when NVML (the optional pynvml) cannot say. Under MPS,
+    NVML may list the MPS server rather than its clients (driver-dependent),
+    so a client can show no figure even where NVML works. Never raises."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver, no GPU: no figures
+        return None
+    found: dict[str, dict[int, int]] = {}
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            per_pid = found.setdefault(uuid, {})
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                used = getattr(proc, "usedGpuMemory", None)
+                if isinstance(used, int) and used >= 0:
+                    per_pid[int(proc.pid)] = per_pid.get(int(proc.pid), 0) + used
+    except Exception:  # noqa: BLE001 - a figure is a nicety; status must not fail for it
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    return found
+
+
 def collect_status(state: dict) -> dict:
     now = time.monotonic_ns()
+    memory = gpu_memory_by_pid()
     gpus = []
     for gpu in state.get("gpus", []):
         entry = {k: gpu.get(k) for k in ("index", "uuid", "name", "scoreboard")}
@@ -88,6 +132,7 @@ def collect_status(state: dict) -> dict:
                         "held_ms": c["held_ns"] / 1e6, "held_launches": c["held_launches"],
                         "long_kernels": c["long_kernels"], "in_flight": c["in_flight"],
                         "failopen": bool(c["failopen"]),
+                        "memory_bytes": (memory or {}).get(gpu.get("uuid"), {}).get(c["pid"]),
                     } for c in board.clients()],
                 })
         except TallyError as exc:
@@ -115,6 +160,11 @@ def status_command(as_json):
                          "`tally down` cleans them up, `tally up` starts a new one")
     if status == "starting":
         raise TallyError("the tally daemon is starting; try again in a moment")
+    from tally.daemon.client import version_skew
+
+    error, warning = version_skew(state)
+    if error or warning:
+        click.echo(f"tally: warning: {error or warning}", err=True)
     report = collect_status(state)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -148,11 +198,20 @@ def _print_tables(report: dict) -> None:
         table = Table(title=f"{title}: {gpu['hp_active']} HP, {gpu['be_active']} BE active, "
                             f"heartbeat {f'{beat:.0f} ms ago' if beat is not None else 'stopped'}, "
                             f"epoch {gpu['epoch']}", title_justify="left")
-        for column in ("slot", "pid", "priority", "state", "command", "launches", "held ms", "long kernels",
-                       "in flight", "failopen"):
+        for column in ("slot", "pid", "priority", "state", "command", "memory", "launches", "held ms",
+                       "long kernels", "in flight", "failopen"):
             table.add_column(column, justify="right" if column not in ("priority", "state", "command") else "left")
         for c in gpu["clients"]:
             table.add_row(str(c["slot"]), str(c["pid"]), c["priority"], c["state"], c["command"][:60],
-                          str(c["launches"]), f"{c['held_ms']:.1f}", str(c["long_kernels"]), str(c["in_flight"]),
+                          _memory_text(c.get("memory_bytes")), str(c["launches"]), f"{c['held_ms']:.1f}", str(c["long_kernels"]), str(c["in_flight"]),
                           "yes" if c["failopen"] else "")
         console.print(table)
+
+
+def _memory_text(nbytes: int | None) -> str:
+    """Device memory of a client as NVML reports it; "-" where it cannot say."""
+    if nbytes is None:
+        return "-"
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.1f} GiB"
+    return f"{nbytes / (1 << 20):.0f} MiB"

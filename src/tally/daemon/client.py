@@ -18,6 +18,25 @@ def find_daemon() -> dict | None:
     return state if status == "running" else None
 
 
+def version_skew(state: dict) -> tuple[str | None, str | None]:
+    """(error, warning) about a running daemon of another tally version.
+    An error when its scoreboard layout differs (this tally's agents would
+    refuse its scoreboards and run ungated); a warning when only the tally
+    version differs (or the daemon is too old to say)."""
+    from tally import __version__
+
+    theirs = state.get("tally_version")
+    layout = state.get("layout_version")
+    restart = "restart it with `tally down` and `tally up`"
+    if layout is not None and layout != sbmod.VERSION:
+        return (f"the running tally daemon (pid {state.get('pid')}) is tally {theirs or '?'} with scoreboard "
+                f"layout {layout}, but this is tally {__version__} with layout {sbmod.VERSION}: {restart}"), None
+    if theirs != __version__:
+        return None, (f"the running tally daemon (pid {state.get('pid')}) is tally {theirs or '(unknown version)'}, "
+                      f"this is tally {__version__}; {restart}")
+    return None, None
+
+
 def client_env(state: dict, priority: str | int) -> dict[str, str]:
     """Environment variables to add to a client's environment so that it
     joins the daemon's MPS and its agent finds the scoreboard of its GPU at
@@ -59,9 +78,9 @@ def ensure_daemon(auto_up: bool = False, say=None, options=None) -> dict:
         return state
     if not auto_up:
         raise TallyError(NO_DAEMON_MESSAGE)
-    from tally.daemon.control import UpOptions, up
+    from tally.daemon.control import options_from_config, up
 
-    state = up(options or UpOptions(), say=say or (lambda message: None))
+    state = up(options or options_from_config(), say=say or (lambda message: None))
     if not state:
         raise TallyError(NO_DAEMON_MESSAGE)
     return state

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tally import gpus as gpumod
@@ -37,6 +37,27 @@ class UpOptions:
     daemon_timeout_ms: float = 500.0
     metrics_port: int = DEFAULT_METRICS_PORT
     foreground: bool = False
+    # from the config files ([access]; see tally.config): share the daemon's
+    # files with this group, and demote high-priority clients the rules deny
+    group: str | None = None
+    high_priority_rules: list = field(default_factory=list)
+
+
+def options_from_config(cli: dict | None = None, given: set[str] | None = None) -> UpOptions:
+    """UpOptions from the config files' defaults, overridden by the `cli`
+    values whose names are in `given` (all of them when `given` is None)."""
+    from tally import config as cfgmod
+
+    cfg = cfgmod.load()
+    values = dict(cli or {})
+    for name, value in cfg.up_defaults().items():
+        if given is None and name in values or given is not None and name in given:
+            continue
+        values[name] = value
+    values["group"] = cfg.group
+    values["high_priority_rules"] = [{"source": r.source, "users": r.users, "groups": r.groups}
+                                     for r in cfg.rules]
+    return UpOptions(**values)
 
 
 # ---------------------------------------------------------------------------
@@ -61,7 +82,7 @@ def probe(runtime: Path | None = None) -> tuple[str, dict | None]:
 
 
 def _policy_params(opts: UpOptions) -> sbmod.PolicyParams:
-    policies = {name: value for value, name in sbmod.POLICY_NAMES.items() if value != sbmod.POLICY_TGS}
+    policies = {name: value for value, name in sbmod.POLICY_NAMES.items()}
     if opts.policy not in policies:
         raise TallyError(f"--policy must be one of {', '.join(policies)}, not {opts.policy!r}")
     for name, value in (("--idle-window-us", opts.idle_window_us), ("--budget-us", opts.budget_us),
@@ -123,7 +144,7 @@ def build_config(opts: UpOptions) -> DaemonConfig:
 def up(opts: UpOptions, say=print) -> dict | None:
     """Starts the daemon unless one runs; returns its state (None after a
     foreground run, which returns only once the daemon stopped)."""
-    runtime = rt.ensure_runtime_dir()
+    runtime = rt.ensure_runtime_dir(group=opts.group)
     status, state = probe(runtime)
     if status == "starting":
         state = _wait_for_state(runtime, None, START_TIMEOUT_S)
@@ -136,9 +157,14 @@ def up(opts: UpOptions, say=print) -> dict | None:
     config = build_config(opts)
     if opts.foreground:
         say(f"tally daemon running in the foreground (pid {os.getpid()}); SIGTERM or Ctrl-C stops it")
-        serve(config, runtime)
+        if _access(opts):
+            run_daemon(config, runtime, _access(opts))
+        else:
+            serve(config, runtime)
         return None
-    state = _spawn(config, runtime)
+    state = _spawn(config, runtime, _access(opts))
+    if opts.group:
+        rt.share_with_group(runtime, state, opts.group)
     gpus = ", ".join(f"{g['index']}:{g['uuid']}" for g in state["gpus"])
     mps = state["mps"]["pipe_dir"] if state.get("mps") else "off"
     metrics = state["metrics"]["url"] if state.get("metrics") else "off"
@@ -146,12 +172,16 @@ def up(opts: UpOptions, say=print) -> dict | None:
     return state
 
 
-def _spawn(config: DaemonConfig, runtime: Path) -> dict:
+def _spawn(config: DaemonConfig, runtime: Path, access: dict | None = None) -> dict:
     log = rt.log_path(runtime)
+    argv = [sys.executable, "-m", "tally.daemon", json.dumps(asdict(config))]
+    if access:  # the same daemon, plus group sharing and priority enforcement (run_daemon)
+        argv = [sys.executable, "-c", "import sys; from tally.daemon.control import daemon_main; "
+                "sys.exit(daemon_main(sys.argv[1:]))", json.dumps(asdict(config)), json.dumps(access)]
     with open(log, "w") as log_file:
         os.chmod(log, 0o600)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tally.daemon", json.dumps(asdict(config))],
+            argv,
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, cwd="/",
             env={**os.environ, "TALLY_RUNTIME_DIR": str(runtime), "TALLY_SHM_DIR": str(sbmod.shm_dir())},
@@ -291,3 +321,112 @@ def _scoreboards_of(state: dict, pid: int | None) -> list[Path]:
         if owner == pid or (path in listed and not alive):
             mine.append(path)
     return mine
+
+
+# ---------------------------------------------------------------------------
+# Access control inside the daemon ([access] in the config files)
+
+
+def _access(opts: UpOptions) -> dict | None:
+    """What the daemon process needs of the access configuration, or None
+    when there is nothing to enforce (the default: a single-user machine)."""
+    if not opts.group and not opts.high_priority_rules:
+        return None
+    return {"group": opts.group, "rules": opts.high_priority_rules}
+
+
+class PriorityGuard:
+    """Demotes high-priority clients that the access rules do not allow.
+
+    `tally run` checks the rules before it starts a program, but a process
+    could claim a high-priority slot without it (it only has to write its own
+    slot). The daemon therefore checks the owner (real uid and groups, from
+    /proc/<pid>/status) of every high-priority slot and rewrites a denied
+    slot's priority to best-effort, which takes it out of `hp_active`: best-
+    effort clients are not held for it.
+    """
+
+    def __init__(self, rules: list[dict], say=None):
+        from tally import config as cfgmod
+
+        self.config = cfgmod.Config(rules=[cfgmod.AccessRule(r["source"], _tuple(r.get("users")),
+                                                             _tuple(r.get("groups"))) for r in rules])
+        self.say = say or (lambda message: None)
+        self._seen: dict[tuple[str, int], tuple[int, int]] = {}  # (gpu, slot) -> (pid, claim_ns) checked
+
+    def check(self, board: sbmod.Scoreboard) -> list[int]:
+        """Checks one scoreboard; returns the slots it demoted."""
+        from tally import config as cfgmod
+
+        demoted = []
+        if not self.config.rules:
+            return demoted
+        for slot in board.slots():
+            if board.slot_state(slot) != sbmod.SLOT_ACTIVE:
+                continue
+            pid = board.slot_get(slot, "pid")
+            if not pid or board.slot_get(slot, "priority") != sbmod.PRIORITY_HIGH:
+                continue
+            key, claim = (board.gpu_uuid, slot), (pid, board.slot_get(slot, "claim_ns"))
+            if self._seen.get(key) == claim:
+                continue
+            ids = cfgmod.process_ids(pid)
+            if ids is None:
+                continue  # gone: the daemon's liveness check repairs the slot
+            self._seen[key] = claim
+            uid, gids = ids
+            if self.config.may_run_high(uid, gids):
+                continue
+            board.slot_set(slot, "priority", sbmod.PRIORITY_BEST_EFFORT)
+            demoted.append(slot)
+            self.say(f"pid {pid} (user {cfgmod.user_name(uid)}) claimed high priority on {board.gpu_uuid} "
+                     "without permission ([access] in the config): demoted to best-effort")
+        return demoted
+
+
+def _tuple(value) -> tuple | None:
+    return tuple(value) if value is not None else None
+
+
+def run_daemon(config: DaemonConfig, runtime: Path, access: dict) -> None:
+    """serve(), plus the access configuration: the daemon's files shared with
+    a group, and a thread that enforces who may run high priority. Keep in
+    step with tally.daemon.daemon.serve() (today: Daemon(...).start(); .run())."""
+    import threading
+
+    from tally.daemon.daemon import Daemon, log
+
+    daemon = Daemon(config, runtime)
+    daemon.start()
+    if access.get("group"):
+        try:
+            rt.share_with_group(runtime, daemon.state(), access["group"])
+        except TallyError:
+            daemon.shutdown()
+            raise
+    guard = PriorityGuard(access.get("rules") or [], say=log)
+
+    def enforce() -> None:
+        while not daemon.stopping:
+            with daemon.boards_lock:
+                for board in daemon.boards:
+                    try:
+                        guard.check(board)
+                    except (TallyError, OSError, ValueError) as exc:
+                        log(f"warning: priority check failed: {exc}")
+            time.sleep(0.005)
+
+    if guard.config.rules:
+        threading.Thread(target=enforce, name="tally-priority-guard", daemon=True).start()
+    daemon.run()
+
+
+def daemon_main(argv: list[str]) -> int:
+    """`python -c ... CONFIG_JSON ACCESS_JSON`: the detached daemon when the
+    configuration has [access] rules (else `python -m tally.daemon`)."""
+    try:
+        run_daemon(DaemonConfig.from_dict(json.loads(argv[0])), paths.runtime_dir(), json.loads(argv[1]))
+    except TallyError as exc:
+        print(f"tally: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0

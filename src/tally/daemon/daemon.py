@@ -22,6 +22,7 @@ from pathlib import Path
 from tally import __version__
 from tally import scoreboard as sbmod
 from tally.daemon import runtime as rt
+from tally.daemon import tgs as tgs_mod
 from tally.errors import TallyError
 from tally.mps import ExternalMps, Mps, PrivateMps
 from tally.scoreboard import PolicyParams, Scoreboard
@@ -129,6 +130,7 @@ class Daemon:
         self._repairing_since: dict[tuple[int, int], int] = {}
         self._pending_since: dict[tuple[int, int], int] = {}
         self._pidfd_ok = hasattr(os, "pidfd_open")
+        self.tgs: dict[int, "tgs_mod.TgsController"] = {}  # policy tgs: one controller per board
 
     # --- startup -------------------------------------------------------
 
@@ -258,6 +260,15 @@ class Daemon:
                 board.hp_active = hp
             if board.be_active != be:
                 board.be_active = be
+            if self.config.params.get("policy") == sbmod.POLICY_TGS:
+                self._tgs_tick(b, board, now)
+
+    def _tgs_tick(self, b: int, board: Scoreboard, now: int) -> None:
+        """Policy tgs: step the board's rate controller and publish its BE limit."""
+        controller = self.tgs.get(b)
+        if controller is None:
+            controller = self.tgs[b] = tgs_mod.TgsController()
+        tgs_mod.apply(board, controller.step(tgs_mod.sample_board(board, now)))
 
     def _check_active(self, board: Scoreboard, key: tuple[int, int], now: int, exited: bool) -> bool:
         """Whether the slot's client counts as active; repairs it if it died."""

@@ -46,8 +46,11 @@ def check_owner(directory: Path) -> None:
                          "set TALLY_RUNTIME_DIR to a directory of your own")
 
 
-def ensure_runtime_dir() -> Path:
+def ensure_runtime_dir(group: str | None = None) -> Path:
+    """The runtime dir, made if needed: mode 0700, or 0750 and owned by
+    `group` when the configuration shares the daemon with a group."""
     directory = paths.runtime_dir()
+    gid = resolve_group(group) if group else None
     try:
         directory.mkdir(parents=True, mode=0o700)
     except FileExistsError:
@@ -55,9 +58,71 @@ def ensure_runtime_dir() -> Path:
     except OSError as exc:
         raise TallyError(f"cannot create runtime dir {directory}: {exc.strerror}") from None
     check_owner(directory)
-    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+    if gid is not None:
+        _share(directory, gid, DIR_MODE_GROUP)
+    elif stat.S_IMODE(directory.stat().st_mode) != 0o700:
         os.chmod(directory, 0o700)
     return directory
+
+
+# Modes of the daemon's files when [access] group is configured; without it
+# everything is private to the daemon's user (dirs 0700, files 0600).
+DIR_MODE_GROUP = 0o750
+FILE_MODE_GROUP_READ = 0o640   # state.json, daemon.pid: clients read them
+FILE_MODE_GROUP_RW = 0o660     # scoreboards, MPS sockets: clients write them
+
+
+def resolve_group(name: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise TallyError(f"access.group {name!r} is not a group on this machine: create it, "
+                         "or remove access.group from the config") from None
+
+
+def _share(path: Path, gid: int, mode: int) -> None:
+    try:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if st.st_gid != gid:
+            os.chown(path, -1, gid)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        import grp
+
+        name = grp.getgrgid(gid).gr_name
+        raise TallyError(f"cannot give group {name} access to {path}: you must be a member of {name}") from None
+
+
+def share_with_group(runtime: Path, state: dict, group: str) -> None:
+    """Opens a running daemon's files to `group`: runtime dir and MPS dirs
+    0750, state and pid file 0640, scoreboards and MPS pipes 0660. The log
+    stays private."""
+    gid = resolve_group(group)
+    _share(runtime, gid, DIR_MODE_GROUP)
+    for path in (state_path(runtime), pid_path(runtime)):
+        _share(path, gid, FILE_MODE_GROUP_READ)
+    for gpu in state.get("gpus", []):
+        if gpu.get("scoreboard"):
+            _share(Path(gpu["scoreboard"]), gid, FILE_MODE_GROUP_RW)
+    mps = state.get("mps") or {}
+    if mps.get("owned"):
+        pipe = Path(mps["pipe_dir"])
+        for directory in (pipe.parent, pipe):
+            _share(directory, gid, DIR_MODE_GROUP)
+        try:
+            entries = list(pipe.iterdir())
+        except OSError:
+            entries = []
+        for entry in entries:
+            if not entry.is_dir():
+                _share(entry, gid, FILE_MODE_GROUP_RW)
 
 
 def read_state(runtime: Path | None = None) -> dict | None:
