@@ -35,6 +35,7 @@ import click
 
 from tally.errors import TallyError
 from tally.paths import cache_dir
+from tally.trace import format_ns
 
 MAGIC = "tally-profiles"
 VERSION = 1
@@ -298,12 +299,6 @@ def profile_path(command: list[str], env_path: str | None = None) -> Path:
 # -------------------------------------------------------------------- CLI
 
 
-def _fmt_ns(ns: float) -> str:
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f} ms"
-    if ns >= 1e3:
-        return f"{ns / 1e3:.1f} us"
-    return f"{ns:.0f} ns"
 
 
 @click.group("profiles")
@@ -359,7 +354,7 @@ def show_command(file, top, command):
     for p in _order(profiles.values())[:top]:
         name = demangle(p.name)
         name = name if len(name) <= 100 else name[:97] + "..."
-        click.echo(f"{_fmt_ns(p.est_ns):>10}  {p.samples:>8}  {p.grid_threads:>10}  {name}")
+        click.echo(f"{format_ns(p.est_ns):>10}  {p.samples:>8}  {p.grid_threads:>10}  {name}")
 
 
 @profiles_group.command("seed", context_settings={"ignore_unknown_options": True,

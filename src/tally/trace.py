@@ -231,7 +231,8 @@ def kernel_profiles(records: Iterable[dict]) -> dict[tuple[str, tuple, tuple], d
     return {k: {"count": len(v), "mean_ns": sum(v) / len(v), "max_ns": max(v)} for k, v in acc.items()}
 
 
-def _fmt_ns(ns: float) -> str:
+def format_ns(ns: float) -> str:
+    """A duration for people: ns, us or ms with sensible precision."""
     if ns >= 1e6:
         return f"{ns / 1e6:.2f} ms"
     if ns >= 1e3:
@@ -251,7 +252,7 @@ def print_summary(summary: TraceSummary, top: int) -> None:
 
     console = Console()
     console.print(
-        f"[bold]{summary.kernel_records}[/] kernels executed, {_fmt_ns(summary.total_ns)} of GPU time; "
+        f"[bold]{summary.kernel_records}[/] kernels executed, {format_ns(summary.total_ns)} of GPU time; "
         f"{summary.kernel_launches} kernel launches and {summary.graph_launches} graph launches "
         f"in {summary.processes} process(es)"
     )
@@ -263,8 +264,8 @@ def print_summary(summary: TraceSummary, top: int) -> None:
         d = sorted(ks.durations)
         share = ks.total_ns / summary.total_ns if summary.total_ns else 0
         name = ks.name if len(ks.name) <= 100 else ks.name[:97] + "..."
-        table.add_row(name, str(ks.count), _fmt_ns(ks.total_ns), f"{share:.1%}", _fmt_ns(ks.mean_ns),
-                      _fmt_ns(_percentile(d, 0.5)), _fmt_ns(d[-1]))
+        table.add_row(name, str(ks.count), format_ns(ks.total_ns), f"{share:.1%}", format_ns(ks.mean_ns),
+                      format_ns(_percentile(d, 0.5)), format_ns(d[-1]))
     console.print(table)
     hist = Table(title="Kernel durations")
     hist.add_column("duration")
