@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "status": "tally.daemon.cli:status_command",
     "bench": "tally.bench.cli:bench_command",
     "profiles": "tally.profiles:profiles_group",
+    "blocksched": "tally.blocksched.cli:blocksched_group",
 }
 
 HELP = {
@@ -37,6 +38,7 @@ HELP = {
     "status": "Show the daemon, its GPUs and its clients.",
     "bench": "Run the co-location benchmark (HP inference next to BE training).",
     "profiles": "Show or seed (from a trace) a program's kernel duration profiles.",
+    "blocksched": "Show per-kernel block scheduling choices and the kernel cache.",
 }
 
 

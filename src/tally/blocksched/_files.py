@@ -1,0 +1,84 @@
+"""Small file helpers shared by the decisions file and the kernel cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from tally.errors import TallyError
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(key: str, message: str) -> None:
+    """`tally: warning: <message>` on stderr, once per key per process."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    print(f"tally: warning: {message}", file=sys.stderr, flush=True)
+
+
+def reset_warnings() -> None:
+    with _warned_lock:
+        _warned.clear()
+
+
+def atomic_write(path: Path, data: bytes, what: str) -> None:
+    """A temporary file in the same directory renamed over `path`: readers see
+    the old file or the new one, never a part."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    except OSError as exc:
+        raise TallyError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise TallyError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_limited(path: Path, limit: int) -> bytes | None:
+    """The file's bytes (None if missing); more than `limit` bytes reads as limit+1."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        return None
+
+
+def canonical_json(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(data: bytes):
+    """JSON bytes -> value; NaN/Infinity, duplicate keys, non-UTF-8 raise ValueError."""
+    def pairs(items):
+        out = {}
+        for k, v in items:
+            if k in out:
+                raise ValueError(f"duplicate key {k!r}")
+            out[k] = v
+        return out
+
+    return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=_reject_constant)

@@ -1,0 +1,133 @@
+"""`tally blocksched show|candidates|cache`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tally.blocksched import decisions
+from tally.blocksched.candidates import enumerate_candidates
+from tally.blocksched.choose import DEFAULT_BOUND_NS, DEFAULT_FLOOR, Policy, choose, evaluate, fmt_ns
+from tally.errors import TallyError
+
+_CMD = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@click.group("blocksched", context_settings={"help_option_names": ["-h", "--help"]})
+def blocksched_group():
+    """Block-level scheduling: chosen kernel configurations, candidates, the kernel cache.
+
+    \b
+    tally blocksched show -- python train.py            # per kernel: configuration and why
+    tally blocksched show --bound-us 31.6 -- python train.py   # re-choose under another bound
+    tally blocksched candidates --grid 4096 --block 256 --sms 132
+    tally blocksched cache [--clear]
+    """
+
+
+def _dims(text: str, what: str) -> tuple[int, int, int]:
+    try:
+        dims = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise TallyError(f"--{what} must be 1 to 3 positive integers like 4096 or 64,64,1, got {text!r}") from None
+    if not 1 <= len(dims) <= 3 or any(d < 1 for d in dims):
+        raise TallyError(f"--{what} must be 1 to 3 positive integers like 4096 or 64,64,1, got {text!r}")
+    return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
+
+
+def _path(command: tuple[str, ...], file: Path | None) -> Path:
+    if command and command[0] == "--":
+        command = command[1:]
+    if file is not None:
+        if command:
+            raise TallyError("give either --file PATH or a command, not both")
+        return file
+    if command:
+        return decisions.decisions_path(list(command))
+    raise TallyError("which program? give its command after --, e.g. -- python train.py")
+
+
+def format_entry(entry: decisions.Entry, decision=None) -> str:
+    """One line per kernel: 'name grid block -> reason' (what trace/status can print)."""
+    from tally.trace import demangle
+
+    r = entry.record
+    d = decision or entry.decision
+    name = demangle(r.name)
+    name = name if len(name) <= 60 else name[:57] + "..."
+    grid = "x".join(map(str, r.grid))
+    block = "x".join(map(str, r.block))
+    return f"{name}  grid {grid} block {block}: {d.reason if d else 'no decision yet'}"
+
+
+@blocksched_group.command("show", context_settings=_CMD)
+@click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A block scheduling file, instead of the one of a command.")
+@click.option("--bound-us", type=float, default=None, help="Re-choose under this turnaround bound (microseconds).")
+@click.option("--floor", type=float, default=None, help="Re-choose with this speed floor (0 < floor <= 1).")
+@click.option("-v", "--verbose", is_flag=True, help="Also list every measured candidate.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def show_command(file, bound_us, floor, verbose, command):
+    """Per kernel of COMMAND's block scheduling file: the configuration chosen and why."""
+    path = _path(command, file)
+    entries = decisions.read(path, missing_ok=False)
+    rechoose = bound_us is not None or floor is not None
+    policy = None
+    if rechoose:
+        policy = Policy(DEFAULT_BOUND_NS if bound_us is None else bound_us * 1e3,
+                        DEFAULT_FLOOR if floor is None else floor)
+    head = f"{path}: {len(entries)} kernel configuration(s)"
+    if policy:
+        head += f", re-chosen with bound {fmt_ns(policy.bound_ns)} and floor {policy.floor:g}x"
+    click.echo(head)
+    for e in entries:
+        decision = choose(e.record, policy) if policy else e.decision
+        click.echo(format_entry(e, decision))
+        if verbose:
+            bound = (policy or decision).bound_ns if (policy or decision) else DEFAULT_BOUND_NS
+            for row in evaluate(e.record):
+                click.echo(f"    {row.summary(e.record.grid, bound)}")
+
+
+@blocksched_group.command("candidates")
+@click.option("--grid", required=True, help="Original grid, e.g. 4096 or 64,64,1.")
+@click.option("--block", required=True, help="Block shape, e.g. 256 or 16,16.")
+@click.option("--sms", type=click.IntRange(1, 1 << 16), required=True, help="SMs of the GPU.")
+@click.option("--occupancy", type=click.IntRange(1, 1024), default=None,
+              help="Resident blocks per SM the kernel allows (default: thread limit only).")
+@click.option("--kernel-us", type=click.FloatRange(0, min_open=True), default=None,
+              help="The original kernel's duration (adds slices sized for the bound).")
+@click.option("--bound-us", type=click.FloatRange(0, min_open=True), default=DEFAULT_BOUND_NS / 1e3,
+              show_default=True, help="Turnaround bound (microseconds).")
+def candidates_command(grid, block, sms, occupancy, kernel_us, bound_us):
+    """List the configurations that would be measured for one launch."""
+    g, b = _dims(grid, "grid"), _dims(block, "block")
+    try:
+        found = enumerate_candidates(g, b, sms, occupancy=occupancy, bound_ns=bound_us * 1e3,
+                                     kernel_ns=None if kernel_us is None else kernel_us * 1e3)
+    except ValueError as exc:
+        raise TallyError(str(exc)) from None
+    for c in found:
+        if c.mode == "slice":
+            launch = f"{c.launches(g)} launches of <= {c.size} blocks"
+        elif c.mode == "original":
+            launch = f"1 launch of {'x'.join(map(str, g))}"
+        else:
+            launch = f"1 launch of {c.launch_grid(g)[0]} workers, <= {c.waves(g)} blocks each"
+        click.echo(f"{c.key:<20} {launch}")
+
+
+@blocksched_group.command("cache")
+@click.option("--clear", is_flag=True, help="Remove every cached transformed kernel.")
+def cache_command(clear):
+    """Where transformed kernels are cached, and how many."""
+    from tally.blocksched.cache import KernelCache
+
+    cache = KernelCache()
+    if clear:
+        cache.clear()
+        click.echo(f"removed {cache.root}")
+        return
+    s = cache.stats()
+    click.echo(f"{cache.dir}: {s['ok']} transformed, {s['refused']} refused, {s['other']} unreadable; "
+               f"{s['bytes'] / 1e6:.1f} MB")
