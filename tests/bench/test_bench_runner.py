@@ -112,7 +112,7 @@ def test_run_timing_breaks_down_a_run():
 def test_overheads_from_earlier_runs(tmp_path):
     import json
 
-    config = runner_mod.BenchConfig(out_dir=tmp_path, startup_estimate_s=3.0, warmup_s=1.0)
+    config = runner_mod.BenchConfig(out_dir=tmp_path, startup_estimate_s=3.0, warmup_s=1.0, reuse_workers=False)
     o = runner_mod.Overheads.measured(tmp_path / "runs", config)
     assert o.source == "defaults" and o.startup("bert-infer") == runner_mod.DEFAULT_STARTUP_S["bert-infer"]
     assert o.startup("some.module:make") == 4.0 and o.system_s("tally[budget-us=5]") == o.system_s("tally")
@@ -266,3 +266,132 @@ def test_tally_variants_pass_their_policy_to_tally_up():
     for bad in ("tally[budget=1]", "tally[budget-us=fast]", "tally[budget-us]"):
         with pytest.raises(TallyError):
             systems.make_system(bad)
+
+
+# ---------------------------------------------------------------- reused workers
+
+
+def test_reused_workers_start_once_per_system_and_give_the_same_results(tmp_path):
+    FakeMps.events = []
+    runner = make_runner(tmp_path / "out", mps_factory=FakeMps)
+    keys = [runner_mod.RunKey(hp, be, system, 0.5)
+            for hp in ("fake-infer", "fake-infer@sleep") for be in ("fake-train", "fake-train@sleep")
+            for system in ("standalone", "time-slicing", "mps", "tally-block")]
+    results = runner.run_matrix(keys)
+    assert [r["run_id"] for r in results] == [k.run_id for k in keys]  # in the caller's order
+    by_status = {}
+    for r in results:
+        by_status.setdefault(r["status"], []).append(r["key"]["system"])
+    assert sorted(by_status) == ["ok", "unavailable"], [r.get("reason") for r in results]
+    # 2 HP + 2 BE workers for baselines and time-slicing, 2 + 2 more under mps: 8, not 2 per run
+    starts = runner.worker_starts
+    assert sorted(s[0] for s in starts) == ["mps"] * 4 + ["standalone"] * 4
+    assert len(set(starts)) == 8
+    assert [e[0] for e in FakeMps.events] == ["init", "start", "stop"]  # one daemon for all mps runs
+    one_shot = make_runner(tmp_path / "one", mps_factory=FakeMps, reuse_workers=False)
+    reference = one_shot.run(runner_mod.RunKey("fake-infer", "fake-train", "mps", 0.5))
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        assert set(reference) - {"timing"} <= set(r) - {"worker_reused", "workers"}
+        if r["key"]["system"] != "standalone":
+            assert r["worker_reused"]["hp"] or r["worker_reused"]["be"] or r["timing"].get("hp_startup_s")
+            assert set(r["timing"]) >= {"startup_s", "measure_s", "teardown_s", "hp_worker_startup_s"}
+            assert 0.9 < r["timing"]["measure_s"] < 2.5 and r["hp"]["completed"] > 0
+            assert r["be"]["steps_per_s"] > 0
+    assert not any(_alive(p) for p in runner.processes.spawned_pids)
+    # resume: nothing is started again
+    again = make_runner(tmp_path / "out", mps_factory=FakeMps)
+    ok = [r["status"] == "ok" for r in results]
+    redo = again.run_matrix(keys)
+    assert [r["created"] for r, done in zip(redo, ok) if done] == [r["created"] for r, done in zip(results, ok) if done]
+    assert again.processes.spawned_pids == [] and again.worker_starts == []
+
+
+def test_a_killed_reused_worker_fails_only_its_run_and_is_restarted(tmp_path):
+    runner = make_runner(tmp_path, duration_s=1.0)
+    keys = [runner_mod.RunKey("fake-infer", be, "time-slicing", 0.5) for be in ("fake-train", "fake-train@sleep")]
+    keys.append(runner_mod.RunKey("fake-infer", "fake-train", "time-slicing", 0.25))
+    killed = []
+    original = runner._window
+
+    def window(key, pool):
+        if key == keys[0]:
+            # the HP worker dies in the middle of the first window
+            import threading
+
+            victim = pool.get("hp", "fake-infer") if ("hp", "fake-infer") in pool.live else None
+
+            def kill():
+                time.sleep(0.5)
+                handle = pool.get("hp", "fake-infer")
+                killed.append(handle.proc.pid)
+                os.kill(handle.proc.pid, signal.SIGKILL)
+
+            assert victim is not None
+            threading.Thread(target=kill, daemon=True).start()
+        return original(key, pool)
+
+    runner._window = window
+    results = runner.run_matrix(keys)
+    assert killed
+    assert results[0]["status"] == "failed" and "hp worker (fake-infer) died" in results[0]["reason"]
+    assert results[1]["status"] == "ok" and results[2]["status"] == "ok", [r.get("reason") for r in results]
+    hp_starts = [s for s in runner.worker_starts if s[1] == "hp"]
+    assert len(hp_starts) == 2  # restarted once for the next run
+    assert not any(_alive(p) for p in runner.processes.spawned_pids)
+    # the failed run is redone on resume, the others are skipped
+    again = make_runner(tmp_path, duration_s=1.0)
+    redo = again.run_matrix(keys)
+    assert redo[0]["status"] == "ok", redo[0].get("reason")
+    assert redo[1]["created"] == results[1]["created"]
+    assert {s[1:] for s in again.worker_starts} == {("hp", "fake-infer"), ("be", "fake-train")}
+
+
+def test_a_worker_that_cannot_start_fails_its_runs_only(tmp_path):
+    FakeMps.events = []
+    runner = make_runner(tmp_path, mps_factory=FakeMps, be_options=["step_ms=-1"])
+    results = runner.run_matrix([runner_mod.RunKey("fake-infer", "fake-train", s, 0.5) for s in ("mps", "standalone")])
+    assert all(r["status"] == "failed" for r in results)
+    assert "BE alone" in results[0]["reason"] or "be" in results[0]["reason"]
+    assert not any(_alive(p) for p in runner.processes.spawned_pids)
+
+
+REUSE_SCRIPT = """
+import sys
+from tally.bench.runner import BenchConfig, Runner, RunKey
+runner = Runner(BenchConfig(out_dir=sys.argv[1], duration_s=60.0, sample_gpu=False, warmup_steps=2, warmup_s=0.0,
+                            capacity_s=0.3, arrival_source="poisson", stop_grace_s=5.0))
+runner.run_matrix([RunKey("fake-infer", "fake-train", "time-slicing", 0.5)])
+"""
+
+
+def test_interrupting_a_reused_run_kills_every_worker(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", REUSE_SCRIPT, str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    pids: list = []
+    while not (out / "raw" / "standalone__hp__fake-infer__load0.5" / "go").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the HP baseline did not start"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    pids = _child_pids(proc.pid)
+    assert len(pids) >= 2  # an HP and a (paused) BE worker
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "a worker outlived the runner"
+
+
+def test_plan_with_reuse_fits_the_quick_budget(tmp_path):
+    config = runner_mod.BenchConfig(out_dir=tmp_path, duration_s=8.0, capacity_s=2.0)
+    runner = runner_mod.Runner(config)
+    from tally.bench.cli import QUICK, build_plan
+    from tally.bench.systems import SYSTEM_NAMES
+
+    keys = build_plan(QUICK["hp"], QUICK["be"], list(SYSTEM_NAMES), QUICK["loads"], False)
+    reused = runner.plan_seconds(keys)
+    runner.config.reuse_workers = False
+    assert reused < 8 * 60 < runner.plan_seconds(keys)

@@ -110,11 +110,14 @@ def build_plan(hp: list[str], be: list[str], systems: list[str], loads: list[flo
 @click.option("--mps-split-percent", type=click.IntRange(1, 100), default=50, show_default=True,
               help="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of BE under mps-split.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--reuse/--no-reuse", "reuse", default=True, show_default=True,
+              help="Reuse worker processes across runs of a system (one build + warm-up each); --no-reuse: "
+                   "one process pair per run.")
 @click.option("--list", "list_only", is_flag=True, help="List workloads and systems, then exit; needs no GPU.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and its estimated time, then exit; needs no GPU.")
 def bench_command(quick, paper, part, hp, be, systems, loads, trace_path, trace_function, trace_window,
                   arrival_source, duration, out_dir, report_only, hp_cmd, be_cmd, hp_option, be_option,
-                  mps_split_percent, seed, list_only, dry_run):
+                  mps_split_percent, seed, reuse, list_only, dry_run):
     """Run HP inference next to BE training under each sharing system; write JSON, markdown and charts."""
     from tally.bench import workloads as registry
     from tally.bench.systems import SYSTEM_NAMES, make_system
@@ -160,7 +163,7 @@ def bench_command(quick, paper, part, hp, be, systems, loads, trace_path, trace_
         out_dir=out, duration_s=duration, arrival_source="azure" if trace_path else arrival_source,
         trace_path=trace_path, trace_function=trace_function, trace_window=_parse_window(trace_window), seed=seed,
         mps_split_percent=mps_split_percent, hp_command=hp_cmd, be_command=be_cmd,
-        hp_options=list(hp_option), be_options=list(be_option),
+        hp_options=list(hp_option), be_options=list(be_option), reuse_workers=reuse,
     )
     if quick:
         # per-run startup measured on an H100 (2026-11-25): BE model build ~11 s + warm-up 1-5 s is
@@ -191,7 +194,9 @@ def bench_command(quick, paper, part, hp, be, systems, loads, trace_path, trace_
         starts = ", ".join(f"{ref} {overheads.startup(ref):.1f} s"
                            for ref in dict.fromkeys([k.hp for k in keys] + [k.be for k in keys]))
         click.echo(f"per-run overheads: {overheads.source}; worker startup (build + warm-up): {starts}; "
-                   f"teardown {overheads.teardown_s:.1f} s", err=True)
+                   f"teardown {overheads.teardown_s:.1f} s; "
+                   + (f"workers reused (per-window gap {overheads.window_gap_s:.1f} s)" if runner.reuse_possible(keys)
+                      else "one process pair per run"), err=True)
     if dry_run:
         for key in keys:
             click.echo(key.run_id)

@@ -45,6 +45,7 @@ from tally.bench import metrics
 from tally.bench import systems as systems_mod
 from tally.bench import traces
 from tally.bench import workloads as registry
+from tally.bench.pool import WorkerFailed, WorkerPool
 from tally.errors import TallyError
 
 now = time.monotonic
@@ -88,6 +89,13 @@ class BenchConfig:
     python: str = sys.executable
     startup_estimate_s: float = 15.0  # per worker start (torch import, model build, warm-up), for the ETA
     mps_factory: Callable | None = None  # tests inject a fake PrivateMps
+    # run_matrix reuses worker processes (one build + warm-up per workload per system; see
+    # docs/bench.md "How runs are scheduled"); run() / run_pair() and command workloads run one
+    # process pair per run
+    reuse_workers: bool = True
+    reuse_cap: int = 2          # live workers per role per system (tally/tgs: always 1)
+    rewarm_steps: int = 1       # warm-up of a reused worker before each window ...
+    rewarm_s: float = 0.25      # ... at least this many steps and seconds
 
 
 @dataclass(frozen=True)
@@ -238,6 +246,8 @@ class Runner:
         self.say = progress or (lambda message: None)
         self._trace: traces.AzureTrace | None = None
         self.last_timing: dict | None = None  # where the last co-located run's time went
+        self.worker_starts: list[tuple[str, str, str]] = []  # (group, role, ref) of reused workers started
+        self._baseline_failures: dict[str, str] = {}  # baseline path -> reason (reuse mode)
 
     # ---- paths
     def capacity_path(self, hp: str) -> Path:
@@ -291,29 +301,37 @@ class Runner:
             time.sleep(0.02)
 
     # ---- baselines
-    def capacity(self, hp: str) -> dict:
+    def capacity(self, hp: str, pool: "WorkerPool | None" = None) -> dict:
         path = self.capacity_path(hp)
         cached = _read_ok(path)
         if cached is not None:
             return cached
         raw = self.out / "raw" / f"capacity__{_slug(hp)}"
         _fresh_dir(raw)
-        argv = self._worker_argv(hp, "hp", raw / "hp.json",
-                                 ["--measure-capacity", "--capacity-s", str(self.config.capacity_s)])
         self.say(f"capacity of {hp}")
-        proc = self._spawn_worker(systems_mod.Standalone(), "hp", argv, raw / "hp.log")
-        self._wait_exit(proc, self.config.start_timeout_s + self.config.capacity_s + 60, "hp", raw / "hp.log")
-        result = _read_worker(raw / "hp.json", raw / "hp.log")
+        if pool is not None:
+            self._pool_ensure(pool, [("hp", hp)])
+            handle = pool.get("hp", hp)
+            seq = pool.command(handle, {"op": "capacity", "capacity_s": self.config.capacity_s,
+                                        "result": str(raw / "hp.json"), **self._rewarm()})
+            self._pool_wait(pool, handle, f"done-{seq}.json", self.config.start_timeout_s + self.config.capacity_s + 60)
+            result = _read_worker(raw / "hp.json", handle.log)
+        else:
+            argv = self._worker_argv(hp, "hp", raw / "hp.json",
+                                     ["--measure-capacity", "--capacity-s", str(self.config.capacity_s)])
+            proc = self._spawn_worker(systems_mod.Standalone(), "hp", argv, raw / "hp.log")
+            self._wait_exit(proc, self.config.start_timeout_s + self.config.capacity_s + 60, "hp", raw / "hp.log")
+            result = _read_worker(raw / "hp.json", raw / "hp.log")
         out = {"status": "ok", "hp": hp, **result["capacity"], "info": result.get("info", {}),
                "workload": result["workload"]}
         _write(path, out)
         return out
 
-    def arrivals(self, hp: str, load: float) -> traces.Arrivals:
+    def arrivals(self, hp: str, load: float, pool: "WorkerPool | None" = None) -> traces.Arrivals:
         path = self.arrivals_path(hp, load)
         if path.exists():
             return traces.Arrivals.read(path)
-        service_time = float(self.capacity(hp)["service_time_s"])
+        service_time = float(self.capacity(hp, pool)["service_time_s"])
         trace = None
         if self.config.arrival_source == "azure":
             if self._trace is None:
@@ -328,22 +346,36 @@ class Runner:
         arrivals.write(path)
         return arrivals
 
-    def hp_alone(self, hp: str, load: float) -> dict:
+    def hp_alone(self, hp: str, load: float, pool: "WorkerPool | None" = None) -> dict:
         path = self.hp_alone_path(hp, load)
         cached = _read_ok(path)
         if cached is not None:
             return cached
-        self.arrivals(hp, load)
+        self.arrivals(hp, load, pool)
         raw = self.out / "raw" / f"standalone__hp__{_slug(hp)}__{_load_tag(load)}"
         _fresh_dir(raw)
         self.say(f"{hp} alone at load {load:g}")
-        argv = self._worker_argv(hp, "hp", raw / "hp.json", ["--arrivals", str(self.arrivals_path(hp, load))])
         with ExitStack() as stack:
-            stack.callback(self.processes.stop_all, self.config.stop_grace_s)
-            sampler = self._sampler(stack)
-            proc = self._spawn_worker(systems_mod.Standalone(), "hp", argv, raw / "hp.log")
-            self._wait_exit(proc, self._hp_timeout(), "hp", raw / "hp.log")
-        result = _read_worker(raw / "hp.json", raw / "hp.log")
+            if pool is not None:
+                # the pool's other workers are paused (no GPU work) while HP runs alone
+                self._pool_ensure(pool, [("hp", hp)])
+                handle = pool.get("hp", hp)
+                seq = pool.command(handle, {"op": "serve", "arrivals": str(self.arrivals_path(hp, load)),
+                                            "go_file": str(raw / "go"), "result": str(raw / "hp.json"),
+                                            "go_timeout_s": self.config.start_timeout_s, **self._rewarm()})
+                self._pool_wait(pool, handle, f"ack-{seq}.json", self.config.start_timeout_s)
+                sampler = self._sampler(stack)
+                (raw / "go").write_text(str(now()))
+                self._pool_wait(pool, handle, f"done-{seq}.json", 2 * self.config.duration_s + 60)
+                log = handle.log
+            else:
+                stack.callback(self.processes.stop_all, self.config.stop_grace_s)
+                sampler = self._sampler(stack)
+                argv = self._worker_argv(hp, "hp", raw / "hp.json", ["--arrivals", str(self.arrivals_path(hp, load))])
+                proc = self._spawn_worker(systems_mod.Standalone(), "hp", argv, raw / "hp.log")
+                self._wait_exit(proc, self._hp_timeout(), "hp", raw / "hp.log")
+                log = raw / "hp.log"
+        result = _read_worker(raw / "hp.json", log)
         summary = metrics.hp_summary(result)
         result["status"] = "ok" if summary["completed"] else "failed"
         result["summary"] = summary
@@ -352,7 +384,7 @@ class Runner:
         _write(path, result)
         return result
 
-    def be_alone(self, be: str) -> dict:
+    def be_alone(self, be: str, pool: "WorkerPool | None" = None) -> dict:
         path = self.be_alone_path(be)
         cached = _read_ok(path)
         if cached is not None:
@@ -360,13 +392,25 @@ class Runner:
         raw = self.out / "raw" / f"standalone__be__{_slug(be)}"
         _fresh_dir(raw)
         self.say(f"{be} alone")
-        argv = self._worker_argv(be, "be", raw / "be.json", ["--duration", str(self.config.duration_s)])
         with ExitStack() as stack:
-            stack.callback(self.processes.stop_all, self.config.stop_grace_s)
-            sampler = self._sampler(stack)
-            proc = self._spawn_worker(systems_mod.Standalone(), "be", argv, raw / "be.log")
-            self._wait_exit(proc, self.config.start_timeout_s + self.config.duration_s + 60, "be", raw / "be.log")
-        result = _read_worker(raw / "be.json", raw / "be.log")
+            if pool is not None:
+                self._pool_ensure(pool, [("be", be)])
+                handle = pool.get("be", be)
+                sampler = self._sampler(stack)
+                seq = pool.command(handle, {"op": "train", "stop_file": str(raw / "stop"),
+                                            "duration": self.config.duration_s, "result": str(raw / "be.json"),
+                                            **self._rewarm()})
+                self._pool_wait(pool, handle, f"done-{seq}.json",
+                                self.config.start_timeout_s + self.config.duration_s + 60)
+                log = handle.log
+            else:
+                stack.callback(self.processes.stop_all, self.config.stop_grace_s)
+                sampler = self._sampler(stack)
+                argv = self._worker_argv(be, "be", raw / "be.json", ["--duration", str(self.config.duration_s)])
+                proc = self._spawn_worker(systems_mod.Standalone(), "be", argv, raw / "be.log")
+                self._wait_exit(proc, self.config.start_timeout_s + self.config.duration_s + 60, "be", raw / "be.log")
+                log = raw / "be.log"
+        result = _read_worker(raw / "be.json", log)
         rate = metrics.be_rate(result)
         result["status"] = "ok" if rate > 0 else "failed"
         result["steps_per_s"] = rate
@@ -395,7 +439,7 @@ class Runner:
             raise RunFailed(f"{role} worker did not finish within {timeout_s:g} s: {_last_line(log)}") from None
 
     # ---- one co-located run
-    def run(self, key: RunKey, force: bool = False) -> dict:
+    def run(self, key: RunKey, force: bool = False, pool: "WorkerPool | None" = None) -> dict:
         """Run (or load, when already done) one (hp, be, system, load) run; returns its summary."""
         path = self.run_path(key)
         if not force:
@@ -409,7 +453,7 @@ class Runner:
         system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
         base["system"] = system.describe()
         if key.system == "standalone":
-            summary = self._standalone_summary(key, base)
+            summary = self._standalone_summary(key, base, pool)
             _write(path, summary)
             return summary
         reason = system.unavailable_reason()
@@ -501,10 +545,10 @@ class Runner:
             "trace": hp_result.get("arrivals", {}),
         }
 
-    def _standalone_summary(self, key: RunKey, base: dict) -> dict:
+    def _standalone_summary(self, key: RunKey, base: dict, pool: "WorkerPool | None" = None) -> dict:
         try:
-            hp_alone = self.hp_alone(key.hp, key.load)
-            be_alone = self.be_alone(key.be)
+            hp_alone = self.hp_alone(key.hp, key.load, pool)
+            be_alone = self.be_alone(key.be, pool)
         except (RunFailed, TallyError) as exc:
             return {**base, "status": "failed", "reason": str(exc)}
         e2e, service = metrics.hp_request_latencies(hp_alone["requests"])
@@ -539,6 +583,8 @@ class Runner:
         parallel), system start/stop, and the measurement's tail."""
         c = self.config
         o = overheads or self.overheads()
+        if self.reuse_possible(keys):
+            return self._plan_reused(keys, o)
         hps = {k.hp for k in keys}
         hp_loads = {(k.hp, k.load) for k in keys}
         bes = {k.be for k in keys}
@@ -551,11 +597,59 @@ class Runner:
                      + o.teardown_s for k in colocated)
         return total
 
+    def _plan_reused(self, keys: list[RunKey], o: "Overheads") -> float:
+        """The reuse schedule (schedule(), WorkerPool's LRU with `cap` per role) simulated with the
+        per-run overheads: worker startups (parallel at a group's start: the slowest + parallel_start_s
+        per extra one; later ones one at a time), windows, system start and teardown per group."""
+        c = self.config
+        _, groups = self.schedule(keys, skip_done=False)
+        total = 0.0
+        for group in groups:
+            if group.system != "standalone":
+                total += o.system_s(group.system)
+            live: list[tuple[str, str]] = []
+
+            def need(wanted: list[tuple[str, str]]) -> float:
+                new = [w for w in dict.fromkeys(wanted) if w not in live]
+                for role in {w[0] for w in new}:
+                    count = sum(1 for w in new if w[0] == role)
+                    idle = [w for w in live if w[0] == role and w not in wanted]
+                    while idle and sum(1 for w in live if w[0] == role) + count > group.cap:
+                        live.remove(idle.pop(0))
+                for w in wanted:
+                    if w in live:
+                        live.remove(w)
+                    live.append(w)
+                if not new:
+                    return 0.0
+                return max(o.startup(w[1]) for w in new) + o.parallel_start_s * (len(new) - 1)
+
+            first = [("be", b[1]) if b[0] == "be_alone" else ("hp", b[1]) for b in group.baselines]
+            for key in group.keys:
+                if key.system != "standalone":
+                    first += [("hp", key.hp), ("be", key.be)]
+            first = list(dict.fromkeys(first))
+            total += need([w for w in first if w[0] == "hp"][:group.cap] + [w for w in first if w[0] == "be"][:group.cap])
+            for item in group.baselines:
+                if item[0] == "capacity":
+                    total += need([("hp", item[1])]) + o.window_gap_s + c.capacity_s
+                elif item[0] == "hp_alone":
+                    total += need([("hp", item[1])]) + o.window_gap_s + c.duration_s + o.tail_s
+                else:
+                    total += need([("be", item[1])]) + o.window_gap_s + c.duration_s
+            for key in group.keys:
+                if key.system != "standalone":
+                    total += need([("hp", key.hp), ("be", key.be)]) + o.window_gap_s + c.duration_s + o.tail_s
+            total += o.teardown_s
+        return total
+
     def run_matrix(self, keys: list[RunKey], on_done: Callable[[RunKey, dict, float], None] | None = None) -> list[dict]:
         results = []
         with sigterm_as_interrupt():
             try:
                 self.write_environment()
+                if self.reuse_possible(keys):
+                    return self._run_matrix_reused(keys, on_done)
                 for key in keys:
                     t0 = now()
                     summary = self.run(key)
@@ -565,6 +659,254 @@ class Runner:
             finally:
                 self.processes.stop_all(self.config.stop_grace_s)
         return results
+
+    # ---- reused workers (see docs/bench.md, "How runs are scheduled")
+    def reuse_possible(self, keys: list[RunKey]) -> bool:
+        """Workers are reused unless disabled or a workload is a user command (a command BE trains
+        on its own: it cannot be paused between windows)."""
+        return self.config.reuse_workers and not any(
+            registry.COMMAND_REF in (k.hp, k.be) for k in keys)
+
+    def _rewarm(self) -> dict:
+        return {"warmup_steps": self.config.rewarm_steps, "warmup_s": self.config.rewarm_s}
+
+    def _session_argv(self, ref: str, role: str, control: Path) -> list[str]:
+        argv = [self.config.python, "-m", "tally.bench.worker", "--workload", ref, "--role", role,
+                "--control", str(control), "--warmup-steps", str(self.config.warmup_steps),
+                "--warmup-s", str(self.config.warmup_s), "--start-timeout-s", str(self.config.start_timeout_s),
+                "--idle-timeout-s", str(max(1800.0, 2 * self.config.start_timeout_s))]
+        for option in (self.config.hp_options if role == "hp" else self.config.be_options):
+            argv += ["--option", option]
+        return argv
+
+    def _open_pool(self, group: "Group", system: systems_mod.System) -> WorkerPool:
+        def spawn(role: str, ref: str, control: Path, log: Path) -> subprocess.Popen:
+            self.worker_starts.append((group.label, role, ref))
+            return self._spawn_worker(system, role, self._session_argv(ref, role, control), log)
+
+        return WorkerPool(spawn, self.processes.stop, self.out / "raw" / "workers" / system_slug(group.label),
+                          group.cap, self.config.start_timeout_s, self.config.stop_grace_s, _last_line)
+
+    def _pool_ensure(self, pool: WorkerPool, wanted: list[tuple[str, str]]) -> dict:
+        try:
+            return pool.ensure(wanted)
+        except WorkerFailed as exc:
+            raise RunFailed(str(exc)) from None
+
+    def _pool_wait(self, pool: WorkerPool, handle, name: str, timeout_s: float) -> dict:
+        try:
+            answer = pool.wait(handle, name, timeout_s)
+        except WorkerFailed as exc:
+            raise RunFailed(str(exc)) from None
+        if name.startswith("done-") and not answer.get("ok", True):
+            # a workload that raised may have left its process in a bad state: never reuse it
+            pool.retire(handle, polite=True)
+        return answer
+
+    def schedule(self, keys: list[RunKey], skip_done: bool = True) -> tuple[list[RunKey], list["Group"]]:
+        """Split `keys` into runs that need no worker (done, unavailable) and launch groups: the
+        plain group (baselines, standalone and time-slicing: workers without a system around them)
+        first, then one group per other system, each with its runs ordered so that consecutive runs
+        share workers (HP-major, BE order alternating)."""
+        immediate: list[RunKey] = []
+        todo: list[RunKey] = []
+        for key in keys:
+            done = skip_done and (_read_ok(self.run_path(key)) is not None
+                                  or _read_ok(self.out / "runs" / f"{key.legacy_run_id}.json") is not None)
+            system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
+            if done or system.unavailable_reason() is not None:
+                immediate.append(key)
+            else:
+                todo.append(key)
+        groups: dict[str, Group] = {}
+        plain = Group("standalone", "standalone", [], max(1, self.config.reuse_cap))
+        for key in todo:
+            if key.system in PLAIN_SYSTEMS:
+                plain.keys.append(key)
+                continue
+            if key.system not in groups:
+                system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
+                cap = 1 if isinstance(system, systems_mod.Tally) else max(1, self.config.reuse_cap)
+                groups[key.system] = Group(key.system, key.system, [], cap)
+            groups[key.system].keys.append(key)
+        for hp in dict.fromkeys(k.hp for k in todo):
+            if not skip_done or _read_ok(self.capacity_path(hp)) is None:
+                plain.baselines.append(("capacity", hp))
+        for hp, load in dict.fromkeys((k.hp, k.load) for k in todo):
+            if not skip_done or _read_ok(self.hp_alone_path(hp, load)) is None:
+                plain.baselines.append(("hp_alone", hp, load))
+        for be in dict.fromkeys(k.be for k in todo):
+            if not skip_done or _read_ok(self.be_alone_path(be)) is None:
+                plain.baselines.append(("be_alone", be))
+        for group in [plain, *groups.values()]:
+            group.keys = _serpentine(group.keys)
+        out = ([plain] if plain.keys or plain.baselines else []) + list(groups.values())
+        return immediate, out
+
+    def _run_matrix_reused(self, keys: list[RunKey], on_done) -> list[dict]:
+        by_key: dict[RunKey, dict] = {}
+
+        def finish(key: RunKey, summary: dict, t0: float) -> None:
+            by_key[key] = summary
+            if on_done:
+                on_done(key, summary, now() - t0)
+
+        immediate, groups = self.schedule(keys)
+        for key in immediate:
+            t0 = now()
+            finish(key, self.run(key), t0)
+        for group in groups:
+            self._run_group(group, finish)
+        return [by_key[key] for key in keys]
+
+    def _run_group(self, group: "Group", finish: Callable[[RunKey, dict, float], None]) -> None:
+        system = systems_mod.make_system(group.system, self.config.mps_split_percent, self.config.mps_factory)
+        t0 = now()
+        try:
+            system.start()
+        except (TallyError, OSError) as exc:
+            system.stop()
+            for key in group.keys:
+                summary = self._failed(key, system, f"{group.system} did not start: {exc}")
+                finish(key, summary, t0)
+            return
+        system_start_s: float | None = now() - t0
+        pool = self._open_pool(group, system)
+        try:
+            # the group's first workers build and warm up in parallel (nothing is measured meanwhile)
+            first: list[tuple[str, str]] = []
+            for item in group.baselines:
+                first.append(("be", item[1]) if item[0] == "be_alone" else ("hp", item[1]))
+            for key in group.keys:
+                if key.system != "standalone":
+                    first += [("hp", key.hp), ("be", key.be)]
+            first = list(dict.fromkeys(first))
+            prefetch = [w for w in first if w[0] == "hp"][:group.cap] + [w for w in first if w[0] == "be"][:group.cap]
+            try:
+                self._pool_ensure(pool, prefetch)
+            except RunFailed:
+                pass  # each run that needs the failed worker retries it and records why
+            for item in group.baselines:
+                try:
+                    if item[0] == "capacity":
+                        self.capacity(item[1], pool)
+                    elif item[0] == "hp_alone":
+                        self.hp_alone(item[1], item[2], pool)
+                    else:
+                        self.be_alone(item[1], pool)
+                except (RunFailed, TallyError) as exc:
+                    self._baseline_failures["/".join(map(str, item[1:]))] = str(exc)
+            for key in group.keys:
+                t1 = now()
+                if key.system == "standalone":
+                    summary = self.run(key, pool=pool)
+                else:
+                    summary = self.run_reused(key, system, pool, system_start_s)
+                    system_start_s = None
+                finish(key, summary, t1)
+            pool.close()
+        except BaseException:
+            self.processes.stop_all(self.config.stop_grace_s)  # the clients die before their system
+            raise
+        finally:
+            system.stop()
+
+    def _failed(self, key: RunKey, system: systems_mod.System, reason: str) -> dict:
+        summary = {"key": key.__dict__, "run_id": key.run_id,
+                   "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                   "duration_s": self.config.duration_s, "system": system.describe(),
+                   "status": "failed", "reason": reason}
+        _write(self.run_path(key), summary)
+        return summary
+
+    def run_reused(self, key: RunKey, system: systems_mod.System, pool: WorkerPool,
+                   system_start_s: float | None = None) -> dict:
+        """One co-located run as a measurement window of the pool's (reused) workers; the same
+        summary as run(), plus `worker_reused` and a `timing` of the window."""
+        base = {"key": key.__dict__, "run_id": key.run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                "duration_s": self.config.duration_s, "system": system.describe()}
+        try:
+            hp_alone = _read_ok(self.hp_alone_path(key.hp, key.load))
+            be_alone = _read_ok(self.be_alone_path(key.be))
+            for name, value, ident in (("HP alone", hp_alone, f"{key.hp}/{key.load}"), ("BE alone", be_alone, key.be)):
+                if value is None:
+                    why = self._baseline_failures.get(ident) or self._baseline_failures.get(key.hp) or "not measured"
+                    raise RunFailed(f"baseline {name} ({ident}) failed: {why}")
+            hp_result, be_result, samples, timing, started = self._window(key, pool)
+            summary = self._summarize(key, base, hp_result, be_result, hp_alone, be_alone, samples)
+            if system_start_s is not None:
+                timing = {"system_start_s": round(system_start_s, 3), **timing}
+            summary["timing"] = {**timing,
+                                 "hp_build_s": hp_result.get("build_s"), "be_build_s": be_result.get("build_s"),
+                                 "hp_warmup_s": (hp_result.get("warmup") or {}).get("seconds"),
+                                 "be_warmup_s": (be_result.get("warmup") or {}).get("seconds")}
+            summary["worker_reused"] = {"hp": not started[("hp", key.hp)], "be": not started[("be", key.be)]}
+            summary["workers"] = {"hp": hp_result.get("session"), "be": be_result.get("session")}
+        except (RunFailed, TallyError) as exc:
+            summary = {**base, "status": "failed", "reason": str(exc)}
+        _write(self.run_path(key), summary)
+        return summary
+
+    def _window(self, key: RunKey, pool: WorkerPool):
+        raw = self.out / "raw" / key.run_id
+        _fresh_dir(raw)
+        self.say(f"{key.hp} + {key.be} under {key.system}")
+        marks = {"begin": now()}
+        started = self._pool_ensure(pool, [("hp", key.hp), ("be", key.be)])
+        hp, be = pool.get("hp", key.hp), pool.get("be", key.be)
+        _write(raw / "workers.json", {"hp": {"pid": hp.proc.pid, "log": str(hp.log)},
+                                      "be": {"pid": be.proc.pid, "log": str(be.log)}})
+        go_file, stop_file = raw / "go", raw / "be.stop"
+        c = self.config
+        be_seq = pool.command(be, {"op": "train", "stop_file": str(stop_file), "duration": None,
+                                   "result": str(raw / "be.json"), **self._rewarm()})
+        hp_seq = pool.command(hp, {"op": "serve", "arrivals": str(self.arrivals_path(key.hp, key.load)),
+                                   "go_file": str(go_file), "result": str(raw / "hp.json"),
+                                   "go_timeout_s": c.start_timeout_s, **self._rewarm()})
+        with ExitStack() as stack:
+            try:
+                self._pool_wait(pool, hp, f"ack-{hp_seq}.json", c.start_timeout_s)
+                self._pool_wait(pool, be, f"ack-{be_seq}.json", c.start_timeout_s)
+                sampler = self._sampler(stack)
+                marks["go"] = now()
+                go_file.write_text(str(marks["go"]))
+                self._pool_wait(pool, hp, f"done-{hp_seq}.json", 2 * c.duration_s + 60)
+                marks["hp_exit"] = now()
+                if not be.alive():
+                    pool.retire(be)
+                    raise RunFailed(f"be worker ({key.be}) died (status {be.proc.returncode}) during the run: "
+                                    f"{_last_line(be.log)}")
+                stop_file.touch()
+                self._pool_wait(pool, be, f"done-{be_seq}.json", c.stop_grace_s + 60)
+                marks["down"] = now()
+                samples = list(sampler.samples) if sampler else []
+            except (RunFailed, TallyError):
+                # leave no worker mid-command: BE is told to stop; what does not finish is stopped
+                stop_file.touch()
+                for handle, seq in ((be, be_seq), (hp, hp_seq)):
+                    if handle.alive() and not (handle.control / f"done-{seq}.json").exists():
+                        if handle is be:
+                            try:
+                                pool.wait(handle, f"done-{seq}.json", min(c.stop_grace_s, 5.0))
+                                continue
+                            except WorkerFailed:
+                                continue  # retired by wait
+                        pool.retire(handle)
+                raise
+        hp_result = _read_worker(raw / "hp.json", hp.log)
+        be_result = _read_worker(raw / "be.json", be.log)
+        timing: dict = {}
+        started = {("hp", hp.ref): hp.windows == 1, ("be", be.ref): be.windows == 1}  # first command: not reused
+        for role, handle in (("hp", hp), ("be", be)):
+            if handle.ready_time is not None:
+                timing[f"{role}_worker_startup_s"] = handle.ready_time - handle.spawned  # build + warm-up, once
+                if started[(role, handle.ref)]:
+                    timing[f"{role}_startup_s"] = timing[f"{role}_worker_startup_s"]
+        timing.update(startup_s=marks["go"] - marks["begin"], measure_s=marks["hp_exit"] - marks["go"],
+                      teardown_s=marks["down"] - marks["hp_exit"], total_s=marks["down"] - marks["begin"])
+        timing = {k: round(v, 3) for k, v in timing.items()}
+        self.last_timing = timing
+        return hp_result, be_result, samples, timing, started
 
     def write_environment(self) -> dict:
         path = self.out / "environment.json"
@@ -576,6 +918,37 @@ class Runner:
         env = collect_environment()
         _write(path, env)
         return env
+
+
+# ---------------------------------------------------------------- scheduling with reused workers
+
+# systems whose workers get no environment or prefix: the baselines' workers serve them too
+PLAIN_SYSTEMS = ("standalone", "time-slicing")
+
+
+@dataclass
+class Group:
+    """The runs of one launch group: the workers of all of them are started under one system."""
+
+    label: str
+    system: str
+    keys: list[RunKey]
+    cap: int
+    baselines: list[tuple] = field(default_factory=list)  # ("capacity", hp) | ("hp_alone", hp, load) | ("be_alone", be)
+
+
+def _serpentine(keys: list[RunKey]) -> list[RunKey]:
+    """Order runs so that consecutive ones share a worker: HP-major (first appearance), the BE order
+    reversed for every other HP, loads of a pair together; standalone runs (no workers) last."""
+    standalone = [k for k in keys if k.system == "standalone"]
+    rest = [k for k in keys if k.system != "standalone"]
+    hps = list(dict.fromkeys(k.hp for k in rest))
+    bes = list(dict.fromkeys(k.be for k in rest))
+    out: list[RunKey] = []
+    for i, hp in enumerate(hps):
+        for be in (bes if i % 2 == 0 else bes[::-1]):
+            out += [k for k in rest if k.hp == hp and k.be == be]
+    return out + standalone
 
 
 # ---------------------------------------------------------------- timing
@@ -627,6 +1000,10 @@ class Overheads:
     default_startup_s: float = 15.0
     tail_s: float = 0.7       # the HP replay's end after the last arrival, and result writing
     teardown_s: float = 1.0   # stopping BE (SIGTERM, result, CUDA teardown) and the system
+    # reused workers: a window's overhead besides duration + tail: commands, re-warm-up (>= 1 step and
+    # 0.25 s, both roles in parallel), BE stop at the next step boundary
+    window_gap_s: float = 0.6
+    parallel_start_s: float = 1.0  # each extra worker building at the same time (CPU/GPU contention)
     source: str = "defaults"
 
     def startup(self, ref: str) -> float:
@@ -649,6 +1026,7 @@ class Overheads:
         samples: dict[str, list[float]] = {}
         systems: dict[str, list[float]] = {}
         teardowns: list[float] = []
+        gaps: list[float] = []
         for path in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
             try:
                 run = json.loads(path.read_text())
@@ -658,11 +1036,15 @@ class Overheads:
             if run.get("status") != "ok" or not isinstance(timing, dict) or not isinstance(key, dict):
                 continue
             for role in ("hp", "be"):
-                if timing.get(f"{role}_startup_s") is not None:
-                    samples.setdefault(key[role], []).append(float(timing[f"{role}_startup_s"]))
+                value = timing.get(f"{role}_worker_startup_s", timing.get(f"{role}_startup_s"))
+                if value is not None:
+                    samples.setdefault(key[role], []).append(float(value))
+            if (run.get("worker_reused") or {}).get("hp") and (run.get("worker_reused") or {}).get("be"):
+                if timing.get("startup_s") is not None and timing.get("teardown_s") is not None:
+                    gaps.append(float(timing["startup_s"]) + float(timing["teardown_s"]))
             if timing.get("system_start_s") is not None:
                 systems.setdefault(key["system"], []).append(float(timing["system_start_s"]))
-            if timing.get("teardown_s") is not None:
+            if timing.get("teardown_s") is not None and not run.get("worker_reused"):
                 teardowns.append(float(timing["teardown_s"]))
         for ref, values in samples.items():
             o.startup_s[ref] = _median(values)
@@ -670,6 +1052,8 @@ class Overheads:
             o.system_start_s[name] = _median(values)
         if teardowns:
             o.teardown_s = _median(teardowns)
+        if gaps:
+            o.window_gap_s = _median(gaps)
         if samples:
             o.source = f"measured in {runs_dir}"
         return o

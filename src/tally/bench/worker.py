@@ -28,6 +28,30 @@ one process).
 SIGTERM/SIGINT: the worker stops at the next step boundary, writes what it
 has (marked interrupted) and exits 0 for be (being stopped is how a trainer
 ends) and 3 for hp.
+
+--control DIR (session mode, reused workers): build and warm up once, write
+DIR/ready, then obey numbered commands until told to exit. The protocol (all
+files written atomically, write-to-temp + rename; the runner writes cmd-N,
+the worker everything else; N counts 1, 2, ... without gaps):
+
+  runner  DIR/cmd-N.json   {"op": "serve", "arrivals": F, "go_file": F, "result": F,
+                             "warmup_steps": k, "warmup_s": s}                     (hp)
+                           {"op": "capacity", "capacity_s": s, "result": F, ...}  (hp)
+                           {"op": "train", "stop_file": F, "duration": s|null,
+                             "result": F, "warmup_steps": k, "warmup_s": s}       (be)
+                           {"op": "exit"}
+  worker  DIR/ack-N.json   {"time": t}  the re-warm-up is over: ready for go/measuring
+  worker  F (result)       the same result JSON as one-shot mode, plus "session"
+  worker  DIR/done-N.json  {"time": t, "ok": bool, "error": ...}  command N is over
+
+Between commands the worker is paused: it only polls for cmd-(N+1) (every
+5 ms, no GPU work). A train command ends when its stop_file appears (checked
+at every step boundary) or after its duration. Every command but exit starts
+with a short re-warm-up (at least warmup_steps steps and warmup_s seconds):
+the first steps after a pause carry clock ramp-up and allocator/cache refills,
+which must not land in the window. A worker with no command for
+--idle-timeout-s exits (the runner is gone). SIGTERM/SIGINT: write what the
+current command has (interrupted), then exit.
 """
 from __future__ import annotations
 
@@ -227,6 +251,131 @@ def run(args) -> int:
     return exit_code
 
 
+# ---------------------------------------------------------------- session mode (reused workers)
+
+POLL_S = 0.005
+
+
+def _wait_command(control: Path, seq: int, timeout_s: float) -> dict | None:
+    """The command cmd-<seq>.json, or None after `timeout_s` without one."""
+    path = control / f"cmd-{seq}.json"
+    deadline = now() + timeout_s
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            pass  # cannot happen with an atomic rename; retry anyway
+        if now() > deadline:
+            return None
+        time.sleep(POLL_S)
+
+
+def _session_command(workload, args, base: dict, command: dict, control: Path, seq: int) -> dict:
+    """Run one command; returns the result dict (also on StopRequested, re-raised after writing)."""
+    result = dict(base)
+    result["session"] = {"seq": seq, "op": command["op"], "commands_before": seq - 1}
+    record: list = []
+    op = command["op"]
+    try:
+        result["warmup"] = warm_up(workload, int(command.get("warmup_steps", 1)), float(command.get("warmup_s", 0.0)))
+        if op == "capacity":
+            write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
+            result["capacity"] = measure_capacity(workload, float(command["capacity_s"]))
+        elif op == "serve":
+            from tally.bench.traces import Arrivals
+
+            arrivals = Arrivals.read(command["arrivals"])
+            result["offered"] = len(arrivals.offsets_s)
+            result["arrivals"] = {k: v for k, v in arrivals.to_json().items() if k != "offsets_s"}
+            write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
+            go = wait_for_file(Path(command["go_file"]), float(command.get("go_timeout_s", args.start_timeout_s)))
+            result["go_time"] = go
+            serve(workload, arrivals.offsets_s, go, go + 2 * arrivals.duration_s + 10, record)
+        elif op == "train":
+            write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
+            stop_file = Path(command["stop_file"])
+            result["measure_start_time"] = now()
+            duration = command.get("duration")
+            deadline = result["measure_start_time"] + float(duration) if duration else math.inf
+            while now() < deadline and not stop_file.exists():
+                workload.step()
+                record.append(now())
+        else:
+            raise TallyError(f"unknown command {op!r}")
+    except TallyError as exc:
+        result["error"] = str(exc)
+    except StopRequested as stop:
+        result["interrupted"] = True
+        result["stopped_by"] = str(stop)
+        raise
+    except Exception as exc:  # noqa: BLE001 - the runner must get a result
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+    finally:
+        if args.role == "hp":
+            result["requests"] = [list(r) for r in record]
+        else:
+            result["step_end_times"] = record
+        result["end_time"] = now()
+        write_json_atomic(Path(command["result"]), result)
+    return result
+
+
+def run_session(args) -> int:
+    """--control DIR: build and warm up once, then obey cmd-N files (see the module doc)."""
+    from tally.bench import workloads as registry
+
+    signals = _Signals()
+    signals.install()
+    control = Path(args.control)
+    options = registry.parse_options(args.option)
+    args.options = options
+    ref = registry.parse_ref(args.workload, role=args.role, command=args.command)
+    base = _base_result(args, ref)
+    workload = None
+    exit_code = EXIT_OK
+    seq = 0
+    try:
+        t_build = now()
+        workload = registry.build(ref, args.role, options)
+        base["build_s"] = now() - t_build
+        base["info"] = registry.workload_info(workload)
+        warm = warm_up(workload, args.warmup_steps, args.warmup_s)
+        base["startup_warmup"] = warm
+        write_json_atomic(control / "ready", {"pid": os.getpid(), "time": now(), "build_s": base["build_s"],
+                                              "warmup": warm})
+        while True:
+            command = _wait_command(control, seq + 1, args.idle_timeout_s)
+            if command is None:
+                print(f"tally bench worker: no command for {args.idle_timeout_s:g} s; exiting", file=sys.stderr)
+                break
+            seq += 1
+            if command.get("op") == "exit":
+                write_json_atomic(control / f"done-{seq}.json", {"time": now(), "ok": True, "error": None})
+                break
+            result = _session_command(workload, args, base, command, control, seq)
+            write_json_atomic(control / f"done-{seq}.json",
+                              {"time": now(), "ok": not result.get("error"), "error": result.get("error")})
+    except StopRequested:
+        exit_code = EXIT_OK if args.role == "be" else EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - build/warm-up failed: say why in the control dir
+        error = str(exc) if isinstance(exc, TallyError) else f"{type(exc).__name__}: {exc}"
+        write_json_atomic(control / "failed", {"time": now(), "error": error})
+        print(f"tally bench worker: {error}", file=sys.stderr)
+        if not isinstance(exc, TallyError):
+            traceback.print_exc()
+        exit_code = EXIT_ERROR
+    signals.disarm()
+    if workload is not None and callable(getattr(workload, "close", None)):
+        try:
+            workload.close()
+        except Exception:  # noqa: BLE001
+            pass
+    return exit_code
+
+
 def _signal_ready(args) -> None:
     if args.ready_file:
         write_json_atomic(Path(args.ready_file), {"pid": os.getpid(), "time": now()})
@@ -312,12 +461,15 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--capacity-s", type=float, default=3.0)
     parser.add_argument("--command", help="the program of workload 'command' (line protocol, see workloads.py)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="workload option")
+    parser.add_argument("--control", help="session mode: the control dir of the runner's commands (reused worker)")
+    parser.add_argument("--idle-timeout-s", type=float, default=1800.0,
+                        help="session mode: exit after this long without a command")
     parser.add_argument("--self-check", action="store_true")
     parser.add_argument("--include-compile", action="store_true", help="self-check: also torch.compile variants (slow)")
     parser.add_argument("--include-fakes", action="store_true", help="self-check all: also the CPU fakes")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    if not args.self_check:
+    if not args.self_check and not args.control:
         if not args.result:
             parser.error("--result is required")
         if args.role == "hp" and not args.measure_capacity and not args.arrivals:
@@ -333,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.self_check:
         return self_check(args)
+    if args.control:
+        return run_session(args)
     return run(args)
 
 
