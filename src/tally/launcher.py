@@ -138,7 +138,10 @@ def run_command(priority, auto_up, memory_limit, stats_dir, verbose, command):
 
             env["TALLY_PROFILE_FILE"] = str(profile_path(command, env.get("PATH")))
     if stats_dir:
-        os.makedirs(stats_dir, exist_ok=True)
+        try:
+            os.makedirs(stats_dir, exist_ok=True)
+        except OSError as exc:
+            raise TallyError(f"cannot create --stats-dir {stats_dir}: {exc.strerror or exc}") from None
         env["TALLY_STATS_DIR"] = os.path.abspath(stats_dir)
     if verbose:
         env["TALLY_VERBOSE"] = "1"

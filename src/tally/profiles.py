@@ -26,7 +26,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -34,6 +33,7 @@ from typing import Iterable, Mapping
 import click
 
 from tally.errors import TallyError
+from tally.files import atomic_write
 from tally.paths import cache_dir
 from tally.trace import format_ns
 
@@ -175,24 +175,7 @@ def dumps(profiles: Iterable[Profile]) -> bytes:
 def write(path: Path | str, profiles: Iterable[Profile]) -> None:
     """Writes atomically: a temporary file in the same directory, renamed over
     the old one, so concurrent readers (other runs' agents) see a whole file."""
-    path = Path(path)
-    data = dumps(profiles)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    except OSError as exc:
-        raise TallyError(f"cannot write profile file {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise TallyError(f"cannot write profile file {path}: {exc.strerror}") from None
+    atomic_write(Path(path), dumps(profiles), "profile file")
 
 
 def merge(old: Mapping[Key, Profile], new: Iterable[Profile]) -> dict[Key, Profile]:
@@ -313,7 +296,11 @@ def profiles_group():
     """
 
 
-def _target(command: tuple[str, ...], file: Path | None, default: list[str] | None = None) -> Path:
+def command_file(command: tuple[str, ...], file: Path | None, path_of=profile_path,
+                 default: list[str] | None = None) -> Path:
+    """The per-program file a CLI command works on: `file` (--file), else
+    path_of(the command after --), else path_of(default). Also used by
+    `tally blocksched` with its decisions files."""
     if command and command[0] == "--":  # click keeps a "--" that follows a positional argument
         command = command[1:]
     if file is not None:
@@ -321,9 +308,9 @@ def _target(command: tuple[str, ...], file: Path | None, default: list[str] | No
             raise TallyError("give either --file PATH or a command, not both")
         return file
     if command:
-        return profile_path(list(command))
+        return path_of(list(command))
     if default:
-        return profile_path(default)
+        return path_of(default)
     raise TallyError("which program? give its command after --, e.g. -- python train.py")
 
 
@@ -336,7 +323,7 @@ _FILE_OPTION = click.option("--file", "file", type=click.Path(dir_okay=False, pa
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def path_command(command):
     """Print where COMMAND's profiles live (what `tally run` passes as TALLY_PROFILE_FILE)."""
-    click.echo(str(_target(command, None)))
+    click.echo(str(command_file(command, None)))
 
 
 @profiles_group.command("show", context_settings={"ignore_unknown_options": True,
@@ -348,7 +335,7 @@ def show_command(file, top, command):
     """List the kernels in COMMAND's profile file, most-sampled first."""
     from tally.trace import demangle
 
-    path = _target(command, file)
+    path = command_file(command, file)
     profiles = read(path, missing_ok=False)
     click.echo(f"{path}: {len(profiles)} kernel(s)")
     for p in _order(profiles.values())[:top]:
@@ -377,7 +364,7 @@ def seed_command(file, replace, trace_file, command):
     recorded = next((r.get("command") for r in records if r["type"] == "meta"), None)
     if recorded is not None and not (isinstance(recorded, list) and all(isinstance(a, str) for a in recorded)):
         recorded = None
-    path = _target(command, file, recorded)
+    path = command_file(command, file, default=recorded)
     seeds = from_trace(records)
     if not seeds:
         raise TallyError(f"{trace_file} has no kernel records to seed from")

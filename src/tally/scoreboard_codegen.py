@@ -111,7 +111,7 @@ def render_header() -> str:
         "{",
         "    return (struct tally_sb_slot *)((char *)h + TALLY_SB_HEADER_SIZE + (size_t)i * TALLY_SB_SLOT_SIZE);",
         "}",
-        f"_Static_assert(TALLY_SB_HEADER_SIZE + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLOT_SIZE <= TALLY_SB_TOTAL_SIZE,",
+        "_Static_assert(TALLY_SB_HEADER_SIZE + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLOT_SIZE <= TALLY_SB_TOTAL_SIZE,",
         "               \"slots fit the file\");",
         "",
         "#endif /* TALLY_SCOREBOARD_H */",

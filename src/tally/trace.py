@@ -25,7 +25,6 @@ import datetime as _dt
 import glob
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -129,11 +128,14 @@ def record(command: list[str], output: Path) -> int:
         env["TALLY_TRACE_DIR"] = raw
         env["TALLY_STATS_DIR"] = raw
         exit_code = run_and_forward_signals(command, env)
-        output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.with_name(output.name + ".partial")
-        with open(tmp, "w", encoding="utf-8") as out:
-            counts = merge_raw_trace(Path(raw), out, command, exit_code)
-        tmp.replace(output)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as out:
+                counts = merge_raw_trace(Path(raw), out, command, exit_code)
+            tmp.replace(output)
+        except OSError as exc:
+            raise TallyError(f"cannot write trace {output}: {exc.strerror or exc}") from None
     click.echo(
         f"tally: traced {counts['kernels']} kernels and {counts['graph_launches']} graph launches "
         f"in {counts['processes']} CUDA process(es) -> {output}",

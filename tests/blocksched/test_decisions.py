@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
 from tally.blocksched import _files, decisions
-from tally.blocksched.choose import KernelRecord, Measurement, Policy
+from tally.blocksched.choose import KernelRecord, Measurement
 from tally.blocksched.cli import blocksched_group
 from tally.errors import TallyError
 

@@ -1,7 +1,6 @@
 """Creating, opening, validating and using one scoreboard in one process."""
 import os
 import stat
-import time
 
 import pytest
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tally.files import write_text_atomic
+
 now = time.monotonic
 
 
@@ -149,9 +151,7 @@ class WorkerPool:
         handle.seq += 1
         handle.windows += payload.get("op") != "exit"
         path = handle.control / f"cmd-{handle.seq}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, default=str))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(payload, default=str))
         return handle.seq
 
     def wait(self, handle: WorkerHandle, name: str, timeout_s: float) -> dict:

@@ -47,6 +47,7 @@ from tally.bench import traces
 from tally.bench import workloads as registry
 from tally.bench.pool import WorkerFailed, WorkerPool
 from tally.errors import TallyError
+from tally.files import write_text_atomic
 
 now = time.monotonic
 
@@ -1090,10 +1091,7 @@ def _fresh_dir(path: Path) -> None:
 
 
 def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def _json_default(value):

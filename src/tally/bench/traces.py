@@ -32,6 +32,7 @@ from typing import Iterable
 import numpy as np
 
 from tally.errors import TallyError
+from tally.files import write_text_atomic
 
 AZURE_COLUMNS = ("app", "func", "end_timestamp", "duration")
 SOURCES = ("azure", "bursty", "poisson")
@@ -264,10 +265,7 @@ class Arrivals:
         }
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.to_json()))
 
     @classmethod
     def read(cls, path: str | Path) -> "Arrivals":

@@ -66,6 +66,7 @@ import traceback
 from pathlib import Path
 
 from tally.errors import TallyError
+from tally.files import write_text_atomic
 
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for all processes of the host
 
@@ -95,10 +96,7 @@ class _Signals:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data))
 
 
 def sleep_until(deadline: float) -> None:

@@ -1,15 +1,12 @@
-"""Small file helpers shared by the decisions file and the kernel cache."""
+"""Small file helpers shared by the decisions file and the kernel cache
+(atomic writes are tally.files.atomic_write)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
-
-from tally.errors import TallyError
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
@@ -27,27 +24,6 @@ def warn_once(key: str, message: str) -> None:
 def reset_warnings() -> None:
     with _warned_lock:
         _warned.clear()
-
-
-def atomic_write(path: Path, data: bytes, what: str) -> None:
-    """A temporary file in the same directory renamed over `path`: readers see
-    the old file or the new one, never a part."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    except OSError as exc:
-        raise TallyError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise TallyError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
 
 
 def read_limited(path: Path, limit: int) -> bytes | None:

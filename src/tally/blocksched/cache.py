@@ -39,6 +39,7 @@ from pathlib import Path
 
 from tally.blocksched import _files
 from tally.errors import TallyError
+from tally.files import atomic_write
 from tally.paths import cache_dir
 
 FORMAT = "tally-kernel-cache"
@@ -130,7 +131,7 @@ class KernelCache:
             return False
         if data is None:
             try:
-                _files.atomic_write(index, INDEX_TEXT, "kernel cache index")
+                atomic_write(index, INDEX_TEXT, "kernel cache index")
             except TallyError as exc:
                 _files.warn_once(f"cache:{self.dir}", f"{exc}; working without the kernel cache")
                 return False
@@ -180,8 +181,8 @@ class KernelCache:
                   "source_sha256": request.source_sha256, "status": status, "reason": reason,
                   "payload_bytes": len(payload), "payload_sha256": _files.sha256_hex(payload)}
         try:
-            _files.atomic_write(self.path(request), _files.canonical_json(header) + b"\n" + payload,
-                                "kernel cache entry")
+            atomic_write(self.path(request), _files.canonical_json(header) + b"\n" + payload,
+                         "kernel cache entry")
         except TallyError as exc:
             _files.warn_once(f"write:{self.dir}", f"{exc}; not cached")
             return False

@@ -9,6 +9,7 @@ from tally.blocksched import decisions
 from tally.blocksched.candidates import enumerate_candidates
 from tally.blocksched.choose import DEFAULT_BOUND_NS, DEFAULT_FLOOR, Policy, choose, evaluate, fmt_ns
 from tally.errors import TallyError
+from tally.profiles import command_file
 
 _CMD = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
@@ -35,18 +36,6 @@ def _dims(text: str, what: str) -> tuple[int, int, int]:
     return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
 
 
-def _path(command: tuple[str, ...], file: Path | None) -> Path:
-    if command and command[0] == "--":
-        command = command[1:]
-    if file is not None:
-        if command:
-            raise TallyError("give either --file PATH or a command, not both")
-        return file
-    if command:
-        return decisions.decisions_path(list(command))
-    raise TallyError("which program? give its command after --, e.g. -- python train.py")
-
-
 def format_entry(entry: decisions.Entry, decision=None) -> str:
     """One line per kernel: 'name grid block -> reason' (what trace/status can print)."""
     from tally.trace import demangle
@@ -69,7 +58,7 @@ def format_entry(entry: decisions.Entry, decision=None) -> str:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def show_command(file, bound_us, floor, verbose, command):
     """Per kernel of COMMAND's block scheduling file: the configuration chosen and why."""
-    path = _path(command, file)
+    path = command_file(command, file, decisions.decisions_path)
     entries = decisions.read(path, missing_ok=False)
     rechoose = bound_us is not None or floor is not None
     policy = None

@@ -32,6 +32,7 @@ from tally.blocksched import _files
 from tally.blocksched.candidates import MODES
 from tally.blocksched.choose import Decision, KernelRecord, Measurement, Policy, choose
 from tally.errors import TallyError
+from tally.files import atomic_write
 from tally.paths import cache_dir
 
 FORMAT = "tally-blocksched"
@@ -99,7 +100,7 @@ def dumps(entries: Iterable[Entry]) -> bytes:
 
 
 def write(path: Path | str, entries: Iterable[Entry]) -> None:
-    _files.atomic_write(Path(path), dumps(entries), "block scheduling file")
+    atomic_write(Path(path), dumps(entries), "block scheduling file")
 
 
 # ------------------------------------------------------------------ decode

@@ -8,32 +8,35 @@ import time
 import click
 
 from tally import scoreboard as sbmod
+from tally.config import POLICIES
 from tally.daemon import control
-from tally.daemon.daemon import DEFAULT_METRICS_PORT, proc_stat
+from tally.daemon.daemon import proc_stat
 from tally.errors import TallyError
+
+DEFAULTS = control.UpOptions()  # one set of defaults for `tally up` and UpOptions
 
 
 @click.command("up")
 @click.option("--gpus", default=None, metavar="LIST",
               help="GPUs to manage: indices or UUID prefixes, comma-separated (default: all visible).")
-@click.option("--mps/--no-mps", default=True, show_default=True,
+@click.option("--mps/--no-mps", default=DEFAULTS.mps, show_default=True,
               help="Start a private MPS control daemon for the clients.")
 @click.option("--mps-pipe-dir", type=click.Path(file_okay=False), default=None,
               help="Join an MPS control daemon already running with this pipe directory (not stopped by down).")
 @click.option("--mps-log-dir", type=click.Path(file_okay=False), default=None,
               help="That MPS's log directory, passed on to clients.")
-@click.option("--policy", type=click.Choice(["tally", "passthrough", "tgs"]), default="tally", show_default=True,
+@click.option("--policy", type=click.Choice(POLICIES), default=DEFAULTS.policy, show_default=True,
               help="tally: launch-level gate for best-effort work; passthrough: no gating; "
                    "tgs: TGS-style adaptive rate control of best-effort launches (a baseline).")
-@click.option("--idle-window-us", type=float, default=100.0, show_default=True,
+@click.option("--idle-window-us", type=float, default=DEFAULTS.idle_window_us, show_default=True,
               help="HP must be idle this long before BE launches.")
-@click.option("--budget-us", type=float, default=100.0, show_default=True,
+@click.option("--budget-us", type=float, default=DEFAULTS.budget_us, show_default=True,
               help="Turnaround budget: largest estimated BE kernel admitted while HP may need the GPU.")
-@click.option("--unthrottle-ms", type=float, default=100.0, show_default=True,
+@click.option("--unthrottle-ms", type=float, default=DEFAULTS.unthrottle_ms, show_default=True,
               help="After HP has been idle this long, BE runs ungated.")
-@click.option("--daemon-timeout-ms", type=float, default=500.0, show_default=True,
+@click.option("--daemon-timeout-ms", type=float, default=DEFAULTS.daemon_timeout_ms, show_default=True,
               help="Agents fail open when the daemon's heartbeat is older than this.")
-@click.option("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, show_default=True,
+@click.option("--metrics-port", type=int, default=DEFAULTS.metrics_port, show_default=True,
               help="Prometheus metrics on 127.0.0.1:PORT; 0 turns them off.")
 @click.option("--foreground", is_flag=True, help="Run the daemon in this process (debugging, systemd).")
 def up_command(**options):
@@ -58,7 +61,8 @@ def down_command(force):
 
 def _command_line(pid: int) -> str:
     try:
-        raw = open(f"/proc/{pid}/cmdline", "rb").read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
     except OSError:
         return "?"
     return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part) or "?"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tally import paths
 from tally.errors import TallyError
+from tally.files import write_text_atomic
 
 STATE_FILE = "state.json"
 PID_FILE = "daemon.pid"
@@ -127,19 +128,18 @@ def share_with_group(runtime: Path, state: dict, group: str) -> None:
 
 def read_state(runtime: Path | None = None) -> dict | None:
     try:
-        return json.loads(state_path(runtime).read_text())
+        state = json.loads(state_path(runtime).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {}  # present but unreadable: a daemon died while writing, or someone else's file
+    return state if isinstance(state, dict) else {}  # JSON, but not a state object
 
 
 def write_state(state: dict, runtime: Path | None = None) -> None:
-    target = state_path(runtime)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, target)
+    # no make_parents: the runtime dir is made (private) by ensure_runtime_dir only
+    write_text_atomic(state_path(runtime), json.dumps(state, indent=2, sort_keys=True) + "\n", mode=0o600,
+                      make_parents=False)
 
 
 def read_pid(runtime: Path | None = None) -> int | None:

@@ -57,13 +57,6 @@ def find_ptxas() -> Path:
     )
 
 
-def ptxas_version(ptxas: Path | None = None) -> str:
-    ptxas = ptxas or find_ptxas()
-    output = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True, check=False).stdout
-    match = re.search(r"release (\d+\.\d+)", output)
-    return match.group(1) if match else "unknown"
-
-
 def arch_for(ptx_text: str, default: str = "sm_90") -> str:
     """The -arch to assemble a module with: its .target when that is an
     arch-specific variant (sm_90a needs -arch=sm_90a), else `default`."""

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from tally.errors import TallyError
 from tally.ptx import abi
 from tally.ptx.analysis import CTAID, MODES, analyze, barrier_form, refusal
-from tally.ptx.parse import Function, Module, Statement, parse
+from tally.ptx.parse import Function, Module, parse
 
 P = "%" + "__tally_"  # generated register prefix
 L = "__tally_"  # generated label/variable prefix
