@@ -35,6 +35,7 @@
 #define RING 512            /* tracked BE launches in flight per lane */
 #define PROFILE_SLOTS 4096  /* kernels with a duration estimate */
 #define SPIN_NS 200000      /* busy-wait this long before sleeping at the gate */
+#define DEFAULT_MAX_HOLD_NS 10000000000ull /* see tally_sched_init */
 #define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed... */
 #define ACCURATE_POLL_SHARE 8  /* ...as are those whose timing error is under 1/8 of the sample */
 
@@ -92,6 +93,7 @@ static struct {
     struct profile profiles[PROFILE_SLOTS];
     uint64_t last_poll_ns;
     _Atomic int warned_lanes, warned_daemon;
+    uint64_t max_hold_ns;
 } S = {
     .join_lock = PTHREAD_MUTEX_INITIALIZER,
     .lanes_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -125,6 +127,16 @@ void tally_sched_init(void) {
         return;
     }
     for (int i = 0; i < (int)TALLY_SB_MAX_LANES; i++) pthread_mutex_init(&S.lanes[i].lock, NULL);
+    /* The gate never holds a launch forever: a completion write that never
+     * comes (a lost memory operation, a torn-down context) would otherwise
+     * hang the program. Past this, the process fails open. */
+    S.max_hold_ns = DEFAULT_MAX_HOLD_NS;
+    const char *hold = getenv("TALLY_MAX_HOLD_MS");
+    if (hold && *hold) {
+        char *end = NULL;
+        unsigned long long ms = strtoull(hold, &end, 10);
+        if (end && *end == 0 && ms > 0) S.max_hold_ns = ms * 1000000ull;
+    }
 }
 
 /* ------------------------------------------------------------- joining */
@@ -228,7 +240,7 @@ static void join(CUcontext context) {
     }
     format_uuid(&uuid, uuid_text);
     snprintf(path, sizeof path, "%s%s", prefix, uuid_text);
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK); /* never block on something that is not our file */
     if (fd < 0) {
         char why[4200];
         snprintf(why, sizeof why, "no tally scoreboard for %s (%s): is `tally up` running on this GPU?",
@@ -279,7 +291,8 @@ static void join(CUcontext context) {
     /* Best effort: kernel duration estimates persist per program (docs/scheduling.md). */
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT && tally_profiles_load()) atexit(save_profiles);
     atomic_store(&S.state, JOINED);
-    if (getenv("TALLY_VERBOSE"))
+    const char *verbose = getenv("TALLY_VERBOSE");
+    if (verbose && *verbose && strcmp(verbose, "0") != 0)
         fprintf(stderr, "tally: pid %d joined %s as %s (slot %ld)\n", (int)getpid(), path,
                 S.priority == TALLY_SB_PRIO_HIGH ? "high priority" : "best effort",
                 (long)(((char *)slot - (char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE));
@@ -422,11 +435,16 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
     uint64_t held_since = 0;
     static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
     enum tally_gate_decision d;
+    int stuck = 0;
     for (;;) {
         retire_completed(now);
         d = tally_gate_decide_be(S.sb, now, atomic_load(&S.be_inflight_est_ns), est, &bucket);
         if (!TALLY_GATE_IS_WAIT(d)) break;
         if (!held_since) held_since = now;
+        if (now - held_since >= S.max_hold_ns) {
+            stuck = 1;
+            break;
+        }
         if (d != TALLY_GATE_WAIT_RATE && now - held_since < SPIN_NS) sched_yield(); /* rate waits sleep */
         else {
             struct timespec ts = {0, 20000};
@@ -437,6 +455,14 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
     if (held_since) {
         __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
         __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
+    }
+    if (stuck) {
+        char why[160];
+        snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
+                 (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
+        give_up(why);
+        pending.track = 0;
+        return;
     }
     if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
     if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))

@@ -309,6 +309,24 @@ def test_stale_heartbeat_means_ungated(daemon, run_app):
     assert r.gpu("gpu_writes_issued") == 0
 
 
+def test_a_launch_is_never_held_forever(daemon, spawn_app):
+    # An HP lane whose completion never comes (a lost write): past the maximum
+    # hold the BE process fails open instead of hanging.
+    sb = daemon.sb
+    hp_client_in_flight(sb)
+    app = spawn_app("launch:kernel:3:1000:s0", env=daemon.env("best-effort", TALLY_MAX_HOLD_MS="200"))
+    slot = slot_of(daemon, app.pid)
+    wait_until(lambda: sb.slot_get(slot, "launches") >= 1, what="the BE launch to reach the gate")
+    reached = time.monotonic_ns()
+    r = app.finish(timeout=30)
+    completed_ok(r)
+    one_warning(r, "held for 200 ms", "wait-hp", "best-effort launches are not scheduled")
+    assert len(r.launches) == 3
+    assert r.launches[0][1] >= reached + 150 * MS  # held until the maximum, not released early
+    assert sb.slot_get(slot, "failopen") == 1
+    assert r.gpu("gpu_writes_issued") == 0
+
+
 def test_daemon_dying_while_be_is_held_releases_it(daemon, spawn_app):
     sb = daemon.sb
     timeout = 300 * MS
