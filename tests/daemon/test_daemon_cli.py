@@ -147,3 +147,18 @@ def test_metrics_port_in_use(tally_env):
         port = s.getsockname()[1]
         line = one_line_error(tally_env.tally("up", "--no-mps", "--metrics-port", str(port)))
         assert f"metrics port {port} on 127.0.0.1 is not free" in line
+
+
+@pytest.mark.parametrize("content", ['[1]', 'null', '{"pid": "12"}', '{"pid": 1, "runtime_dir": "/r", "shm_dir": "/s", '
+                                     '"scoreboard_prefix": "/s/t-", "gpus": 5}',
+                                     '{"pid": 1, "runtime_dir": "/r", "shm_dir": "/s", "scoreboard_prefix": "/s/t-", '
+                                     '"gpus": [{"uuid": 7}]}'])
+def test_a_malformed_state_file_is_stale_not_a_traceback(tally_env, content):
+    tally_env.runtime.mkdir(mode=0o700, exist_ok=True)
+    (tally_env.runtime / "state.json").write_text(content)
+    status = tally_env.tally("status")
+    assert "Traceback" not in status.stderr
+    assert "not running but left its files" in one_line_error(status)
+    down = tally_env.tally("down")
+    assert down.returncode == 0 and "Traceback" not in down.stderr
+    assert not (tally_env.runtime / "state.json").exists()

@@ -133,7 +133,23 @@ def read_state(runtime: Path | None = None) -> dict | None:
         return None
     except (OSError, ValueError):
         return {}  # present but unreadable: a daemon died while writing, or someone else's file
-    return state if isinstance(state, dict) else {}  # JSON, but not a state object
+    return state if _well_formed(state) else {}  # JSON, but not a state object this tally wrote
+
+
+# The fields every reader relies on, with their types (see TallyDaemon.state()).
+_STATE_FIELDS = {"pid": int, "runtime_dir": str, "shm_dir": str, "scoreboard_prefix": str, "gpus": list}
+
+
+def _well_formed(state) -> bool:
+    if not isinstance(state, dict):
+        return False
+    if any(not isinstance(state.get(name), kind) or isinstance(state.get(name), bool)
+           for name, kind in _STATE_FIELDS.items()):
+        return False
+    if not all(isinstance(g, dict) and isinstance(g.get("uuid"), str) for g in state["gpus"]):
+        return False
+    mps = state.get("mps")
+    return mps is None or (isinstance(mps, dict) and isinstance(mps.get("pipe_dir", ""), str))
 
 
 def write_state(state: dict, runtime: Path | None = None) -> None:
