@@ -94,6 +94,7 @@ static struct {
     uint64_t last_poll_ns;
     _Atomic int warned_lanes, warned_daemon;
     uint64_t max_hold_ns;
+    uint64_t slo_p99_ns;            /* HP: TALLY_SLO_P99_MS, stored in the slot at claim */
 } S = {
     .join_lock = PTHREAD_MUTEX_INITIALIZER,
     .lanes_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -136,6 +137,18 @@ void tally_sched_init(void) {
         char *end = NULL;
         unsigned long long ms = strtoull(hold, &end, 10);
         if (end && *end == 0 && ms > 0) S.max_hold_ns = ms * 1000000ull;
+    }
+    /* SLO mode (docs/operations.md): the daemon adapts the BE budget to this HP target. */
+    const char *slo = getenv("TALLY_SLO_P99_MS");
+    if (slo && *slo) {
+        char *end = NULL;
+        double ms = strtod(slo, &end);
+        if (!end || *end != 0 || !(ms > 0) || ms > 1e9)
+            tally_warn("TALLY_SLO_P99_MS=%s is not a positive number of milliseconds; no SLO", slo);
+        else if (S.priority != TALLY_SB_PRIO_HIGH)
+            tally_warn("TALLY_SLO_P99_MS is set but this process is not high priority; no SLO");
+        else
+            S.slo_p99_ns = (uint64_t)(ms * 1e6 + 0.5);
     }
 }
 
@@ -202,6 +215,10 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
         __atomic_store_n(&s->held_ns, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&s->held_launches, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&s->long_kernels, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->slo_p99_ns, S.slo_p99_ns, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->busy_start_ns, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->busy_periods, 0, __ATOMIC_RELAXED);
+        memset(tally_sb_slo_at(h, i), 0, TALLY_SB_SLO_SIZE); /* request latencies of a previous owner */
         memset(s->comm, 0, sizeof s->comm);
         FILE *f = fopen("/proc/self/comm", "r");
         if (f) {
@@ -427,6 +444,37 @@ static void retire_completed(uint64_t now) {
 
 /* ------------------------------------------------------- launch hooks */
 
+/* SLO proxy (docs/operations.md, "SLO mode"): an HP launch with none of this
+ * process's tracked work in flight, more than idle_window_ns after its previous
+ * launch, starts a busy period. The agent records only the start; the daemon
+ * sees the end (all lanes completed, no launch for idle_window_ns) at its tick. */
+static int own_inflight(void) {
+    uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE) > done) return 1;
+    }
+    return 0;
+}
+
+static void hp_busy_period(uint64_t previous_launch_ns, uint64_t now) {
+    uint64_t idle = __atomic_load_n(&S.sb->idle_window_ns, __ATOMIC_RELAXED);
+    if (previous_launch_ns != 0 && (now <= previous_launch_ns || now - previous_launch_ns <= idle)) return;
+    if (own_inflight()) return;
+    __atomic_store_n(&S.slot->busy_start_ns, now, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&S.slot->busy_periods, 1, __ATOMIC_RELEASE); /* after the start: readers see both */
+}
+
+/* For tally.slo (Python, in the same process): the index of this process's
+ * scoreboard slot, with the scoreboard's address in *scoreboard, once the
+ * agent has joined (its first launch); -1 before that, after failing open,
+ * or without a priority. */
+TALLY_EXPORT int tally_agent_slot(void **scoreboard) {
+    if (atomic_load(&S.state) != JOINED || !S.slot || !S.sb) return -1;
+    if (scoreboard) *scoreboard = S.sb;
+    return (int)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
+}
+
 static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
     pthread_mutex_lock(&S.profile_lock);
     uint32_t profile = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
@@ -487,6 +535,7 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     uint64_t now = tally_now_ns();
     struct tally_sb_slot *slot = S.slot;
     __atomic_fetch_add(launch->is_graph ? &slot->graph_launches : &slot->launches, 1, __ATOMIC_RELAXED);
+    uint64_t previous_launch_ns = __atomic_load_n(&slot->last_launch_ns, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->last_launch_ns, now, __ATOMIC_RELAXED);
     /* The common case for training with nobody to protect: two loads, no tracking. */
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT &&
@@ -498,6 +547,7 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     if (S.priority == TALLY_SB_PRIO_HIGH) {
         /* Busy from before the launch is enqueued until its completion is written. */
         __atomic_store_n(&S.sb->hp_last_launch_ns, now, __ATOMIC_RELEASE);
+        hp_busy_period(previous_launch_ns, now);
         pending.track = launch->trackable;
         return;
     }

@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #define TALLY_SB_MAGIC 0x424353594c4c4154ULL /* "TALLYSCB" little-endian */
-#define TALLY_SB_VERSION 2u
+#define TALLY_SB_VERSION 3u
 #define TALLY_SB_MAX_CLIENTS 64u
 #define TALLY_SB_MAX_LANES 16u
 #define TALLY_SB_GPU_UUID_LEN 48u
@@ -29,7 +29,13 @@
 #define TALLY_SB_HEADER_SIZE 256u
 #define TALLY_SB_SLOT_SIZE 384u
 #define TALLY_SB_LANE_SIZE 16u
-#define TALLY_SB_TOTAL_SIZE 28672u /* file size, whole pages */
+#define TALLY_SB_SLO_SIZE 768u
+#define TALLY_SB_SLO_AREA_OFFSET 24832u /* struct tally_sb_slo_status */
+#define TALLY_SB_SLO_RECORDS_OFFSET 24896u /* struct tally_sb_slo of slot i: + i * SLO_SIZE */
+#define TALLY_SB_SLO_HIST_BUCKETS 94u
+#define TALLY_SB_SLO_HIST_PER_OCTAVE 4u
+#define TALLY_SB_SLO_HIST_MIN_LOG2 13u /* bucket 0: below 2^this ns */
+#define TALLY_SB_TOTAL_SIZE 77824u /* file size, whole pages */
 #define TALLY_SB_NAME_PREFIX "tally-"
 #define TALLY_SB_PREFIX_ENV "TALLY_SCOREBOARD_PREFIX"
 
@@ -41,6 +47,12 @@
 #define TALLY_SB_POLICY_PASSTHROUGH 0u
 #define TALLY_SB_POLICY_TALLY 1u
 #define TALLY_SB_POLICY_TGS 2u
+#define TALLY_SB_SLO_STATE_OFF 0u
+#define TALLY_SB_SLO_STATE_WARMUP 1u
+#define TALLY_SB_SLO_STATE_INCREASE 2u
+#define TALLY_SB_SLO_STATE_HOLD 3u
+#define TALLY_SB_SLO_STATE_DECREASE 4u
+#define TALLY_SB_SLO_STATE_FLOOR 5u
 
 /* defaults the daemon writes unless told otherwise */
 #define TALLY_SB_DEFAULT_IDLE_WINDOW_NS 100000ull
@@ -128,7 +140,10 @@ struct tally_sb_slot {
     char comm[TALLY_SB_COMM_LEN];            /* @64  agent: process name, NUL-terminated */
     uint64_t claim_ns;                       /* @80  agent: CLOCK_MONOTONIC ns of the claim */
     uint64_t pid_start_ticks;                /* @88  agent: field 22 of /proc/self/stat (0 = not given); lets the daemon tell a reused pid */
-    uint8_t _pad96[32];
+    uint64_t slo_p99_ns;                     /* @96  agent: HP: the p99 latency target (TALLY_SLO_P99_MS), set at claim; 0 = none */
+    uint64_t busy_start_ns;                  /* @104 agent: HP: CLOCK_MONOTONIC ns of the first launch of the current busy period (the SLO proxy) */
+    uint64_t busy_periods;                   /* @112 agent: HP: busy periods started (a launch with nothing in flight after > idle_window_ns without launches) */
+    uint8_t _pad120[8];
     struct tally_sb_lane lanes[TALLY_SB_MAX_LANES]; /* @128 agent/gpu: per-stream sequence numbers */
 };
 _Static_assert(sizeof(struct tally_sb_slot) == 384, "tally_sb_slot size");
@@ -145,14 +160,47 @@ _Static_assert(offsetof(struct tally_sb_slot, long_kernels) == 56, "tally_sb_slo
 _Static_assert(offsetof(struct tally_sb_slot, comm) == 64, "tally_sb_slot.comm offset");
 _Static_assert(offsetof(struct tally_sb_slot, claim_ns) == 80, "tally_sb_slot.claim_ns offset");
 _Static_assert(offsetof(struct tally_sb_slot, pid_start_ticks) == 88, "tally_sb_slot.pid_start_ticks offset");
+_Static_assert(offsetof(struct tally_sb_slot, slo_p99_ns) == 96, "tally_sb_slot.slo_p99_ns offset");
+_Static_assert(offsetof(struct tally_sb_slot, busy_start_ns) == 104, "tally_sb_slot.busy_start_ns offset");
+_Static_assert(offsetof(struct tally_sb_slot, busy_periods) == 112, "tally_sb_slot.busy_periods offset");
 _Static_assert(offsetof(struct tally_sb_slot, lanes) == 128, "tally_sb_slot.lanes offset");
+
+/* SLO mode's state, at the start of the SLO area (monitoring: read by status and metrics, not by agents). */
+struct tally_sb_slo_status {
+    uint64_t slo_target_ns;                  /* @0   daemon: policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off) */
+    uint64_t slo_p99_ns;                     /* @8   daemon: SLO mode: that client's p99 latency over the controller's window (0 = not measured yet) */
+    uint32_t slo_state;                      /* @16  daemon: SLO mode: TALLY_SB_SLO_STATE_* of the controller's last step */
+    uint8_t _pad20[44];
+};
+_Static_assert(sizeof(struct tally_sb_slo_status) == 64, "tally_sb_slo_status size");
+_Static_assert(offsetof(struct tally_sb_slo_status, slo_target_ns) == 0, "tally_sb_slo_status.slo_target_ns offset");
+_Static_assert(offsetof(struct tally_sb_slo_status, slo_p99_ns) == 8, "tally_sb_slo_status.slo_p99_ns offset");
+_Static_assert(offsetof(struct tally_sb_slo_status, slo_state) == 16, "tally_sb_slo_status.slo_state offset");
+
+/* One slot's request latencies, reported by its HP program (tally.slo). */
+struct tally_sb_slo {
+    uint64_t req_count;                      /* @0   owner process: requests reported since the claim */
+    uint64_t req_sum_ns;                     /* @8   owner process: sum of their latencies */
+    uint64_t req_hist[TALLY_SB_SLO_HIST_BUCKETS]; /* @16  owner process: cumulative count per latency bucket (TALLY_SB_SLO_HIST_*) */
+};
+_Static_assert(sizeof(struct tally_sb_slo) == 768, "tally_sb_slo size");
+_Static_assert(offsetof(struct tally_sb_slo, req_count) == 0, "tally_sb_slo.req_count offset");
+_Static_assert(offsetof(struct tally_sb_slo, req_sum_ns) == 8, "tally_sb_slo.req_sum_ns offset");
+_Static_assert(offsetof(struct tally_sb_slo, req_hist) == 16, "tally_sb_slo.req_hist offset");
 
 /* The slot at index i (0 <= i < TALLY_SB_MAX_CLIENTS). */
 static inline struct tally_sb_slot *tally_sb_slot_at(struct tally_sb_header *h, uint32_t i)
 {
     return (struct tally_sb_slot *)((char *)h + TALLY_SB_HEADER_SIZE + (size_t)i * TALLY_SB_SLOT_SIZE);
 }
-_Static_assert(TALLY_SB_HEADER_SIZE + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLOT_SIZE <= TALLY_SB_TOTAL_SIZE,
-               "slots fit the file");
+/* Slot i's request latencies (SLO mode), in the SLO area after the slots. */
+static inline struct tally_sb_slo *tally_sb_slo_at(struct tally_sb_header *h, uint32_t i)
+{
+    return (struct tally_sb_slo *)((char *)h + TALLY_SB_SLO_RECORDS_OFFSET + (size_t)i * TALLY_SB_SLO_SIZE);
+}
+_Static_assert(TALLY_SB_HEADER_SIZE + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLOT_SIZE <= TALLY_SB_SLO_AREA_OFFSET,
+               "slots end before the SLO area");
+_Static_assert(TALLY_SB_SLO_RECORDS_OFFSET + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLO_SIZE <= TALLY_SB_TOTAL_SIZE,
+               "slots and SLO area fit the file");
 
 #endif /* TALLY_SCOREBOARD_H */

@@ -14,6 +14,7 @@ import click
 
 from tally import cudalibs
 from tally.errors import TallyError
+from tally.scoreboard import POLICY_TALLY
 
 PRIORITIES = ("high", "best-effort")
 
@@ -88,9 +89,17 @@ class NotFound(TallyError):
     default=None,
     help="Write each process's launch counts to DIR/stats-<pid>.json at exit.",
 )
+@click.option(
+    "--slo-p99-ms",
+    type=float,
+    default=None,
+    metavar="MS",
+    help="SLO mode (with --priority high): the daemon adapts how much best-effort work it admits to hold "
+    "this program's p99 latency under MS milliseconds (docs/operations.md, SLO mode).",
+)
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_command(priority, auto_up, memory_limit, stats_dir, verbose, command):
+def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, verbose, command):
     """Run COMMAND with the tally agent injected.
 
     Use `--` before the command: tally run --priority high -- python serve.py
@@ -100,6 +109,12 @@ def run_command(priority, auto_up, memory_limit, stats_dir, verbose, command):
     if memory_limit is not None and not priority:
         raise TallyError("--memory-limit needs --priority: the limit is MPS's, and only clients of the "
                          "tally daemon run under its MPS")
+    if slo_p99_ms is not None:
+        if priority != "high":
+            raise TallyError("--slo-p99-ms needs --priority high: the SLO is a high-priority program's latency target")
+        if not slo_p99_ms > 0 or slo_p99_ms > 1e9:
+            raise TallyError(f"--slo-p99-ms must be a positive number of milliseconds, not {slo_p99_ms:g}")
+        env["TALLY_SLO_P99_MS"] = repr(slo_p99_ms)
     if priority:
         from tally import config as cfgmod
         from tally.daemon.client import client_env, ensure_daemon, version_skew
@@ -123,6 +138,10 @@ def run_command(priority, auto_up, memory_limit, stats_dir, verbose, command):
             joined.pop("CUDA_MPS_CLIENT_PRIORITY", None)  # the user's own choice wins
         env.update(joined)
         env["TALLY_PRIORITY"] = priority
+        policy = (state.get("params") or {}).get("policy")
+        if slo_p99_ms is not None and policy is not None and policy != POLICY_TALLY:
+            click.echo("tally: warning: --slo-p99-ms is acted on under policy tally only; the running daemon "
+                       "uses another policy", err=True)
         if memory_limit is not None and not state.get("mps"):
             if explicit_limit:
                 raise TallyError("--memory-limit needs MPS, but the running tally daemon has none "

@@ -14,6 +14,9 @@ aligned load/store of it is single-copy atomic):
   its owner (counters, lanes' launched_seq) or by the GPU (lanes' completed_seq).
 - The daemon is the registry: it scans slots, repairs slots whose process died,
   and writes the header's daemon fields (heartbeat, hp_active, epoch).
+- The SLO area after the slots holds one request-latency record per slot,
+  written only by the slot's owner process (tally.slo) and zeroed at claim
+  and release; the daemon reads it without locks.
 - Readers count in-flight work only in slots whose state is ACTIVE; a slot
   under repair is ignored, which is what unblocks everyone the moment the
   daemon marks it.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import math
 import mmap
 import os
 import time
@@ -43,7 +47,7 @@ from tally.errors import TallyError
 
 MAGIC = int.from_bytes(b"TALLYSCB", "little")
 # Bump on any layout change; the agent refuses a scoreboard of another version.
-VERSION = 2
+VERSION = 3
 MAX_CLIENTS = 64
 MAX_LANES = 16
 CACHE_LINE = 64
@@ -66,6 +70,25 @@ POLICY_PASSTHROUGH = 0
 POLICY_TALLY = 1
 POLICY_TGS = 2  # TGS-style adaptive rate control of BE launches (agent/gate.h, tally.daemon.tgs)
 POLICY_NAMES = {POLICY_PASSTHROUGH: "passthrough", POLICY_TALLY: "tally", POLICY_TGS: "tgs"}
+
+# SLO mode (tally.daemon.slo): what the controller did at its last step
+SLO_STATE_OFF = 0       # no active HP client with an SLO: the configured budget applies
+SLO_STATE_WARMUP = 1    # too few HP latencies measured since the last change to judge
+SLO_STATE_INCREASE = 2  # p99 < margin x SLO: budget increased
+SLO_STATE_HOLD = 3      # margin x SLO <= p99 <= SLO (or waiting for the next interval)
+SLO_STATE_DECREASE = 4  # p99 > SLO: budget decreased
+SLO_STATE_FLOOR = 5     # p99 > SLO with the budget already at its floor
+SLO_STATE_NAMES = {SLO_STATE_OFF: "off", SLO_STATE_WARMUP: "warmup", SLO_STATE_INCREASE: "increase",
+                   SLO_STATE_HOLD: "hold", SLO_STATE_DECREASE: "decrease", SLO_STATE_FLOOR: "floor"}
+
+# Request-latency histograms (one per slot, in the SLO area after the slots):
+# log-bucketed, SLO_HIST_PER_OCTAVE buckets per power of two. Bucket 0 holds
+# latencies below 2**SLO_HIST_MIN_LOG2 ns (8.2 us); bucket i in 1..N-2 holds
+# [2**(MIN_LOG2 + (i-1)/P), 2**(MIN_LOG2 + i/P)) ns; the last bucket everything
+# from 2**(MIN_LOG2 + (N-2)/P) ns (68.7 s) up.
+SLO_HIST_BUCKETS = 94
+SLO_HIST_PER_OCTAVE = 4
+SLO_HIST_MIN_LOG2 = 13
 
 SCOREBOARD_NAME_PREFIX = "tally-"
 DEFAULT_SHM_DIR = "/dev/shm"
@@ -210,12 +233,35 @@ SLOT = _struct("tally_sb_slot", 384, "One client process.", [
     (80, "claim_ns", "u64", 1, "agent", "CLOCK_MONOTONIC ns of the claim"),
     (88, "pid_start_ticks", "u64", 1, "agent",
      "field 22 of /proc/self/stat (0 = not given); lets the daemon tell a reused pid"),
+    (96, "slo_p99_ns", "u64", 1, "agent",
+     "HP: the p99 latency target (TALLY_SLO_P99_MS), set at claim; 0 = none"),
+    (104, "busy_start_ns", "u64", 1, "agent",
+     "HP: CLOCK_MONOTONIC ns of the first launch of the current busy period (the SLO proxy)"),
+    (112, "busy_periods", "u64", 1, "agent",
+     "HP: busy periods started (a launch with nothing in flight after > idle_window_ns without launches)"),
     # lines 2-5
     (128, "lanes", "tally_sb_lane", MAX_LANES, "agent/gpu", "per-stream sequence numbers"),
 ])
 
+SLO_STATUS = _struct("tally_sb_slo_status", 64, "SLO mode's state, at the start of the SLO area "
+                     "(monitoring: read by status and metrics, not by agents).", [
+    (0, "slo_target_ns", "u64", 1, "daemon",
+     "policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off)"),
+    (8, "slo_p99_ns", "u64", 1, "daemon",
+     "SLO mode: that client's p99 latency over the controller's window (0 = not measured yet)"),
+    (16, "slo_state", "u32", 1, "daemon", "SLO mode: TALLY_SB_SLO_STATE_* of the controller's last step"),
+])
+
+SLO = _struct("tally_sb_slo", 768, "One slot's request latencies, reported by its HP program (tally.slo).", [
+    (0, "req_count", "u64", 1, "owner process", "requests reported since the claim"),
+    (8, "req_sum_ns", "u64", 1, "owner process", "sum of their latencies"),
+    (16, "req_hist", "u64", SLO_HIST_BUCKETS, "owner process",
+     "cumulative count per latency bucket (TALLY_SB_SLO_HIST_*)"),
+])
+
 HEADER_SIZE = HEADER.size
 SLOT_SIZE = SLOT.size
+SLO_SIZE = SLO.size
 assert HEADER_SIZE % CACHE_LINE == 0 and SLOT_SIZE % CACHE_LINE == 0
 assert SLOT.field("lanes").offset % CACHE_LINE == 0
 assert SLOT.field("lanes").count == MAX_LANES and LANE.size == 16
@@ -229,7 +275,58 @@ def lane_offset(slot: int, lane: int) -> int:
     return slot_offset(slot) + SLOT.field("lanes").offset + lane * LANE.size
 
 
-TOTAL_SIZE = -(-slot_offset(MAX_CLIENTS) // PAGE_SIZE) * PAGE_SIZE
+# The SLO area, after the slots: struct tally_sb_slo_status, then one struct
+# tally_sb_slo per slot.
+SLO_AREA_OFFSET = slot_offset(MAX_CLIENTS)
+SLO_RECORDS_OFFSET = SLO_AREA_OFFSET + SLO_STATUS.size
+assert SLO_AREA_OFFSET % CACHE_LINE == 0 and SLO_SIZE % CACHE_LINE == 0 and SLO_STATUS.size % CACHE_LINE == 0
+
+
+def slo_offset(index: int) -> int:
+    return SLO_RECORDS_OFFSET + index * SLO_SIZE
+
+
+TOTAL_SIZE = -(-slo_offset(MAX_CLIENTS) // PAGE_SIZE) * PAGE_SIZE
+
+
+def slo_bucket(latency_ns: int) -> int:
+    """The request-latency histogram bucket of a latency (see SLO_HIST_BUCKETS)."""
+    if latency_ns < (1 << SLO_HIST_MIN_LOG2):
+        return 0
+    # exact on powers of two: bucket boundaries at 2**(k/P)
+    i = 1 + int(math.floor((math.log2(latency_ns) - SLO_HIST_MIN_LOG2) * SLO_HIST_PER_OCTAVE + 1e-9))
+    return min(i, SLO_HIST_BUCKETS - 1)
+
+
+def slo_bucket_bounds(i: int) -> tuple[float, float]:
+    """[low, high) of bucket i in ns; the last bucket's high is its low (unbounded above)."""
+    if i <= 0:
+        return 0.0, float(1 << SLO_HIST_MIN_LOG2)
+    low = 2.0 ** (SLO_HIST_MIN_LOG2 + (i - 1) / SLO_HIST_PER_OCTAVE)
+    if i >= SLO_HIST_BUCKETS - 1:
+        return low, low
+    return low, 2.0 ** (SLO_HIST_MIN_LOG2 + i / SLO_HIST_PER_OCTAVE)
+
+
+def hist_quantile(counts, q: float) -> float:
+    """The q-quantile (0 < q <= 1) of latencies in ns from per-bucket counts,
+    interpolated geometrically inside its bucket; 0.0 for no counts."""
+    n = sum(counts)
+    if n <= 0:
+        return 0.0
+    rank = max(1, math.ceil(q * n - 1e-9))
+    seen = 0
+    for i, c in enumerate(counts):
+        if c <= 0:
+            continue
+        if seen + c >= rank:
+            low, high = slo_bucket_bounds(i)
+            frac = (rank - seen) / c
+            if i == 0:
+                return high * frac
+            return low * (high / low) ** frac
+        seen += c
+    return slo_bucket_bounds(len(counts) - 1)[0]
 
 
 def ctypes_struct(struct: Struct) -> type[ctypes.Structure]:
@@ -330,16 +427,17 @@ def _atomics() -> _LibAtomic | None:
 class _FieldAccessor:
     """Reads and writes one header field of the mapped scoreboard."""
 
-    def __init__(self, field: Field):
+    def __init__(self, field: Field, base: int = 0):
         self.field = field
+        self.base = base
 
     def __get__(self, sb, owner=None):
         if sb is None:
             return self
-        return sb._read(self.field, 0)
+        return sb._read(self.field, self.base)
 
     def __set__(self, sb, value):
-        sb._write(self.field, 0, value)
+        sb._write(self.field, self.base, value)
 
 
 class Scoreboard:
@@ -541,7 +639,8 @@ class Scoreboard:
         self._u32[base // 4] = SLOT_ACTIVE
         return True
 
-    def claim_slot(self, pid: int, priority: int, comm: str = "", pid_start_ticks: int = 0) -> int:
+    def claim_slot(self, pid: int, priority: int, comm: str = "", pid_start_ticks: int = 0,
+                   slo_p99_ns: int = 0) -> int:
         """Claims the first free slot, as the agent does; returns its index."""
         if priority not in PRIORITY_NAMES:
             raise ValueError(f"priority {priority} is not one of {sorted(PRIORITY_NAMES)}")
@@ -557,6 +656,7 @@ class Scoreboard:
                     self._write(SLOT.field("comm"), base, comm)
                     self._write(SLOT.field("claim_ns"), base, time.monotonic_ns())
                     self._write(SLOT.field("pid_start_ticks"), base, pid_start_ticks)
+                    self._write(SLOT.field("slo_p99_ns"), base, slo_p99_ns)
                     # pid last: a nonzero pid tells the daemon the claim is complete
                     self._write(SLOT.field("pid"), base, pid)
                     return index
@@ -568,6 +668,8 @@ class Scoreboard:
     def _clear_slot_body(self, base: int) -> None:
         # everything after `state`, which stays as the claimer or repairer set it
         self._bytes[base + 4:base + SLOT_SIZE] = bytes(SLOT_SIZE - 4)
+        index = (base - HEADER_SIZE) // SLOT_SIZE
+        self._bytes[slo_offset(index):slo_offset(index) + SLO_SIZE] = bytes(SLO_SIZE)
 
     def release_slot(self, index: int) -> None:
         """A clean exit (or the daemon freeing a repaired slot): zero the slot,
@@ -619,6 +721,18 @@ class Scoreboard:
             if self._u32[slot_offset(index) // 4] != SLOT_FREE:
                 yield index
 
+    def slo_hist(self, index: int) -> tuple[int, ...]:
+        """The slot's cumulative request-latency histogram (tally.slo writes it)."""
+        self._check_slot(index)
+        first = (slo_offset(index) + SLO.field("req_hist").offset) // 8
+        return tuple(self._u64[first:first + SLO_HIST_BUCKETS])
+
+    def slo_requests(self, index: int) -> tuple[int, int]:
+        """(requests reported, sum of their latencies in ns) of the slot."""
+        self._check_slot(index)
+        base = slo_offset(index) // 8
+        return self._u64[base], self._u64[base + 1]
+
     def client(self, index: int) -> dict:
         base = self._check_slot(index)
         info = {f.name: self._read(f, base) for f in SLOT.fields if f.name != "lanes"}
@@ -626,6 +740,7 @@ class Scoreboard:
         info["state_name"] = SLOT_STATE_NAMES.get(info["state"], str(info["state"]))
         info["priority_name"] = PRIORITY_NAMES.get(info["priority"], str(info["priority"]))
         info["in_flight"] = self.in_flight(index)
+        info["requests"], info["request_sum_ns"] = self.slo_requests(index)
         return info
 
     def clients(self) -> list[dict]:
@@ -635,4 +750,6 @@ class Scoreboard:
 
 for _f in HEADER.fields:
     setattr(Scoreboard, _f.name, _FieldAccessor(_f))
+for _f in SLO_STATUS.fields:  # board.slo_state etc., like header fields
+    setattr(Scoreboard, _f.name, _FieldAccessor(_f, SLO_AREA_OFFSET))
 del _f

@@ -29,6 +29,8 @@ def _array_len_expr(field: sb.Field) -> str:
     named = {sb.GPU_UUID_LEN: "TALLY_SB_GPU_UUID_LEN", sb.COMM_LEN: "TALLY_SB_COMM_LEN"}
     if field.ctype == "char" and field.count in named:
         return named[field.count]
+    if field.name == "req_hist" and field.count == sb.SLO_HIST_BUCKETS:
+        return "TALLY_SB_SLO_HIST_BUCKETS"
     if field.ctype == sb.LANE.name and field.count == sb.MAX_LANES:
         return "TALLY_SB_MAX_LANES"
     return str(field.count)
@@ -85,6 +87,12 @@ def render_header() -> str:
         f"#define TALLY_SB_HEADER_SIZE {sb.HEADER_SIZE}u",
         f"#define TALLY_SB_SLOT_SIZE {sb.SLOT_SIZE}u",
         f"#define TALLY_SB_LANE_SIZE {sb.LANE.size}u",
+        f"#define TALLY_SB_SLO_SIZE {sb.SLO_SIZE}u",
+        f"#define TALLY_SB_SLO_AREA_OFFSET {sb.SLO_AREA_OFFSET}u /* struct tally_sb_slo_status */",
+        f"#define TALLY_SB_SLO_RECORDS_OFFSET {sb.SLO_RECORDS_OFFSET}u /* struct tally_sb_slo of slot i: + i * SLO_SIZE */",
+        f"#define TALLY_SB_SLO_HIST_BUCKETS {sb.SLO_HIST_BUCKETS}u",
+        f"#define TALLY_SB_SLO_HIST_PER_OCTAVE {sb.SLO_HIST_PER_OCTAVE}u",
+        f"#define TALLY_SB_SLO_HIST_MIN_LOG2 {sb.SLO_HIST_MIN_LOG2}u /* bucket 0: below 2^this ns */",
         f"#define TALLY_SB_TOTAL_SIZE {sb.TOTAL_SIZE}u /* file size, whole pages */",
         f"#define TALLY_SB_NAME_PREFIX \"{sb.SCOREBOARD_NAME_PREFIX}\"",
         "#define TALLY_SB_PREFIX_ENV \"TALLY_SCOREBOARD_PREFIX\"",
@@ -96,13 +104,15 @@ def render_header() -> str:
         out.append(f"#define TALLY_SB_PRIO_{name.upper().replace('-', '_')} {value}u")
     for value, name in sorted(sb.POLICY_NAMES.items()):
         out.append(f"#define TALLY_SB_POLICY_{name.upper()} {value}u")
+    for value, name in sorted(sb.SLO_STATE_NAMES.items()):
+        out.append(f"#define TALLY_SB_SLO_STATE_{name.upper()} {value}u")
     defaults = sb.PolicyParams()
     out.append("")
     out.append("/* defaults the daemon writes unless told otherwise */")
     for name in ("idle_window_ns", "turnaround_budget_ns", "unthrottle_after_ns", "daemon_timeout_ns", "be_rate_burst"):
         out.append(f"#define TALLY_SB_DEFAULT_{name.upper()} {getattr(defaults, name)}ull")
     out.append("")
-    for struct in (sb.LANE, sb.HEADER, sb.SLOT):
+    for struct in (sb.LANE, sb.HEADER, sb.SLOT, sb.SLO_STATUS, sb.SLO):
         out.extend(_struct_lines(struct))
         out.append("")
     out.extend([
@@ -111,8 +121,15 @@ def render_header() -> str:
         "{",
         "    return (struct tally_sb_slot *)((char *)h + TALLY_SB_HEADER_SIZE + (size_t)i * TALLY_SB_SLOT_SIZE);",
         "}",
-        "_Static_assert(TALLY_SB_HEADER_SIZE + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLOT_SIZE <= TALLY_SB_TOTAL_SIZE,",
-        "               \"slots fit the file\");",
+        "/* Slot i's request latencies (SLO mode), in the SLO area after the slots. */",
+        "static inline struct tally_sb_slo *tally_sb_slo_at(struct tally_sb_header *h, uint32_t i)",
+        "{",
+        "    return (struct tally_sb_slo *)((char *)h + TALLY_SB_SLO_RECORDS_OFFSET + (size_t)i * TALLY_SB_SLO_SIZE);",
+        "}",
+        "_Static_assert(TALLY_SB_HEADER_SIZE + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLOT_SIZE <= TALLY_SB_SLO_AREA_OFFSET,",
+        "               \"slots end before the SLO area\");",
+        "_Static_assert(TALLY_SB_SLO_RECORDS_OFFSET + TALLY_SB_MAX_CLIENTS * TALLY_SB_SLO_SIZE <= TALLY_SB_TOTAL_SIZE,",
+        "               \"slots and SLO area fit the file\");",
         "",
         "#endif /* TALLY_SCOREBOARD_H */",
         "",
@@ -122,7 +139,7 @@ def render_header() -> str:
 
 def render_markdown() -> str:
     rows = []
-    for struct in (sb.HEADER, sb.SLOT, sb.LANE):
+    for struct in (sb.HEADER, sb.SLOT, sb.LANE, sb.SLO_STATUS, sb.SLO):
         rows.append(f"\n`struct {struct.name}` ({struct.size} bytes): {struct.doc}\n")
         rows.append("| offset | field | type | written by | meaning |")
         rows.append("|---:|---|---|---|---|")

@@ -127,6 +127,9 @@ def collect_status(state: dict) -> dict:
                     "policy": sbmod.POLICY_NAMES.get(header["policy"], str(header["policy"])),
                     "hp_active": header["hp_active"], "be_active": header["be_active"],
                     "epoch": header["epoch"],
+                    "turnaround_budget_us": header["turnaround_budget_ns"] / 1e3,
+                    "slo": {"state": sbmod.SLO_STATE_NAMES.get(board.slo_state, str(board.slo_state)),
+                            "target_ms": board.slo_target_ns / 1e6, "p99_ms": board.slo_p99_ns / 1e6},
                     "heartbeat_age_ms": (now - header["daemon_heartbeat_ns"]) / 1e6
                     if header["daemon_heartbeat_ns"] else None,
                     "clients": [{
@@ -136,6 +139,8 @@ def collect_status(state: dict) -> dict:
                         "held_ms": c["held_ns"] / 1e6, "held_launches": c["held_launches"],
                         "long_kernels": c["long_kernels"], "in_flight": c["in_flight"],
                         "failopen": bool(c["failopen"]),
+                        "slo_p99_ms": c["slo_p99_ns"] / 1e6 if c["slo_p99_ns"] else None,
+                        "requests": c["requests"], "busy_periods": c["busy_periods"],
                         "memory_bytes": (memory or {}).get(gpu.get("uuid"), {}).get(c["pid"]),
                     } for c in board.clients()],
                 })
@@ -203,13 +208,19 @@ def _print_tables(report: dict) -> None:
                             f"heartbeat {f'{beat:.0f} ms ago' if beat is not None else 'stopped'}, "
                             f"epoch {gpu['epoch']}", title_justify="left")
         for column in ("slot", "pid", "priority", "state", "command", "memory", "launches", "held ms",
-                       "long kernels", "in flight", "failopen"):
+                       "long kernels", "in flight", "SLO ms", "failopen"):
             table.add_column(column, justify="right" if column not in ("priority", "state", "command") else "left")
         for c in gpu["clients"]:
             table.add_row(str(c["slot"]), str(c["pid"]), c["priority"], c["state"], c["command"][:60],
                           _memory_text(c.get("memory_bytes")), str(c["launches"]), f"{c['held_ms']:.1f}", str(c["long_kernels"]), str(c["in_flight"]),
+                          f"{c['slo_p99_ms']:g}" if c.get("slo_p99_ms") else "",
                           "yes" if c["failopen"] else "")
         console.print(table)
+        slo = gpu.get("slo") or {}
+        if slo.get("state", "off") != "off":
+            p99 = f"{slo['p99_ms']:.2f} ms" if slo["p99_ms"] else "not measured yet"
+            console.print(f"SLO mode: p99 target {slo['target_ms']:g} ms, observed p99 {p99}, "
+                          f"BE budget {gpu['turnaround_budget_us']:g} us ({slo['state']})")
 
 
 def _memory_text(nbytes: int | None) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tally import __version__
 from tally import scoreboard as sbmod
 from tally.daemon import runtime as rt
+from tally.daemon import slo as slo_mod
 from tally.daemon import tgs as tgs_mod
 from tally.errors import TallyError
 from tally.mps import ExternalMps, Mps, PrivateMps
@@ -61,6 +62,7 @@ class DaemonConfig:
     tick_ns: int = TICK_NS
     quarantine_ns: int = QUARANTINE_NS
     claim_grace_ns: int = CLAIM_GRACE_NS
+    slo: dict = field(default_factory=dict)  # SLO mode: tally.daemon.slo.SloParams overrides
 
     @classmethod
     def from_dict(cls, data: dict) -> "DaemonConfig":
@@ -131,6 +133,8 @@ class Daemon:
         self._pending_since: dict[tuple[int, int], int] = {}
         self._pidfd_ok = hasattr(os, "pidfd_open")
         self.tgs: dict[int, "tgs_mod.TgsController"] = {}  # policy tgs: one controller per board
+        self.slo: dict[int, "slo_mod.SloController"] = {}  # SLO mode (policy tally): one per board
+        self._busy: dict[int, dict] = {}  # SLO proxy: per board, {client key: BusyTracker}
 
     # --- startup -------------------------------------------------------
 
@@ -237,7 +241,7 @@ class Daemon:
     def tick(self, now: int, exited: set[tuple[int, int]] = frozenset()) -> None:
         for b, board in enumerate(self.boards):
             board.heartbeat(now)
-            hp = be = 0
+            hp = be = slo = 0
             for slot in range(sbmod.MAX_CLIENTS):
                 key = (b, slot)
                 state = board.slot_state(slot)
@@ -249,6 +253,7 @@ class Daemon:
                     if self._check_active(board, key, now, key in exited):
                         if board.slot_get(slot, "priority") == sbmod.PRIORITY_HIGH:
                             hp += 1
+                            slo += board.slot_get(slot, "slo_p99_ns") != 0
                         else:
                             be += 1
                 elif state == sbmod.SLOT_REPAIRING:
@@ -262,6 +267,25 @@ class Daemon:
                 board.be_active = be
             if self.config.params.get("policy") == sbmod.POLICY_TGS:
                 self._tgs_tick(b, board, now)
+            elif self.config.params.get("policy") == sbmod.POLICY_TALLY and (slo or b in self.slo):
+                self._slo_tick(b, board, now, slo)
+
+    def _slo_tick(self, b: int, board: Scoreboard, now: int, with_slo: int) -> None:
+        """SLO mode: step the board's budget controller and publish the budget.
+        With no HP client with an SLO left, the configured budget is restored
+        and the controller dropped."""
+        controller = self.slo.get(b)
+        if controller is None:
+            params = slo_mod.SloParams(**self.config.slo)
+            controller = self.slo[b] = slo_mod.SloController(self.config.params["turnaround_budget_ns"], params)
+            log(f"SLO mode on for {board.gpu_uuid}")
+        trackers = self._busy.setdefault(b, {})
+        decision = controller.step(slo_mod.sample_board(board, now, trackers))
+        slo_mod.apply(board, decision)
+        if not with_slo:
+            del self.slo[b]
+            self._busy.pop(b, None)
+            log(f"SLO mode off for {board.gpu_uuid}: budget back to {decision.budget_ns} ns")
 
     def _tgs_tick(self, b: int, board: Scoreboard, now: int) -> None:
         """Policy tgs: step the board's rate controller and publish its BE limit."""

@@ -26,6 +26,12 @@ CLIENT_METRICS = [
      "long_kernels", 1),
     (GaugeMetricFamily, "tally_client_in_flight", "Launches not yet completed", "in_flight", 1),
     (GaugeMetricFamily, "tally_client_failopen", "Nonzero if the agent failed open", "failopen", 1),
+    (GaugeMetricFamily, "tally_client_slo_p99_target_seconds", "HP p99 latency target (0 = none)", "slo_p99_ns",
+     1e-9),
+    (CounterMetricFamily, "tally_client_requests", "Requests the HP program reported (tally.slo)", "requests", 1),
+    (CounterMetricFamily, "tally_client_request_seconds", "Sum of the reported request latencies",
+     "request_sum_ns", 1e-9),
+    (CounterMetricFamily, "tally_client_busy_periods", "HP busy periods started (the SLO proxy)", "busy_periods", 1),
 ]
 
 
@@ -44,6 +50,14 @@ class ScoreboardCollector(Collector):
                                           labels=GPU_LABELS)
         repairs = CounterMetricFamily("tally_slot_repairs", "Slots repaired after their client died",
                                       labels=GPU_LABELS)
+        budget = GaugeMetricFamily("tally_turnaround_budget_seconds",
+                                   "BE turnaround budget in effect (SLO mode adapts it)", labels=GPU_LABELS)
+        slo_target = GaugeMetricFamily("tally_slo_target_seconds",
+                                       "p99 target the SLO controller holds to (0 = SLO mode off)", labels=GPU_LABELS)
+        slo_p99 = GaugeMetricFamily("tally_slo_p99_seconds", "Observed HP p99 latency of that client over the "
+                                    "controller's window (0 = not measured)", labels=GPU_LABELS)
+        slo_state = GaugeMetricFamily("tally_slo_state", "1 for the SLO controller's state at its last step",
+                                      labels=["gpu", "state"])
         per_client = [(kind(name, doc, labels=CLIENT_LABELS), field, scale)
                       for kind, name, doc, field, scale in CLIENT_METRICS]
 
@@ -65,5 +79,9 @@ class ScoreboardCollector(Collector):
                 beat = board.daemon_heartbeat_ns
                 heartbeat_age.add_metric([uuid], (now - beat) / 1e9 if beat else float("inf"))
                 repairs.add_metric([uuid], d.repairs.get(uuid, 0))
-        yield from (start, clients, hp_active, heartbeat_age, repairs)
+                budget.add_metric([uuid], board.turnaround_budget_ns / 1e9)
+                slo_target.add_metric([uuid], board.slo_target_ns / 1e9)
+                slo_p99.add_metric([uuid], board.slo_p99_ns / 1e9)
+                slo_state.add_metric([uuid, sbmod.SLO_STATE_NAMES.get(board.slo_state, str(board.slo_state))], 1)
+        yield from (start, clients, hp_active, heartbeat_age, repairs, budget, slo_target, slo_p99, slo_state)
         yield from (family for family, _, _ in per_client)
