@@ -173,16 +173,22 @@ def _base_result(args, ref) -> dict:
     }
 
 
-def run(args) -> int:
+def _start(args):
+    """What every worker does first: catch signals, resolve the workload, and
+    fill in the fields every result carries."""
     from tally.bench import workloads as registry
 
     signals = _Signals()
     signals.install()
-    result_path = Path(args.result)
     options = registry.parse_options(args.option)
     args.options = options
     ref = registry.parse_ref(args.workload, role=args.role, command=args.command)
-    result = _base_result(args, ref)
+    return registry, signals, options, ref, _base_result(args, ref)
+
+
+def run(args) -> int:
+    registry, signals, options, ref, result = _start(args)
+    result_path = Path(args.result)
     workload = None
     record: list = []
     exit_code = EXIT_OK
@@ -323,15 +329,8 @@ def _session_command(workload, args, base: dict, command: dict, control: Path, s
 
 def run_session(args) -> int:
     """--control DIR: build and warm up once, then obey cmd-N files (see the module doc)."""
-    from tally.bench import workloads as registry
-
-    signals = _Signals()
-    signals.install()
+    registry, signals, options, ref, base = _start(args)
     control = Path(args.control)
-    options = registry.parse_options(args.option)
-    args.options = options
-    ref = registry.parse_ref(args.workload, role=args.role, command=args.command)
-    base = _base_result(args, ref)
     workload = None
     exit_code = EXIT_OK
     seq = 0
