@@ -72,3 +72,24 @@ def test_mean_utilization_uses_samples_inside_window_only():
     assert metrics.mean_utilization(samples, (0.5, 2.5)) == pytest.approx(75.0)
     assert math.isnan(metrics.mean_utilization(samples, (5.0, 6.0)))
     assert math.isnan(metrics.mean_utilization([], (0.0, 1.0)))
+
+
+def test_scheduler_delta_is_the_change_over_the_window_per_role():
+    before = {10: {"pid": 10, "launches": 100, "held_ms": 5.0, "long_kernels": 1, "held_launches": 3},
+              20: {"pid": 20, "launches": 7, "graph_launches": 2}}
+    after = {10: {"pid": 10, "launches": 300, "held_ms": 9.5, "long_kernels": 21, "held_launches": 40,
+                  "failopen": False},
+             20: {"pid": 20, "launches": 9, "graph_launches": 12}}
+    delta = metrics.scheduler_delta(before, after, {"be": 10, "hp": 20})
+    assert delta["be"]["launches"] == 200 and delta["be"]["held_ms"] == 4.5
+    assert delta["be"]["long_kernels"] == 20 and delta["be"]["held_launches"] == 37
+    assert delta["be"]["be_alone_share"] == 20 / 200
+    assert delta["hp"]["graph_launches"] == 10 and "be_alone_share" not in delta["hp"]
+
+
+def test_scheduler_delta_needs_both_snapshots_and_skips_unknown_processes():
+    assert metrics.scheduler_delta(None, {1: {}}, {"be": 1}) is None
+    assert metrics.scheduler_delta({1: {"launches": 1}}, {}, {"be": 1}) is None
+    # a process that joined during the window counts from zero
+    delta = metrics.scheduler_delta({1: {"launches": 1}}, {2: {"launches": 5}}, {"be": 2, "hp": 3})
+    assert delta == {"be": {"launches": 5, "failopen": False, "be_alone_share": 0.0}}

@@ -82,3 +82,12 @@ def test_report_with_only_failed_runs_has_no_charts(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert "(no successful runs to chart)" in text
     assert not list((tmp_path / "charts").glob("*.png"))
+
+
+def test_table_shows_the_share_of_be_launches_admitted_alone():
+    with_scheduler = _run("tally", 11.0, 0.1, 0.5)
+    with_scheduler["scheduler"] = {"be": {"launches": 400, "long_kernels": 50, "be_alone_share": 0.125}}
+    rows = report.markdown_table([with_scheduler, _run("mps", 20.0, 1.0, 0.9)]).splitlines()[2:]
+    cells = {row.split("|")[4].strip(): [c.strip() for c in row.split("|")] for row in rows}
+    column = report.markdown_table([]).splitlines()[0].split("|").index(" BE alone % ")
+    assert cells["tally"][column] == "12.5" and cells["mps"][column] == "-"

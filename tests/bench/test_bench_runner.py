@@ -315,7 +315,7 @@ def test_a_killed_reused_worker_fails_only_its_run_and_is_restarted(tmp_path):
     killed = []
     original = runner._window
 
-    def window(key, pool):
+    def window(key, pool, system=None):
         if key == keys[0]:
             # the HP worker dies in the middle of the first window
             import threading
@@ -330,7 +330,7 @@ def test_a_killed_reused_worker_fails_only_its_run_and_is_restarted(tmp_path):
 
             assert victim is not None
             threading.Thread(target=kill, daemon=True).start()
-        return original(key, pool)
+        return original(key, pool, system)
 
     runner._window = window
     results = runner.run_matrix(keys)

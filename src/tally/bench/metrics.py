@@ -13,6 +13,9 @@
   window's edges by linear interpolation between step completions; normalized
   = shared / standalone (standalone: steps/s over the BE-alone run).
 * System throughput = HP normalized + BE normalized (2.0 = both as if alone).
+* Scheduler counters (tally systems): the change of each worker's scoreboard
+  counters over the measurement window; `be_alone_share` = BE kernels admitted
+  alone because their estimate exceeded the budget / BE launches.
 """
 from __future__ import annotations
 
@@ -137,3 +140,27 @@ def be_rate(be_result: dict, window: tuple[float, float] | None = None) -> float
         if window[1] <= window[0]:
             return 0.0
     return rate_in_window(steps, float(start), window)
+
+
+SCHEDULER_COUNTERS = ("launches", "graph_launches", "held_ms", "held_launches", "long_kernels")
+
+
+def scheduler_delta(before: dict | None, after: dict | None, pids: dict[str, int]) -> dict | None:
+    """Per role, how the scheduler counters of that role's process moved between two snapshots
+    ({pid: client} as read from `tally status --json`); None without both snapshots."""
+    if not before or not after:
+        return None
+    out: dict = {}
+    for role, pid in pids.items():
+        b, a = before.get(pid), after.get(pid)
+        if a is None:
+            continue
+        b = b or {}
+        delta = {k: a.get(k, 0) - b.get(k, 0) for k in SCHEDULER_COUNTERS
+                 if isinstance(a.get(k), (int, float)) and isinstance(b.get(k, 0), (int, float))}
+        delta["failopen"] = bool(a.get("failopen"))
+        out[role] = delta
+    be = out.get("be")
+    if be and be.get("launches"):
+        be["be_alone_share"] = be.get("long_kernels", 0) / be["launches"]
+    return out or None

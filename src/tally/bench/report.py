@@ -52,9 +52,15 @@ def _pct(value) -> str:
     return f"{value * 100:+.1f}%"
 
 
+def _alone_share(run: dict) -> str:
+    """Share of BE launches the tally gate admitted alone (estimate over the budget); '-' elsewhere."""
+    share = ((run.get("scheduler") or {}).get("be") or {}).get("be_alone_share")
+    return "-" if share is None else f"{share * 100:.1f}"
+
+
 def markdown_table(runs: list[dict]) -> str:
     header = ("| HP | BE | load | system | HP p50 ms | HP p90 ms | HP p99 ms | HP max ms | p99 overhead "
-              "| service p99 ms | HP norm. | BE norm. | system tput | GPU util % | status |")
+              "| service p99 ms | HP norm. | BE norm. | system tput | GPU util % | BE alone % | status |")
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     ordered = sorted(runs, key=lambda r: (r["key"]["hp"], r["key"]["be"], r["key"]["load"],
                                           _system_order(r["key"]["system"])))
@@ -69,11 +75,12 @@ def markdown_table(runs: list[dict]) -> str:
             cells += [_fmt(lat["p50_ms"]), _fmt(lat["p90_ms"]), _fmt(lat["p99_ms"]), _fmt(lat["max_ms"]),
                       "(reference)" if key["system"] == "standalone" else _pct(run.get("p99_overhead")),
                       _fmt(svc["p99_ms"]), _fmt(run.get("hp_normalized")), _fmt(run.get("be_normalized")),
-                      _fmt(run.get("system_throughput")), _fmt(run.get("gpu_util_percent"), ".0f"), status]
+                      _fmt(run.get("system_throughput")), _fmt(run.get("gpu_util_percent"), ".0f"),
+                      _alone_share(run), status]
         else:
             word = "not run" if run.get("status") == "unavailable" else run.get("status", "failed")
             reason = str(run.get("reason", "")).replace("|", "/")
-            cells += ["-"] * 10 + [f"{word}: {reason}"]
+            cells += ["-"] * 11 + [f"{word}: {reason}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -247,6 +247,7 @@ class Runner:
         self.say = progress or (lambda message: None)
         self._trace: traces.AzureTrace | None = None
         self.last_timing: dict | None = None  # where the last co-located run's time went
+        self.last_scheduler: dict | None = None  # scheduler counters of the last window (tally systems)
         self.worker_starts: list[tuple[str, str, str]] = []  # (group, role, ref) of reused workers started
         self._baseline_failures: dict[str, str] = {}  # baseline path -> reason (reuse mode)
 
@@ -467,6 +468,7 @@ class Runner:
             be_alone = self.be_alone(key.be)
             hp_result, be_result, samples = self._colocated(key, system)
             summary = self._summarize(key, base, hp_result, be_result, hp_alone, be_alone, samples)
+            summary["scheduler"] = self.last_scheduler
             summary["timing"] = {**(self.last_timing or {}),
                                  "hp_build_s": hp_result.get("build_s"), "be_build_s": be_result.get("build_s"),
                                  "hp_warmup_s": (hp_result.get("warmup") or {}).get("seconds"),
@@ -500,11 +502,17 @@ class Runner:
             self._wait_ready({"be": (be, raw / "be.ready", raw / "be.log"),
                               "hp": (hp, raw / "hp.ready", raw / "hp.log")}, self.config.start_timeout_s)
             sampler = self._sampler(stack)
+            self.last_scheduler = None
+            counters_before = system.counters()
             marks["go"] = now()
             go_file.write_text(str(marks["go"]))
             # the HP replay ends on its own; BE must outlive it to share the whole window
             rc = self._wait_exit(hp, 2 * self.config.duration_s + 60, "hp", raw / "hp.log")
             marks["hp_exit"] = now()
+            if counters_before is not None:
+                # the HP worker has exited: only its last counters are gone; BE's are what matter
+                self.last_scheduler = metrics.scheduler_delta(counters_before, system.counters(),
+                                                              {"hp": hp.pid, "be": be.pid})
             if be.poll() is not None:
                 raise RunFailed(f"be worker exited (status {be.returncode}) during the run: {_last_line(raw / 'be.log')}")
             self.processes.stop(be, self.config.stop_grace_s)
@@ -544,6 +552,7 @@ class Runner:
             "workloads": {"hp": hp_result["workload"], "be": be_result["workload"]},
             "info": {"hp": hp_result.get("info", {}), "be": be_result.get("info", {})},
             "trace": hp_result.get("arrivals", {}),
+            "gc": {"hp": hp_result.get("gc"), "be": be_result.get("gc")},
         }
 
     def _standalone_summary(self, key: RunKey, base: dict, pool: "WorkerPool | None" = None) -> dict:
@@ -570,6 +579,8 @@ class Runner:
             "workloads": {"hp": hp_alone["workload"], "be": be_alone["workload"]},
             "info": {"hp": hp_alone.get("info", {}), "be": be_alone.get("info", {})},
             "trace": hp_alone.get("arrivals", {}),
+            "gc": {"hp": hp_alone.get("gc"), "be": be_alone.get("gc")},
+            "scheduler": None,
         }
 
     # ---- a matrix of runs
@@ -833,8 +844,9 @@ class Runner:
                 if value is None:
                     why = self._baseline_failures.get(ident) or self._baseline_failures.get(key.hp) or "not measured"
                     raise RunFailed(f"baseline {name} ({ident}) failed: {why}")
-            hp_result, be_result, samples, timing, started = self._window(key, pool)
+            hp_result, be_result, samples, timing, started = self._window(key, pool, system)
             summary = self._summarize(key, base, hp_result, be_result, hp_alone, be_alone, samples)
+            summary["scheduler"] = self.last_scheduler
             if system_start_s is not None:
                 timing = {"system_start_s": round(system_start_s, 3), **timing}
             summary["timing"] = {**timing,
@@ -848,7 +860,7 @@ class Runner:
         _write(self.run_path(key), summary)
         return summary
 
-    def _window(self, key: RunKey, pool: WorkerPool):
+    def _window(self, key: RunKey, pool: WorkerPool, system: systems_mod.System | None = None):
         raw = self.out / "raw" / key.run_id
         _fresh_dir(raw)
         self.say(f"{key.hp} + {key.be} under {key.system}")
@@ -869,10 +881,15 @@ class Runner:
                 self._pool_wait(pool, hp, f"ack-{hp_seq}.json", c.start_timeout_s)
                 self._pool_wait(pool, be, f"ack-{be_seq}.json", c.start_timeout_s)
                 sampler = self._sampler(stack)
+                self.last_scheduler = None
+                counters_before = system.counters() if system is not None else None
                 marks["go"] = now()
                 go_file.write_text(str(marks["go"]))
                 self._pool_wait(pool, hp, f"done-{hp_seq}.json", 2 * c.duration_s + 60)
                 marks["hp_exit"] = now()
+                if counters_before is not None:
+                    self.last_scheduler = metrics.scheduler_delta(
+                        counters_before, system.counters(), {"hp": hp.proc.pid, "be": be.proc.pid})
                 if not be.alive():
                     pool.retire(be)
                     raise RunFailed(f"be worker ({key.be}) died (status {be.proc.returncode}) during the run: "

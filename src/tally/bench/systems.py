@@ -17,6 +17,7 @@ each role's process gets (environment variables, a command prefix).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,6 +59,10 @@ class System:
 
     def launch(self, role: str) -> RoleLaunch:
         return RoleLaunch()
+
+    def counters(self) -> dict[int, dict] | None:
+        """Per-process scheduler counters keyed by pid (systems with a scheduler), else None."""
+        return None
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description}
@@ -195,6 +200,22 @@ class Tally(System):
             if self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
                 self._runtime_dir = None
+
+    def counters(self) -> dict[int, dict] | None:
+        """The daemon's per-client counters (`tally status --json`), keyed by pid; None when
+        they cannot be read (a run's numbers never depend on them)."""
+        if not self._up:
+            return None
+        try:
+            proc = subprocess.run(self.tally_command + ["status", "--json"], env=self._env(), capture_output=True,
+                                  text=True, timeout=30)
+            report = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            return None
+        if not isinstance(report, dict):
+            return None
+        return {c["pid"]: c for gpu in report.get("gpus", []) for c in gpu.get("clients", [])
+                if isinstance(c, dict) and isinstance(c.get("pid"), int)}
 
     def launch(self, role: str) -> RoleLaunch:
         assert self._runtime_dir is not None, "start() first"

@@ -15,7 +15,8 @@ records each step's completion time, so the runner can compute the throughput
 inside any window.
 
 Both roles first warm up (at least --warmup-steps steps and --warmup-s seconds:
-cuDNN autotuning, torch.compile, CUDA-graph capture happen there), then write
+cuDNN autotuning, torch.compile, CUDA-graph capture happen there), then collect
+and freeze the Python heap (gc.freeze: see settle_heap), then write
 --ready-file. The server then waits for --go-file (the runner creates it when
 every process of the run is warm) before replaying arrivals.
 
@@ -56,6 +57,7 @@ current command has (interrupted), then exit.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -110,13 +112,63 @@ def sleep_until(deadline: float) -> None:
         # spin the last millisecond: time.sleep overshoots by ~0.05-0.1 ms
 
 
+GC_FREEZE_ENV = "TALLY_BENCH_GC_FREEZE"  # "0": leave the collector as it is (to measure what freezing changes)
+
+
+def settle_heap() -> bool:
+    """Collect once, then freeze every surviving object out of the collector's reach.
+
+    With torch loaded the heap holds millions of long-lived objects; a full
+    (generation 2) collection walks all of them and pauses the process for tens
+    of milliseconds, a pause that lands in whichever request is being served.
+    Serving stacks freeze the heap after warm-up for this reason (vLLM does).
+    Done the same way for every system, so comparisons stay fair; returns
+    whether the heap was frozen."""
+    if os.environ.get(GC_FREEZE_ENV, "1") == "0":
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
+
+
+class GcPauses:
+    """Garbage-collector pauses inside a measured window, via gc.callbacks."""
+
+    def __init__(self):
+        self.collections = [0, 0, 0]
+        self.total_s = 0.0
+        self.max_s = 0.0
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = now()
+        elif self._started is not None:
+            pause = now() - self._started
+            self._started = None
+            self.collections[min(int(info.get("generation", 0)), 2)] += 1
+            self.total_s += pause
+            self.max_s = max(self.max_s, pause)
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def to_json(self) -> dict:
+        return {"collections_by_generation": list(self.collections), "pause_total_s": self.total_s,
+                "pause_max_s": self.max_s}
+
+
 def warm_up(workload, min_steps: int, min_seconds: float) -> dict:
     started = now()
     steps = 0
     while steps < min_steps or now() - started < min_seconds:
         workload.step()
         steps += 1
-    return {"steps": steps, "seconds": now() - started}
+    return {"steps": steps, "seconds": now() - started, "heap_frozen": settle_heap()}
 
 
 def wait_for_file(path: Path, timeout_s: float) -> float:
@@ -216,15 +268,23 @@ def run(args) -> int:
                 duration = arrivals.duration_s
                 # an overloaded server stops serving at go + 2 x duration (+10 s);
                 # what was not served by then is reported as incomplete
-                serve(workload, offsets, go, go + 2 * duration + 10, record)
+                with GcPauses() as pauses:
+                    try:
+                        serve(workload, offsets, go, go + 2 * duration + 10, record)
+                    finally:
+                        result["gc"] = pauses.to_json()
         else:
             result["warmup"] = warm_up(workload, args.warmup_steps, args.warmup_s)
             _signal_ready(args)
             result["measure_start_time"] = now()
             deadline = result["measure_start_time"] + args.duration
-            while now() < deadline:
-                workload.step()
-                record.append(now())
+            with GcPauses() as pauses:
+                try:
+                    while now() < deadline:
+                        workload.step()
+                        record.append(now())
+                finally:
+                    result["gc"] = pauses.to_json()
     except StopRequested as stop:
         result["interrupted"] = True
         result["stopped_by"] = str(stop)
@@ -296,16 +356,24 @@ def _session_command(workload, args, base: dict, command: dict, control: Path, s
             write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
             go = wait_for_file(Path(command["go_file"]), float(command.get("go_timeout_s", args.start_timeout_s)))
             result["go_time"] = go
-            serve(workload, arrivals.offsets_s, go, go + 2 * arrivals.duration_s + 10, record)
+            with GcPauses() as pauses:
+                try:
+                    serve(workload, arrivals.offsets_s, go, go + 2 * arrivals.duration_s + 10, record)
+                finally:
+                    result["gc"] = pauses.to_json()
         elif op == "train":
             write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
             stop_file = Path(command["stop_file"])
             result["measure_start_time"] = now()
             duration = command.get("duration")
             deadline = result["measure_start_time"] + float(duration) if duration else math.inf
-            while now() < deadline and not stop_file.exists():
-                workload.step()
-                record.append(now())
+            with GcPauses() as pauses:
+                try:
+                    while now() < deadline and not stop_file.exists():
+                        workload.step()
+                        record.append(now())
+                finally:
+                    result["gc"] = pauses.to_json()
         else:
             raise TallyError(f"unknown command {op!r}")
     except TallyError as exc:
