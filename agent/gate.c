@@ -32,8 +32,17 @@ enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint
     if (load32(&h->policy) != TALLY_SB_POLICY_TALLY) return TALLY_GATE_UNGATED;
     if (!tally_gate_daemon_alive(h, now_ns)) return TALLY_GATE_DAEMON_DEAD;
     if (load32(&h->hp_active) == 0) return TALLY_GATE_UNGATED;
-    if (tally_gate_hp_inflight(h)) return TALLY_GATE_WAIT_HP;
+    if (tally_gate_hp_inflight(h)) {
+        /* HP is idle only from the end of its work, not from its last launch:
+         * a request that is one long CUDA graph launched 100 ms ago must not
+         * count as 100 ms of idleness the moment it completes. */
+        uint64_t *busy = (uint64_t *)&h->hp_last_busy_ns;
+        if (load64(busy) < now_ns) __atomic_store_n(busy, now_ns, __ATOMIC_RELAXED);
+        return TALLY_GATE_WAIT_HP;
+    }
     uint64_t last = load64(&h->hp_last_launch_ns);
+    uint64_t busy = load64(&h->hp_last_busy_ns);
+    if (busy > last) last = busy;
     uint64_t idle = now_ns > last ? now_ns - last : 0;
     if (idle < load64(&h->idle_window_ns)) return TALLY_GATE_WAIT_HP;
     int unthrottled = idle >= load64(&h->unthrottle_after_ns);

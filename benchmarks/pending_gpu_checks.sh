@@ -58,6 +58,8 @@ verdict memory-limit $? "(limited rc=$limited, OOM message found=$((1-oom)), oth
 tally down --force >> "$out/profiles.log" 2>&1
 
 # 4. Gate cost with no HP client, longer runs than on 2026-11-25 (which disagreed: +3.47% / -0.47%).
+#    PENDING_SKIP_GATE=1 skips it (about 3 minutes).
+[ "${PENDING_SKIP_GATE:-0}" = 1 ] && exit 0
 timeout 240 python3 benchmarks/agent_evidence.py --skip coverage,overhead,launch --overhead-steps 80 \
     --overhead-rounds 3 --json-name gate_overhead_long --out "$out" > "$out/gate.log" 2>&1
 grep -h "Tally best-effort vs plain MPS" "$out/gate_overhead_long.md" 2>/dev/null || echo "CHECK gate-overhead: FAIL (see gate.log)"

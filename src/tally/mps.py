@@ -178,6 +178,7 @@ class PrivateMps(Mps):
         base = Path(runtime_dir) / "mps"
         super().__init__(base / "pipe", base / "log", binaries)
         self._started_pid: int | None = None
+        self._started_created: float | None = None  # its start time: a reused pid is not ours
 
     def start(self, timeout: float = 15) -> "PrivateMps":
         binaries = self.binaries
@@ -206,21 +207,35 @@ class PrivateMps(Mps):
         else:
             raise TallyError(f"MPS control daemon did not come up in {timeout:.0f} s; see {self.log_dir}/control.log")
         self._started_pid = self.control_pid()
+        try:
+            self._started_created = psutil.Process(self._started_pid).create_time()
+        except (psutil.Error, TypeError, ValueError):
+            self._started_created = None
         return self
+
+    def _ours(self, pid: int) -> bool:
+        """The control daemon this object started (same pid, same start time), whatever
+        name it shows; otherwise a process the MPS programs' names identify."""
+        if pid == self._started_pid and self._started_created is not None:
+            try:
+                return psutil.Process(pid).create_time() == self._started_created
+            except psutil.Error:
+                return False
+        return _is_mps_process(pid)
 
     def stop(self, timeout: float = 10) -> None:
         """quit, wait, verify; signals only for the processes this MPS runs
         (its control daemon, by the pid file in our private pipe dir, and
         the servers it lists)."""
         pid = self._started_pid or self.control_pid()
-        if not self.pipe_exists() and (pid is None or not _is_mps_control(pid)):
+        if not self.pipe_exists() and (pid is None or not (self._ours(pid) and _process_alive(pid))):
             return
         servers = self.server_pids()
         try:
             self.control("quit", timeout=timeout)
         except (OSError, subprocess.TimeoutExpired):
             pass
-        victims = [p for p in ([pid] if pid else []) + servers if _is_mps_process(p)]
+        victims = [p for p in ([pid] if pid else []) + servers if self._ours(p)]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(_process_alive(p) for p in victims):
             time.sleep(0.05)
@@ -238,7 +253,7 @@ class PrivateMps(Mps):
         if still:
             raise TallyError(f"MPS processes {still} did not exit after quit, SIGTERM and SIGKILL")
         (self.pipe_dir / CONTROL_PID_FILE).unlink(missing_ok=True)
-        self._started_pid = None
+        self._started_pid = self._started_created = None
 
     def __enter__(self) -> "PrivateMps":
         return self.start()
@@ -268,6 +283,3 @@ def _program_names(pid: int) -> set[str]:
 def _is_mps_process(pid: int) -> bool:
     return bool(_program_names(pid) & {CONTROL, SERVER})
 
-
-def _is_mps_control(pid: int) -> bool:
-    return CONTROL in _program_names(pid)

@@ -44,15 +44,29 @@ TRACE_VERSION = 1
 HISTOGRAM_EDGES_NS = (10_000, 100_000, 1_000_000, 10_000_000)  # 10 us, 100 us, 1 ms, 10 ms
 
 
+@lru_cache(maxsize=1)
+def _cxxfilt():
+    """The demangler, or None (one warning) when the cxxfilt package is missing: a trace with
+    mangled names is still a trace, and the program has already run."""
+    try:
+        import cxxfilt
+    except ImportError:
+        click.echo("tally: warning: the cxxfilt package is missing (pip install cxxfilt); "
+                   "kernel names are left mangled", err=True)
+        return None
+    return cxxfilt
+
+
 @lru_cache(maxsize=None)
 def demangle(name: str) -> str:
     if not name.startswith("_Z"):
         return name
-    import cxxfilt
-
+    cxxfilt = _cxxfilt()
+    if cxxfilt is None:
+        return name
     try:
         return cxxfilt.demangle(name)
-    except (cxxfilt.InvalidName, Exception):  # a name the demangler rejects stays as is
+    except Exception:  # noqa: BLE001 - a name the demangler rejects (InvalidName or worse) stays as is
         return name
 
 

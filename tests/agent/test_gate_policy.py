@@ -114,7 +114,22 @@ def test_hp_work_in_flight_holds_best_effort(gate, board):
     i = add_hp(board, -10_000 * US, clock, launched=7, completed=6)
     assert decide(gate, board, clock.at(0)) == WAIT_HP
     board.set_lane_completed(i, 3, 7)  # the GPU wrote the completion
-    assert decide(gate, board, clock.at(0)) == ADMIT
+    assert decide(gate, board, clock.at(0)) == WAIT_HP  # the idle window runs from when HP was seen busy
+    assert decide(gate, board, clock.at(100 * US)) == ADMIT
+
+
+def test_hp_idleness_counts_from_the_end_of_its_work_not_its_launch(gate, board):
+    """A request that is one long CUDA graph: launched 150 ms ago, completing now. It must not
+    count as 150 ms idle (past unthrottle_after) the moment it completes."""
+    clock = Clock(board)
+    i = add_hp(board, -150_000 * US, clock, launched=1, completed=0)
+    assert decide(gate, board, clock.at(0)) == WAIT_HP
+    assert board.hp_last_busy_ns == clock.at(0)  # the waiting agent noted HP busy
+    board.set_lane_completed(i, 3, 1)
+    assert decide(gate, board, clock.at(50 * US)) == WAIT_HP  # inside the idle window after the work
+    assert decide(gate, board, clock.at(200 * US), est=10 * US) == ADMIT  # throttled, not ADMIT_IDLE
+    assert decide(gate, board, clock.at(200 * US), inflight=95 * US, est=10 * US) == WAIT_BUDGET
+    assert decide(gate, board, clock.at(100_001 * US), inflight=95 * US, est=10 * US) == ADMIT_IDLE
 
 
 def test_idle_window_after_last_hp_launch(gate, board):

@@ -93,3 +93,12 @@ def test_scheduler_delta_needs_both_snapshots_and_skips_unknown_processes():
     # a process that joined during the window counts from zero
     delta = metrics.scheduler_delta({1: {"launches": 1}}, {2: {"launches": 5}}, {"be": 2, "hp": 3})
     assert delta == {"be": {"launches": 5, "failopen": False, "be_alone_share": 0.0}}
+
+
+def test_gpu_state_averages_clock_and_power_inside_the_window_ignoring_gaps():
+    samples = [(0.5, 10, 1000, 100), (1.0, 50, 1980, 300), (2.0, 60, 1700, math.nan), (3.5, 70, 1200, 500)]
+    state = metrics.gpu_state(samples, (1.0, 3.0))
+    assert state["sm_clock_mhz"] == pytest.approx(1840) and state["power_w"] == pytest.approx(300)
+    assert metrics.mean_utilization(samples, (1.0, 3.0)) == pytest.approx(55)
+    # samples of the old two-column form: utilization only
+    assert math.isnan(metrics.gpu_state([(1.0, 50)], (0, 2))["sm_clock_mhz"])

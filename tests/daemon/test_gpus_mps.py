@@ -113,5 +113,5 @@ def test_private_mps_starts_and_stops(tmp_path):
         assert pid and mpsmod._process_alive(pid)
         with pytest.raises(TallyError, match="already runs"):
             mpsmod.PrivateMps(tmp_path).start()
-    assert not mpsmod._process_alive(pid)
+    assert not mpsmod._process_alive(pid), f"control daemon {pid} still runs as {mpsmod._program_names(pid)}"
     assert not m.is_running()

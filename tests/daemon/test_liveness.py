@@ -209,3 +209,18 @@ def test_best_effort_clients_get_the_lower_mps_client_priority():
     assert client.client_env(state, "best-effort")["CUDA_MPS_CLIENT_PRIORITY"] == "1"
     assert "CUDA_MPS_CLIENT_PRIORITY" not in client.client_env(state, "high")
     assert client.client_env(state, "high")["CUDA_MPS_PIPE_DIRECTORY"] == "/run/tally/mps/pipe"
+
+
+def test_tick_notes_when_high_priority_work_was_last_in_flight(inproc_daemon):
+    from tally.daemon.daemon import proc_stat
+
+    daemon, board = inproc_daemon
+    slot = board.claim_slot(os.getpid(), sb.PRIORITY_HIGH, pid_start_ticks=proc_stat(os.getpid())[1])
+    board.set_lane_launched(slot, 0, 2)
+    board.set_lane_completed(slot, 0, 1)
+    now = time.monotonic_ns()
+    daemon.tick(now)
+    assert board.hp_active == 1 and board.hp_last_busy_ns == now
+    board.set_lane_completed(slot, 0, 2)  # done: later ticks leave the mark where it was
+    daemon.tick(now + 10_000_000)
+    assert board.hp_last_busy_ns == now

@@ -104,3 +104,27 @@ def test_trace_of_a_program_without_cuda_keeps_its_exit_code(tmp_path):
     assert "no CUDA process reported in" in r.stderr
     meta = json.loads(out.read_text().splitlines()[0])
     assert meta["exit_code"] == 5
+
+
+def test_demangling_without_cxxfilt_keeps_mangled_names_with_one_warning(monkeypatch, capsys):
+    import builtins
+
+    from tally import trace as trace_mod
+
+    real_import = builtins.__import__
+
+    def no_cxxfilt(name, *args, **kwargs):
+        if name == "cxxfilt":
+            raise ImportError("no cxxfilt")
+        return real_import(name, *args, **kwargs)
+
+    trace_mod._cxxfilt.cache_clear()
+    trace_mod.demangle.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_cxxfilt)
+    try:
+        assert trace_mod.demangle("_Z6kernelPf") == "_Z6kernelPf"
+        assert trace_mod.demangle("_Z5otheri") == "_Z5otheri"
+    finally:
+        trace_mod._cxxfilt.cache_clear()
+        trace_mod.demangle.cache_clear()
+    assert capsys.readouterr().err.count("cxxfilt package is missing") == 1

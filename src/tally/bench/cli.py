@@ -15,7 +15,7 @@ ALLOW_NO_GPU_ENV = "TALLY_BENCH_ALLOW_NO_GPU"
 
 # presets: (hp workloads, be workloads, loads, duration s); systems default to all
 QUICK = {
-    "hp": ["bert-infer", "llama-decode"],
+    "hp": ["bert-infer@graph", "llama-decode"],  # GPU-bound HP: CUDA graphs (DESIGN.md fact 6)
     "be": ["resnet50-train", "gpt2-train"],
     "loads": [0.5],
     "duration": 8.0,

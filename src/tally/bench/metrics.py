@@ -97,15 +97,26 @@ def system_throughput(hp_normalized: float, be_normalized: float) -> float:
     return hp_normalized + be_normalized
 
 
-def mean_utilization(samples: Sequence[Sequence[float]], window: tuple[float, float]) -> float:
-    """Mean of (time, percent) GPU utilization samples inside `window`; NaN if none."""
+def mean_utilization(samples: Sequence[Sequence[float]], window: tuple[float, float], column: int = 1) -> float:
+    """Mean of one column of (time, utilization %, SM clock MHz, power W) GPU samples inside
+    `window` (column 1, utilization, by default); NaN if none or the column is missing."""
     if not samples:
         return math.nan
-    table = np.asarray(samples, dtype=np.float64)
-    inside = table[(table[:, 0] >= window[0]) & (table[:, 0] <= window[1])]
+    width = min(len(s) for s in samples)
+    if column >= width:
+        return math.nan
+    table = np.asarray([s[:width] for s in samples], dtype=np.float64)
+    inside = table[(table[:, 0] >= window[0]) & (table[:, 0] <= window[1]), column]
+    inside = inside[~np.isnan(inside)]
     if inside.size == 0:
         return math.nan
-    return float(inside[:, 1].mean())
+    return float(inside.mean())
+
+
+def gpu_state(samples: Sequence[Sequence[float]], window: tuple[float, float]) -> dict:
+    """Mean SM clock and power draw inside `window`: a slower clock under sharing (power or
+    thermal limits) slows the HP job for reasons no scheduler controls."""
+    return {"sm_clock_mhz": mean_utilization(samples, window, 2), "power_w": mean_utilization(samples, window, 3)}
 
 
 def hp_summary(hp_result: dict) -> dict:

@@ -195,6 +195,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _number(text: str) -> float:
+    """A sampled value, NaN where nvidia-smi has none ("[N/A]")."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 class GpuSampler:
     """`nvidia-smi --query-gpu=utilization.gpu -lms` in the background, each line stamped on arrival.
 
@@ -203,14 +211,15 @@ class GpuSampler:
     """
 
     def __init__(self, processes: ProcessSet, interval_ms: int = 200):
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, ...]] = []  # (time, utilization %, SM clock MHz, power W)
         self._processes = processes
         self._proc: subprocess.Popen | None = None
         smi = shutil.which("nvidia-smi")
         if smi is None:
             return
         self._proc = subprocess.Popen(
-            [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={interval_ms}", "-i", "0"],
+            [smi, "--query-gpu=utilization.gpu,clocks.sm,power.draw", "--format=csv,noheader,nounits",
+             f"-lms={interval_ms}", "-i", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
             start_new_session=True)
         processes.live.append(self._proc)
@@ -222,9 +231,11 @@ class GpuSampler:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             try:
-                self.samples.append((now(), float(line.strip().split(",")[0])))
+                fields = line.strip().split(",")
+                values = [float(fields[0])] + [_number(f) for f in fields[1:3]]
             except ValueError:
                 continue
+            self.samples.append((now(), *values))
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -383,6 +394,8 @@ class Runner:
         result["summary"] = summary
         result["gpu_util_percent"] = (metrics.mean_utilization(sampler.samples, tuple(summary["window"]))
                                       if sampler and summary["window"] else math.nan)
+        if sampler and summary["window"]:
+            result["gpu_state"] = metrics.gpu_state(sampler.samples, tuple(summary["window"]))
         _write(path, result)
         return result
 
@@ -419,6 +432,8 @@ class Runner:
         steps = result.get("step_end_times") or []
         window = (result.get("measure_start_time") or 0.0, steps[-1] if steps else 0.0)
         result["gpu_util_percent"] = metrics.mean_utilization(sampler.samples, window) if sampler else math.nan
+        if sampler:
+            result["gpu_state"] = metrics.gpu_state(sampler.samples, window)
         _write(path, result)
         return result
 
@@ -549,6 +564,7 @@ class Runner:
             "be_normalized": be_norm,
             "system_throughput": metrics.system_throughput(hp_norm, be_norm),
             "gpu_util_percent": metrics.mean_utilization(samples, window),
+            "gpu_state": metrics.gpu_state(samples, window),
             "workloads": {"hp": hp_result["workload"], "be": be_result["workload"]},
             "info": {"hp": hp_result.get("info", {}), "be": be_result.get("info", {})},
             "trace": hp_result.get("arrivals", {}),
@@ -576,6 +592,7 @@ class Runner:
             "hp_normalized": 1.0, "be_normalized": 1.0, "system_throughput": math.nan,
             "gpu_util_percent": hp_alone.get("gpu_util_percent", math.nan),
             "be_gpu_util_percent": be_alone.get("gpu_util_percent", math.nan),
+            "gpu_state": hp_alone.get("gpu_state"), "be_gpu_state": be_alone.get("gpu_state"),
             "workloads": {"hp": hp_alone["workload"], "be": be_alone["workload"]},
             "info": {"hp": hp_alone.get("info", {}), "be": be_alone.get("info", {})},
             "trace": hp_alone.get("arrivals", {}),

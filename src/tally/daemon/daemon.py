@@ -242,6 +242,7 @@ class Daemon:
         for b, board in enumerate(self.boards):
             board.heartbeat(now)
             hp = be = slo = 0
+            hp_busy = False
             for slot in range(sbmod.MAX_CLIENTS):
                 key = (b, slot)
                 state = board.slot_state(slot)
@@ -253,6 +254,7 @@ class Daemon:
                     if self._check_active(board, key, now, key in exited):
                         if board.slot_get(slot, "priority") == sbmod.PRIORITY_HIGH:
                             hp += 1
+                            hp_busy = hp_busy or board.in_flight(slot) > 0
                             slo += board.slot_get(slot, "slo_p99_ns") != 0
                         else:
                             be += 1
@@ -261,6 +263,9 @@ class Daemon:
                     if now - since >= self.config.quarantine_ns:
                         board.release_slot(slot)
                         del self._repairing_since[key]
+            if hp_busy:
+                # BE agents note this too while they wait; the tick covers the times none waits
+                board.hp_last_busy_ns = max(board.hp_last_busy_ns, now)
             if board.hp_active != hp:
                 board.hp_active = hp
             if board.be_active != be:
