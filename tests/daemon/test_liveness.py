@@ -84,6 +84,16 @@ def test_sigkilled_client_is_repaired_fast(tally_env, foreground_daemon):
     assert 'tally_clients{gpu="GPU-aaaa1111",priority="high"} 1.0' in metrics
     assert 'tally_slot_repairs_total{gpu="GPU-aaaa1111"} 1.0' in metrics
     assert f'tally_client_launches_total{{comm="fake-client",gpu="GPU-aaaa1111",pid="{hp.pid}"' in metrics
+    # what a Prometheus server parses: prometheus_client's own parser of the exposition format
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert samples[("tally_clients", (("gpu", "GPU-aaaa1111"), ("priority", "high")))] == 1.0
+    assert samples[("tally_slot_repairs_total", (("gpu", "GPU-aaaa1111"),))] == 1.0
+    hp_launches = [v for (name, labels), v in samples.items()
+                   if name == "tally_client_launches_total" and ("pid", str(hp.pid)) in labels]
+    assert hp_launches and hp_launches[0] >= 0
 
     # quarantined, then free again
     assert board.slot_state(be_slot) == sb.SLOT_REPAIRING

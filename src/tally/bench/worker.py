@@ -118,10 +118,13 @@ GC_FREEZE_ENV = "TALLY_BENCH_GC_FREEZE"  # "0": leave the collector as it is (to
 def settle_heap() -> bool:
     """Collect once, then freeze every surviving object out of the collector's reach.
 
-    With torch loaded the heap holds millions of long-lived objects; a full
-    (generation 2) collection walks all of them and pauses the process for tens
-    of milliseconds, a pause that lands in whichever request is being served.
-    Serving stacks freeze the heap after warm-up for this reason (vLLM does).
+    With torch loaded the heap holds many long-lived objects; a full
+    (generation 2) collection walks all of them, and the pause lands in
+    whichever request is being served. Serving stacks freeze the heap after
+    warm-up for this reason (vLLM does). On an H100 with BERT eager it did not
+    explain the latency spikes of that workload (benchmarks/results/
+    diag-2026-11-25: 3 collections, 1.3 ms at most, in 8 s unfrozen), but the
+    recorded pauses (GcPauses) now rule the collector in or out per run.
     Done the same way for every system, so comparisons stay fair; returns
     whether the heap was frozen."""
     if os.environ.get(GC_FREEZE_ENV, "1") == "0":
@@ -193,14 +196,20 @@ def serve(workload, offsets: list[float], go: float, deadline: float, record: li
         record.append((due, start, now()))
 
 
-def measure_capacity(workload, seconds: float, min_requests: int = 10) -> dict:
+def service_times(workload, seconds: float, min_requests: int = 10) -> tuple[list[float], float]:
+    """Back-to-back requests for `seconds` (at least `min_requests`): each one's service
+    time, and the wall time they took together."""
     service: list[float] = []
     started = now()
     while len(service) < min_requests or now() - started < seconds:
         t0 = now()
         workload.step()
         service.append(now() - t0)
-    total = now() - started
+    return service, now() - started
+
+
+def measure_capacity(workload, seconds: float, min_requests: int = 10) -> dict:
+    service, total = service_times(workload, seconds, min_requests)
     service.sort()
     mean = sum(service) / len(service)
     return {
@@ -301,10 +310,17 @@ def run(args) -> int:
         result["requests"] = [list(r) for r in record]
     else:
         result["step_end_times"] = record
+    finish(result, result_path, workload, "tally bench worker")
+    return exit_code
+
+
+def finish(result: dict, result_path: Path, workload, who: str) -> None:
+    """Stamp the end, write the result file (atomically), report its error on stderr,
+    then close the workload: the result is on disk before anything can fail."""
     result["end_time"] = now()
     write_json_atomic(result_path, result)
-    if result["error"]:
-        print(f"tally bench worker: {result['error']}", file=sys.stderr)
+    if result.get("error"):
+        print(f"{who}: {result['error']}", file=sys.stderr)
         if result.get("traceback"):
             print(result["traceback"], file=sys.stderr)
     if workload is not None and callable(getattr(workload, "close", None)):
@@ -312,7 +328,6 @@ def run(args) -> int:
             workload.close()
         except Exception:  # noqa: BLE001 - closing must not mask the result
             pass
-    return exit_code
 
 
 # ---------------------------------------------------------------- session mode (reused workers)
