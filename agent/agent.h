@@ -69,4 +69,13 @@ int tally_profiles_seed(uint64_t name_hash, uint64_t grid_threads, uint64_t *est
 /* Merges what this run learned (samples: learned in this run) into the file, atomically. */
 void tally_profiles_save(const struct tally_profile_entry *learned, size_t n);
 
+/* modules.c: copies of the code images the program loads, in TALLY_MODULE_DIR
+ * (format: the comment at the top of modules.c). */
+/* Reads TALLY_MODULE_DIR; 1 when images are to be saved. */
+int tally_modules_init(void);
+/* Whether a driver entry point (by CUPTI callback name) loads an image from memory. */
+int tally_modules_is_load(const char *name);
+/* At the API exit of such a load: saves its image if the load succeeded. */
+void tally_modules_loaded(const void *params, CUresult result);
+
 #endif

@@ -8,6 +8,8 @@
  *   - counts launches per entry point (written to TALLY_STATS_DIR at exit);
  *   - with TALLY_TRACE_DIR set, records every kernel execution through the
  *     CUPTI Activity API as JSON lines (one file per process).
+ *   - with TALLY_MODULE_DIR set, saves the code images the program loads
+ *     (modules.c), for kernel transformation later.
  *
  * Rule one: never break the user's program. Every failure (no libcupti, a
  * profiler already subscribed, an unwritable trace dir) prints one warning
@@ -164,6 +166,7 @@ static uint8_t param_layout_of[MAX_CBID];
 static uint8_t per_thread_stream[MAX_CBID]; /* _ptsz: a NULL stream means the per-thread stream */
 static const char *callback_name[MAX_CBID];
 static _Atomic uint64_t launches_by_cbid[MAX_CBID];
+static uint8_t module_load_of[MAX_CBID]; /* see modules.c */
 static int n_launch_callbacks;
 
 /* Classify a driver entry point by name. Names are stable across CUDA
@@ -353,6 +356,12 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
     if (domain != CUPTI_CB_DOMAIN_DRIVER_API || cbid >= MAX_CBID) return;
     const CUpti_CallbackData *d = cbdata;
     atomic_fetch_add_explicit(&callbacks_seen, 1, memory_order_relaxed);
+    if (module_load_of[cbid]) {
+        if (d->callbackSite == CUPTI_API_EXIT)
+            tally_modules_loaded(d->functionParams,
+                                 d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS);
+        return;
+    }
     int kind = launch_kind_of[cbid];
     if (kind == LAUNCH_NONE) return;
     struct tally_launch launch;
@@ -505,12 +514,18 @@ static void initialize(void) {
         fail_open(reason);
         return;
     }
+    int save_modules = tally_modules_init();
     /* Ids beyond the last one are rejected by cuptiGetCallbackName; gaps are
      * possible, so scan the whole range rather than stopping at the first. */
     for (uint32_t cbid = 1; cbid < MAX_CBID; cbid++) {
         const char *name = NULL;
         if (cupti.get_callback_name(CUPTI_CB_DOMAIN_DRIVER_API, cbid, &name) != CUPTI_SUCCESS || !name)
             continue;
+        if (save_modules && tally_modules_is_load(name)) {
+            if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
+                module_load_of[cbid] = 1;
+            continue;
+        }
         int kind = classify_launch(name);
         if (kind == LAUNCH_NONE) continue;
         if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) != CUPTI_SUCCESS)

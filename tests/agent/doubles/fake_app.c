@@ -25,6 +25,18 @@
  *   fork:C:CODE           fork; the child makes C cuLaunchKernel calls and
  *                         exit(CODE)s; the parent waits for it
  *   report                print what the fake libcupti saw (enabled callbacks)
+ *   load:API:FILE[:OPTS]  load FILE's bytes as a code image through API (data =
+ *                         cuModuleLoadData, data_ex = cuModuleLoadDataEx, fatbin =
+ *                         cuModuleLoadFatBinary, library = cuLibraryLoadData);
+ *                         the bytes, plus a NUL unless OPTS has 'n', end right
+ *                         before an inaccessible page, so reading past them
+ *                         crashes; OPTS 'w': pass a fatbin wrapper
+ *                         {0x466243B1, 1, &bytes, NULL} instead; prints
+ *                         "fake_app: loadK=RESULT" (K counts loads from 0)
+ *   tload:T:API:FILE[:OPTS]
+ *                         T threads released together, each one such load
+ *   module_stats          print the agent's tally_agent_module_stats
+ *                         ("fake_app: modules_enabled/seen/written/present/failed")
  *   exit:CODE             exit(CODE) right away
  * Entries: kernel kernel_ptsz ex ex_ptsz coop coop_ptsz coop_multi legacy grid
  * grid_async graph graph_ptsz host host_ptsz.
@@ -45,6 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -76,6 +89,11 @@ CUresult cuGraphLaunch(CUgraphExec, CUstream);
 CUresult cuGraphLaunch_ptsz(CUgraphExec, CUstream);
 CUresult cuLaunchHostFunc(CUstream, CUhostFn, void *);
 CUresult cuLaunchHostFunc_ptsz(CUstream, CUhostFn, void *);
+CUresult cuModuleLoadData(CUmodule *, const void *);
+CUresult cuModuleLoadDataEx(CUmodule *, const void *, unsigned int, CUjit_option *, void **);
+CUresult cuModuleLoadFatBinary(CUmodule *, const void *);
+CUresult cuLibraryLoadData(CUlibrary *, const void *, CUjit_option *, void **, unsigned int, CUlibraryOption *,
+                           void **, unsigned int);
 
 /* ------------------------------------------------ dlopen interposer */
 
@@ -295,6 +313,100 @@ static void report(void) {
     printf("\n");
 }
 
+/* ------------------------------------------------------------ modules */
+
+/* FILE's bytes (and a NUL unless exact) placed so that they end right before
+ * a PROT_NONE page: an agent reading past the image crashes the test. */
+static const void *guarded_copy(const char *path, int exact) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "fake_app: cannot open %s\n", path);
+        exit(94);
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    size_t total = (size_t)n + (exact ? 0 : 1);
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t pages = (total + page - 1) / page + 1;
+    char *base = mmap(NULL, pages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED || mprotect(base + (pages - 1) * page, page, PROT_NONE) != 0) exit(93);
+    char *bytes = base + (pages - 1) * page - total;
+    if (n && fread(bytes, 1, (size_t)n, f) != (size_t)n) exit(94);
+    fclose(f);
+    if (!exact) bytes[n] = 0;
+    return bytes;
+}
+
+struct fatbin_wrapper {
+    uint32_t magic;
+    uint32_t version;
+    const void *data;
+    void *filename_or_fatbins;
+};
+
+struct load_step {
+    char api[16];
+    const void *image;
+};
+
+static atomic_int loads_done;
+
+static CUresult load_image(const struct load_step *l) {
+    CUmodule m = NULL;
+    CUlibrary lib = NULL;
+    CUresult r;
+    if (!strcmp(l->api, "data")) r = cuModuleLoadData(&m, l->image);
+    else if (!strcmp(l->api, "data_ex")) r = cuModuleLoadDataEx(&m, l->image, 0, NULL, NULL);
+    else if (!strcmp(l->api, "fatbin")) r = cuModuleLoadFatBinary(&m, l->image);
+    else if (!strcmp(l->api, "library")) r = cuLibraryLoadData(&lib, l->image, NULL, NULL, 0, NULL, NULL, 0);
+    else {
+        fprintf(stderr, "fake_app: unknown load API %s\n", l->api);
+        exit(98);
+    }
+    printf("fake_app: load%d=%d\n", atomic_fetch_add(&loads_done, 1), r);
+    return r;
+}
+
+static int parse_load(const char *arg, struct load_step *l) {
+    char path[4096], opts[16] = "";
+    if (sscanf(arg, "%15[^:]:%4095[^:]:%15s", l->api, path, opts) < 2) return 0;
+    l->image = guarded_copy(path, strchr(opts, 'n') != NULL);
+    if (strchr(opts, 'w')) {
+        struct fatbin_wrapper *w = calloc(1, sizeof *w);
+        w->magic = 0x466243B1u;
+        w->version = 1;
+        w->data = l->image;
+        l->image = w;
+    }
+    return 1;
+}
+
+static struct load_step threaded_load;
+
+static void *load_thread_main(void *arg) {
+    (void)arg;
+    pthread_barrier_wait(&start_together);
+    load_image(&threaded_load);
+    return NULL;
+}
+
+static void module_stats(void) {
+    const char *agent = getenv("CUDA_INJECTION64_PATH");
+    void *h = agent && *agent ? dlopen(agent, RTLD_NOW | RTLD_NOLOAD) : NULL;
+    int (*stats)(uint64_t *) = h ? (int (*)(uint64_t *))dlsym(h, "tally_agent_module_stats") : NULL;
+    if (!stats) {
+        printf("fake_app: modules_enabled=-1\n");
+        return;
+    }
+    uint64_t v[4] = {0};
+    int enabled = stats(v);
+    printf("fake_app: modules_enabled=%d\nfake_app: modules_seen=%llu\nfake_app: modules_written=%llu\n"
+           "fake_app: modules_present=%llu\nfake_app: modules_failed=%llu\n",
+           enabled, (unsigned long long)v[0], (unsigned long long)v[1], (unsigned long long)v[2],
+           (unsigned long long)v[3]);
+}
+
 /* -------------------------------------------------------------- main */
 
 static void print_called(void) {
@@ -396,6 +508,18 @@ int main(int argc, char **argv) {
             waitpid(pid, &status, 0);
             printf("fake_app: child_pid=%d\n", (int)pid);
             printf("fake_app: child_exit=%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        } else if (strncmp(arg, "load:", 5) == 0) {
+            struct load_step l;
+            if (!parse_load(arg + 5, &l)) return 96;
+            load_image(&l);
+        } else if (strncmp(arg, "tload:", 6) == 0) {
+            long t;
+            int used = 0;
+            if (sscanf(arg + 6, "%ld:%n", &t, &used) != 1 || !used || !parse_load(arg + 6 + used, &threaded_load))
+                return 96;
+            run_threads_of(t, 1, load_thread_main);
+        } else if (strcmp(arg, "module_stats") == 0) {
+            module_stats();
         } else if (strcmp(arg, "report") == 0) {
             report();
         } else if (strncmp(arg, "exit:", 5) == 0) {

@@ -22,7 +22,8 @@
  *
  * Knobs (environment): FAKE_CUDA_UUID=hex (16 bytes, dashes and a "GPU-"
  * prefix allowed) for cuDeviceGetUuid; FAKE_CUDA_HOST_REGISTER_RESULT=n makes
- * cuMemHostRegister fail with n. Stream capture is set per stream with
+ * cuMemHostRegister fail with n; FAKE_CUDA_MODULE_LOAD_RESULT=n makes the
+ * module and library loads from memory fail with n. Stream capture is set per stream with
  * fake_cuda_set_capturing. Counters: fake_cuda_gpu_stats.
  */
 #define _GNU_SOURCE
@@ -584,6 +585,70 @@ EXPORT CUresult cuCtxSynchronize(void) {
     enter(&c, FAKE_CBID_cuCtxSynchronize, "cuCtxSynchronize", &p, NULL);
     gpu_synchronize();
     return leave(&c, CUDA_SUCCESS);
+}
+
+/* Loads from memory: the fake driver does not look at the image (the agent
+ * must find its size by itself, as with the real driver), it only hands out
+ * a handle. */
+static CUresult module_load_result(const void *image) {
+    if (!image) return CUDA_ERROR_INVALID_VALUE;
+    const char *forced = getenv("FAKE_CUDA_MODULE_LOAD_RESULT");
+    return forced && *forced ? (CUresult)atoi(forced) : CUDA_SUCCESS;
+}
+
+static atomic_uint next_module_id = 1;
+
+static void *new_handle(void) {
+    return (void *)(uintptr_t)(0x10000u + 16u * atomic_fetch_add(&next_module_id, 1));
+}
+
+EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image) {
+    CHECK_INIT();
+    cuModuleLoadData_params p = {module, image};
+    api_call c;
+    enter(&c, FAKE_CBID_cuModuleLoadData, "cuModuleLoadData", &p, NULL);
+    if (!module) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    CUresult r = module_load_result(image);
+    if (r == CUDA_SUCCESS) *module = new_handle();
+    return leave(&c, r);
+}
+
+EXPORT CUresult cuModuleLoadDataEx(CUmodule *module, const void *image, unsigned int numOptions,
+                                   CUjit_option *options, void **optionValues) {
+    CHECK_INIT();
+    cuModuleLoadDataEx_params p = {module, image, numOptions, options, optionValues};
+    api_call c;
+    enter(&c, FAKE_CBID_cuModuleLoadDataEx, "cuModuleLoadDataEx", &p, NULL);
+    if (!module || (numOptions && (!options || !optionValues))) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    CUresult r = module_load_result(image);
+    if (r == CUDA_SUCCESS) *module = new_handle();
+    return leave(&c, r);
+}
+
+EXPORT CUresult cuModuleLoadFatBinary(CUmodule *module, const void *fatCubin) {
+    CHECK_INIT();
+    cuModuleLoadFatBinary_params p = {module, fatCubin};
+    api_call c;
+    enter(&c, FAKE_CBID_cuModuleLoadFatBinary, "cuModuleLoadFatBinary", &p, NULL);
+    if (!module) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    CUresult r = module_load_result(fatCubin);
+    if (r == CUDA_SUCCESS) *module = new_handle();
+    return leave(&c, r);
+}
+
+EXPORT CUresult cuLibraryLoadData(CUlibrary *library, const void *code, CUjit_option *jitOptions,
+                                  void **jitOptionsValues, unsigned int numJitOptions,
+                                  CUlibraryOption *libraryOptions, void **libraryOptionValues,
+                                  unsigned int numLibraryOptions) {
+    CHECK_INIT();
+    cuLibraryLoadData_params p = {library, code, jitOptions, jitOptionsValues, numJitOptions,
+                                  libraryOptions, libraryOptionValues, numLibraryOptions};
+    api_call c;
+    enter(&c, FAKE_CBID_cuLibraryLoadData, "cuLibraryLoadData", &p, NULL);
+    if (!library) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    CUresult r = module_load_result(code);
+    if (r == CUDA_SUCCESS) *library = new_handle();
+    return leave(&c, r);
 }
 
 /* Stands in for cuGraphCreate + cuGraphAddKernelNode + cuGraphInstantiate. */

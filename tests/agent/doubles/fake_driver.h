@@ -20,6 +20,9 @@ typedef int CUresult;
 typedef int CUdevice;
 typedef struct CUctx_st *CUcontext;
 typedef struct CUmod_st *CUmodule;
+typedef struct CUlib_st *CUlibrary;
+typedef int CUjit_option;      /* enum CUjit_option */
+typedef int CUlibraryOption;   /* enum CUlibraryOption */
 typedef struct CUstream_st *CUstream;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUgraphExec_st *CUgraphExec;
@@ -117,12 +120,34 @@ typedef struct { CUfunction *hfunc; CUmodule hmod; const char *name; } cuModuleG
 typedef struct { CUstream *phStream; unsigned int Flags; } cuStreamCreate_params;
 typedef struct { CUfunction hfunc; int x; int y; int z; } cuFuncSetBlockShape_params;
 typedef struct { int dummy; } cuCtxSynchronize_params;
+typedef struct { CUmodule *module; const void *image; } cuModuleLoadData_params;
+typedef struct {
+    CUmodule *module;
+    const void *image;
+    unsigned int numOptions;
+    CUjit_option *options;
+    void **optionValues;
+} cuModuleLoadDataEx_params;
+typedef struct { CUmodule *module; const void *fatCubin; } cuModuleLoadFatBinary_params;
+typedef struct {
+    CUlibrary *library;
+    const void *code;
+    CUjit_option *jitOptions;
+    void **jitOptionsValues;
+    unsigned int numJitOptions;
+    CUlibraryOption *libraryOptions;
+    void **libraryOptionValues;
+    unsigned int numLibraryOptions;
+} cuLibraryLoadData_params;
 
 /* Driver-API callback ids of CUDA 13.0 (cupti_driver_cbid.h) the doubles use. */
 enum {
     FAKE_CBID_cuInit = 1,
     FAKE_CBID_cuDriverGetVersion = 2,
     FAKE_CBID_cuCtxSynchronize = 17,
+    FAKE_CBID_cuModuleLoadData = 19,
+    FAKE_CBID_cuModuleLoadDataEx = 20,
+    FAKE_CBID_cuModuleLoadFatBinary = 21,
     FAKE_CBID_cuModuleGetFunction = 23,
     FAKE_CBID_cuFuncSetBlockShape = 83,
     FAKE_CBID_cuLaunch = 115,
@@ -140,6 +165,7 @@ enum {
     FAKE_CBID_cuLaunchHostFunc_ptsz = 528,
     FAKE_CBID_cuLaunchKernelEx = 652,
     FAKE_CBID_cuLaunchKernelEx_ptsz = 653,
+    FAKE_CBID_cuLibraryLoadData = 678,
 };
 
 /* One kernel execution, as the fake GPU reports it to the tool. */
