@@ -97,9 +97,15 @@ class NotFound(TallyError):
     help="SLO mode (with --priority high): the daemon adapts how much best-effort work it admits to hold "
     "this program's p99 latency under MS milliseconds (docs/operations.md, SLO mode).",
 )
+@click.option(
+    "--save-modules",
+    is_flag=True,
+    help="Save the code images (PTX, fatbins, cubins) the program loads to the cache's modules/ dir, "
+    "for `tally blocksched prepare` (experimental; docs/blocksched.md).",
+)
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, verbose, command):
+def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_modules, verbose, command):
     """Run COMMAND with the tally agent injected.
 
     Use `--` before the command: tally run --priority high -- python serve.py
@@ -162,6 +168,10 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, verbose,
         except OSError as exc:
             raise TallyError(f"cannot create --stats-dir {stats_dir}: {exc.strerror or exc}") from None
         env["TALLY_STATS_DIR"] = os.path.abspath(stats_dir)
+    if save_modules and "TALLY_MODULE_DIR" not in env:
+        from tally.paths import cache_dir
+
+        env["TALLY_MODULE_DIR"] = str(cache_dir() / "modules")
     if verbose:
         env["TALLY_VERBOSE"] = "1"
     exec_command(command, env)

@@ -102,3 +102,24 @@ def test_doctor_reports_without_traceback():
     if not checks["CUDA driver"]["ok"]:
         assert r.returncode == 1
         assert checks["CUDA driver"]["fix"]
+
+
+def test_run_save_modules_points_the_agent_at_the_cache(monkeypatch, tmp_path):
+    """`tally run --save-modules` hands the agent TALLY_MODULE_DIR under the cache dir; without the
+    flag the agent saves nothing; a TALLY_MODULE_DIR the user set wins."""
+    from click.testing import CliRunner
+
+    from tally import launcher
+
+    monkeypatch.setenv("TALLY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TALLY_MODULE_DIR", raising=False)
+    seen = {}
+    monkeypatch.setattr(launcher, "exec_command", lambda command, env: seen.update(env))
+    assert CliRunner().invoke(launcher.run_command, ["--save-modules", "--", "/bin/true"]).exit_code == 0
+    assert seen["TALLY_MODULE_DIR"] == str(tmp_path / "cache" / "modules")
+    seen.clear()
+    assert CliRunner().invoke(launcher.run_command, ["--", "/bin/true"]).exit_code == 0
+    assert "TALLY_MODULE_DIR" not in seen
+    monkeypatch.setenv("TALLY_MODULE_DIR", "/my/own")
+    CliRunner().invoke(launcher.run_command, ["--save-modules", "--", "/bin/true"])
+    assert seen["TALLY_MODULE_DIR"] == "/my/own"
