@@ -1,4 +1,4 @@
-"""`tally blocksched show|candidates|cache`."""
+"""`tally blocksched show|candidates|cache|prepare`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +23,7 @@ def blocksched_group():
     tally blocksched show --bound-us 31.6 -- python train.py   # re-choose under another bound
     tally blocksched candidates --grid 4096 --block 256 --sms 132
     tally blocksched cache [--clear]
+    tally blocksched prepare [--modules DIR] [--json]   # transform saved images' kernels
     """
 
 
@@ -120,3 +121,24 @@ def cache_command(clear):
     s = cache.stats()
     click.echo(f"{cache.dir}: {s['ok']} transformed, {s['refused']} refused, {s['other']} unreadable; "
                f"{s['bytes'] / 1e6:.1f} MB")
+
+
+@blocksched_group.command("prepare")
+@click.option("--modules", "modules", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of saved code images (default: <cache dir>/modules).")
+@click.option("--triton-cache", "triton_cache", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Triton cache directory to find ELF images' PTX in (repeatable; default: Triton's and "
+                   "PyTorch Inductor's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def prepare_command(modules, triton_cache, as_json):
+    """Transform the kernels of every saved code image, through the kernel cache."""
+    import json
+
+    from tally.blocksched.prepare import default_module_dir, prepare
+
+    report = prepare(modules if modules is not None else default_module_dir(),
+                     triton_dirs=list(triton_cache) or None)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(report.text())
