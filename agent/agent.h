@@ -59,7 +59,7 @@ struct tally_kernel_name {
     const char *name;      /* NULL: no persistable name */
 };
 
-uint64_t tally_fnv1a64(const char *s, size_t n);
+TALLY_EXPORT uint64_t tally_fnv1a64(const char *s, size_t n);
 /* Reads TALLY_PROFILE_FILE (once; a bad file: one warning, ignored). 0 when unset. */
 int tally_profiles_load(void);
 /* The name of kernel (symbol: its launch's symbolName), or NULL without one. */

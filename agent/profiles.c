@@ -38,7 +38,7 @@
 #define FILE_SLOTS (2 * TALLY_PROFILES_MAX_KERNELS) /* open addressing, at most half full */
 #define NAME_SLOTS 8192                             /* CUfunctions whose name is known */
 
-uint64_t tally_fnv1a64(const char *s, size_t n) {
+TALLY_EXPORT uint64_t tally_fnv1a64(const char *s, size_t n) {
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) {
         h ^= (unsigned char)s[i];

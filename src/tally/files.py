@@ -42,3 +42,41 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None, make_paren
     if mode is not None:
         os.chmod(tmp, mode)
     tmp.replace(path)
+
+
+_FNV_OFFSET, _FNV_PRIME, _MASK64 = 0xCBF29CE484222325, 0x100000001B3, 0xFFFFFFFFFFFFFFFF
+_FAST_FROM_BYTES = 4096  # below this, calling into C costs more than it saves
+
+
+def fnv1a64(data: bytes) -> int:
+    """64-bit FNV-1a: the agent's hash for profile names and saved code images
+    (agent/profiles.c, `tally_fnv1a64`). Images are megabytes, so the agent's own C
+    function is used when the built agent is at hand; the Python loop is the fallback."""
+    if len(data) >= _FAST_FROM_BYTES:
+        fast = _agent_fnv1a64()
+        if fast is not None:
+            return fast(data, len(data))
+    h = _FNV_OFFSET
+    for b in data:
+        h = ((h ^ b) * _FNV_PRIME) & _MASK64
+    return h
+
+
+_agent_fn: list = []
+
+
+def _agent_fnv1a64():
+    """`tally_fnv1a64` of the installed agent library, or None (not built, not loadable)."""
+    if not _agent_fn:
+        fn = None
+        try:
+            import ctypes
+
+            from tally.cudalibs import agent_path
+
+            fn = ctypes.CDLL(str(agent_path())).tally_fnv1a64
+            fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_char_p, ctypes.c_size_t]
+        except (OSError, AttributeError, TallyError):
+            fn = None
+        _agent_fn.append(fn)
+    return _agent_fn[0]

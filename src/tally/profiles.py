@@ -33,6 +33,7 @@ from typing import Iterable, Mapping
 import click
 
 from tally.errors import TallyError
+from tally import files
 from tally.files import atomic_write
 from tally.paths import cache_dir
 from tally.trace import format_ns
@@ -53,11 +54,7 @@ Key = tuple[int, int]  # (name hash, grid_threads)
 
 def fnv1a64(name: str | bytes) -> int:
     """64-bit FNV-1a of the name's bytes (UTF-8; undecodable bytes kept as read)."""
-    data = _bytes(name) if isinstance(name, str) else name
-    h = 0xCBF29CE484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
+    return files.fnv1a64(_bytes(name) if isinstance(name, str) else name)
 
 
 def _bytes(name: str) -> bytes:

@@ -320,3 +320,19 @@ def test_launcher_passes_the_profile_file_for_best_effort(monkeypatch, tmp_path)
     monkeypatch.setenv("TALLY_PROFILE_FILE", "/my/own")  # the user's choice wins
     CliRunner().invoke(launcher.run_command, ["--priority", "best-effort", "--", "/bin/true"])
     assert seen["TALLY_PROFILE_FILE"] == "/my/own"
+
+
+def test_fnv1a64_c_and_python_agree_on_long_inputs():
+    """Long inputs (saved code images) go through the agent's C `tally_fnv1a64`; the name
+    files the agent writes and the check Python makes must agree byte for byte."""
+    import os
+
+    from tally import files
+
+    assert files._agent_fnv1a64() is not None, "the built agent exports tally_fnv1a64"
+    data = os.urandom(100_000)
+    h = files._FNV_OFFSET
+    for b in data:
+        h = ((h ^ b) * files._FNV_PRIME) & files._MASK64
+    assert files.fnv1a64(data) == h
+    assert files.fnv1a64(b"") == files._FNV_OFFSET and pf.fnv1a64("a") == 0xAF63DC4C8601EC8C

@@ -23,6 +23,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tally import files
 from tally.blocksched import _files
 from tally.blocksched.cache import KernelCache, KernelRefused, transformed_module
 from tally.blocksched.sources import SourceError, classify, ptx_entries, ptx_sources
@@ -33,17 +34,7 @@ FORMAT = "tally-prepare-report"
 MAX_IMAGE_BYTES = 1 << 30
 _NAME = re.compile(r"[0-9a-f]{16}")
 
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
-_MASK = 0xFFFFFFFFFFFFFFFF
-
-
-def fnv1a64(data: bytes) -> int:
-    """64-bit FNV-1a of `data` (the agent's image names; about 0.1 s per MB here)."""
-    h, prime, mask = _FNV_OFFSET, _FNV_PRIME, _MASK
-    for b in data:
-        h = ((h ^ b) * prime) & mask
-    return h
+fnv1a64 = files.fnv1a64  # the agent's image names (agent/modules.c)
 
 
 def image_name(data: bytes) -> str:
