@@ -7,9 +7,13 @@ notes) and as CUDA 13.0's `fatbinary` tool writes it:
 
     container: u32 magic 0xBA55ED50, u16 version 1, u16 header_size 16, u64 fat_size
     member:    u16 kind (1 PTX, 2 ELF), u16 0x0101, u32 header_size, u64 payload size,
-               ... u32 arch at +28, u64 flags at +40 (0x2000 LZ4, 0x8000 zstd) ...
+               u32 compressed size at +16, u32 arch at +28, u64 flags at +40 (0x2000 LZ4,
+               0x8000 zstd), u64 uncompressed size at +56 ...
 
-`test_real_fatbinary_tool` checks the parser against fatbins the real tool
+Compressed members hold one zstd frame (0x8000) or one raw LZ4 block (0x2000)
+in the first compressed-size bytes of the payload; the uncompressed size
+counts a PTX text's terminating NUL. `test_real_fatbinary_tool` and
+`test_real_compressed_fatbins` check all of this against fatbins the real tool
 writes when it is installed; real images saved by the agent are checked on
 the GPU machine.
 """
@@ -19,32 +23,58 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tally.blocksched import sources as src
-from tally.blocksched.sources import (REASON_COMPRESSED, REASON_CUBIN_ONLY, REASON_UNKNOWN, SourceError, classify,
-                                      fatbin_members, find_triton_ptx, ptx_entries, ptx_sources,
-                                      triton_ptx_for_cubin)
+from tally.blocksched.sources import (REASON_CUBIN_ONLY, REASON_NEEDS_LZ4, REASON_NEEDS_ZSTD, REASON_UNKNOWN,
+                                      SourceError, classify, fatbin_members, find_triton_ptx, ptx_entries,
+                                      ptx_sources, triton_ptx_for_cubin)
 from tally.errors import TallyError
 
 CORPUS = Path(__file__).resolve().parents[1] / "ptx" / "corpus" / "cuda"
 PTX = (CORPUS / "elementwise.ptx").read_text()
 ELF = b"\x7fELF\x02\x01\x01\x41" + bytes(range(256)) * 4  # stands in for a cubin (only its bytes matter)
 FLAGS = 0x11  # 64-bit, Linux: what fatbinary writes for uncompressed members
+ZSTD, LZ4 = 0x8000, 0x2000
 
 
 def member(kind: int, payload: bytes, arch: int = 80, flags: int = FLAGS, header_size: int | None = None,
-           pad: bool = True) -> bytes:
-    """One member: header (64 bytes, 80 for PTX as fatbinary writes it) then the payload, NUL-padded to 8."""
+           pad: bool = True, csize: int = 0, usize: int = 0) -> bytes:
+    """One member: header (64 bytes, 80 for PTX as fatbinary writes it) then the payload, NUL-padded to 8.
+    csize, usize: the compressed (+16) and uncompressed (+56) sizes, as fatbinary records them."""
     header_size = header_size if header_size is not None else (80 if kind == 1 else 64)
     if pad:
         payload = payload + b"\0" * (-len(payload) % 8)
-    head = struct.pack("<HHIQIIHHIIIQQQ", kind, 0x0101, header_size, len(payload), 0, 0x40 if kind == 1 else 0,
-                       0, 9 if kind == 1 else 1, arch, 0, 0, flags, 0, 0)
+    head = struct.pack("<HHIQIIHHIIIQQQ", kind, 0x0101, header_size, len(payload), csize, 0x40 if kind == 1 else 0,
+                       0, 9 if kind == 1 else 1, arch, 0, 0, flags, 0, usize)
     return head + b"\0" * (header_size - len(head)) + payload
+
+
+def zstd_frame(raw: bytes, **params) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    if params:
+        return zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
+            3, **params)).compress(raw)
+    return zstandard.ZstdCompressor().compress(raw)
+
+
+def lz4_block(raw: bytes) -> bytes:
+    return pytest.importorskip("lz4.block").compress(raw, store_size=False)
+
+
+def compressed_member(kind: int, raw: bytes, compression: int, arch: int = 80, body: bytes | None = None,
+                      usize: int | None = None) -> bytes:
+    """A member as fatbinary writes a compressed one: the flag, the compressed size at +16, the size of
+    `raw` at +56, the compressed bytes padded to 8 (PTX `raw` should end with its NUL, as the tool's)."""
+    if body is None:
+        body = zstd_frame(raw) if compression == ZSTD else lz4_block(raw)
+    return member(kind, body, arch=arch, flags=FLAGS | compression, csize=len(body),
+                  usize=len(raw) if usize is None else usize)
 
 
 def container(*members: bytes, version: int = 1) -> bytes:
@@ -100,19 +130,152 @@ def test_fatbin_with_a_ptx_and_an_elf_member():
     assert ptx_entries(result.sources[0].text) == ["saxpy", "grid_ids_3d", "add_2d", "exit_early"]
 
 
-@pytest.mark.parametrize("flags, compression", [(FLAGS | 0x2000, "lz4"), (FLAGS | 0x8000, "zstd")])
-def test_compressed_members_are_reported_not_decompressed(flags, compression):
-    data = container(member(1, b"\x13\x0a\x01\x00 compressed bytes", flags=flags), ELF_MEMBER)
-    ptx = fatbin_members(data)[0]
-    assert ptx.compressed and ptx.compression == compression and ptx.text is None and ptx.reason == REASON_COMPRESSED
+@pytest.mark.parametrize("flag, compression", [(LZ4, "lz4"), (ZSTD, "zstd")])
+def test_compressed_ptx_and_elf_members_are_decompressed(flag, compression):
+    data = container(compressed_member(1, PTX.encode() + b"\0", flag, arch=90),
+                     compressed_member(2, ELF, flag, arch=90))
+    ptx, elf = fatbin_members(data)
+    assert ptx.compressed and ptx.compression == compression and ptx.reason is None and ptx.text == PTX
+    assert ptx.uncompressed_size == len(PTX) + 1 and ptx.compressed_size < ptx.size
+    assert elf.compressed and elf.text is None and elf.unpacked() == (ELF, None)
     result = ptx_sources(data)
-    assert result.sources == [] and result.reason == REASON_COMPRESSED
-    assert result.notes[0] == f"member 0: ptx sm_80 ({compression}-compressed)"
+    assert result.reason is None and [(s.origin, s.text) for s in result.sources] == [
+        (f"fatbin member sm_90 ({compression})", PTX)]
+    assert result.notes == [f"member 0: ptx sm_90 ({compression}-compressed)",
+                            f"member 1: elf sm_90 ({compression}-compressed)"]
+    assert ptx_entries(result.sources[0].text) == ["saxpy", "grid_ids_3d", "add_2d", "exit_early"]
+
+
+@pytest.mark.parametrize("flag, compression, fragment", [
+    (LZ4, "lz4", "LZ4 data is corrupt"),
+    (ZSTD, "zstd", "zstd data is corrupt"),
+])
+def test_corrupt_compressed_members_are_a_reason(flag, compression, fragment):
+    body = b"\x13\x0a\x01\x00 compressed bytes"
+    data = container(member(1, body, flags=FLAGS | flag, csize=len(body), usize=100), ELF_MEMBER)
+    ptx = fatbin_members(data)[0]
+    assert ptx.compressed and ptx.compression == compression and ptx.text is None
+    assert ptx.reason.startswith("PTX member sm_80: ") and fragment in ptx.reason
+    result = ptx_sources(data)
+    assert result.sources == [] and result.reason == ptx.reason and "\n" not in result.reason
+    assert result.notes[0] == f"member 0: ptx sm_80 ({compression}-compressed; {ptx.reason})"
+
+
+@pytest.mark.parametrize("flag", [ZSTD, LZ4])
+def test_truncated_and_garbled_compressed_payloads_are_a_reason(flag):
+    raw = PTX.encode() + b"\0"
+    good = zstd_frame(raw) if flag == ZSTD else lz4_block(raw)
+    for body in (good[:len(good) // 2], good[:4] + b"\xff" * (len(good) - 4)):
+        result = ptx_sources(container(compressed_member(1, raw, flag, body=body)))
+        assert result.sources == [] and result.reason.startswith("PTX member sm_80: "), body[:8]
+    # Neither format as fatbinary writes it has a checksum: a changed literal byte decompresses to
+    # other bytes of the right size. Here it is the PTX's last byte (its NUL in LZ4's last literals),
+    # which the text check then refuses; a changed byte inside the text would go unnoticed.
+    result = ptx_sources(container(compressed_member(1, raw, flag, body=good[:-1] + b"\xff")))
+    assert result.sources == [] and result.reason
 
 
 def test_a_zstd_frame_without_the_flag_is_still_compressed():
+    frame = zstd_frame(PTX.encode() + b"\0")
+    result = ptx_sources(container(member(1, frame, pad=False)))  # no flag, no recorded sizes
+    assert [(s.origin, s.text) for s in result.sources] == [("fatbin member sm_80 (zstd)", PTX)]
     data = container(member(1, b"\x28\xb5\x2f\xfd" + b"\x01" * 40))
-    assert fatbin_members(data)[0].compressed and ptx_sources(data).reason == REASON_COMPRESSED
+    assert fatbin_members(data)[0].compressed and "zstd data is corrupt" in ptx_sources(data).reason
+
+
+@pytest.mark.parametrize("flag", [ZSTD, LZ4])
+def test_a_size_that_does_not_match_the_recorded_one_is_a_reason(flag):
+    raw = PTX.encode() + b"\0"
+    for usize, fragment in [(len(raw) + 8, f"records {len(raw) + 8}"),  # decompresses to less
+                            (len(raw) - 8, f"{len(raw) - 8}")]:  # would decompress to more
+        result = ptx_sources(container(compressed_member(1, raw, flag, usize=usize)))
+        assert result.sources == [] and fragment in result.reason, result.reason
+
+
+def test_the_recorded_size_bounds_a_zstd_frame():
+    raw = PTX.encode() + b"\0"
+    declared = ptx_sources(container(compressed_member(1, raw, ZSTD, usize=100)))
+    assert declared.reason == (f"PTX member sm_80: the zstd frame declares {len(raw)} bytes, "
+                               f"more than the recorded size 100")
+    # no content size in the frame: the streaming bound refuses it
+    frame = zstd_frame(raw, write_content_size=0)
+    streamed = ptx_sources(container(compressed_member(1, raw, ZSTD, body=frame, usize=100)))
+    assert streamed.reason == "PTX member sm_80: the zstd data decompresses to more than the recorded size 100"
+    # nothing recorded: decompressed up to MAX_DECOMPRESSED
+    unrecorded = ptx_sources(container(compressed_member(1, raw, ZSTD, body=frame, usize=0)))
+    assert [s.text for s in unrecorded.sources] == [PTX]
+
+
+def test_a_truncated_zstd_frame_is_refused_without_a_recorded_size():
+    # streaming stops quietly at the end of the input: the length is checked against the frame's
+    # content size, or, without one, the frame is decoded once more in one shot, which refuses it
+    raw = PTX.encode() + b"\0"
+    for frame, fragment in [(zstd_frame(raw), "its frame declares"),
+                            (zstd_frame(raw, write_content_size=0), "zstd data is corrupt")]:
+        cut = frame[:len(frame) // 2]
+        result = ptx_sources(container(member(1, cut, flags=FLAGS | ZSTD, csize=len(cut), usize=0)))
+        assert result.sources == [] and fragment in result.reason, result.reason
+    two = zstd_frame(raw, write_content_size=0) * 2  # fatbinary writes one frame; two are refused
+    result = ptx_sources(container(member(1, two, flags=FLAGS | ZSTD, csize=len(two), usize=0)))
+    assert result.sources == [] and "zstd data is corrupt" in result.reason
+
+
+def test_the_1gib_limit_applies_without_a_recorded_size(monkeypatch):
+    raw = PTX.encode() + b"\0"
+    monkeypatch.setattr(src, "MAX_DECOMPRESSED", 1000)
+    frame = zstd_frame(raw, write_content_size=0)
+    result = ptx_sources(container(compressed_member(1, raw, ZSTD, body=frame, usize=0)))
+    assert result.reason == "PTX member sm_80: the zstd data decompresses to more than the limit of 1000"
+    for flag in (ZSTD, LZ4):  # a recorded size past the limit is refused before decompressing
+        result = ptx_sources(container(compressed_member(1, raw, flag)))
+        assert result.reason == f"PTX member sm_80: the header records {len(raw)} uncompressed bytes, " \
+                                f"more than the limit of 1000"
+
+
+def test_a_zstd_bomb_is_stopped_at_the_bound_without_the_memory():
+    # 256 MiB of zeros in a few KiB: small window, no content size, so only the streaming bound stops it
+    frame = zstd_frame(b"\0" * (256 << 20), window_log=17, write_content_size=0)
+    assert len(frame) < 64 << 10
+    data = container(member(1, frame, flags=FLAGS | ZSTD, csize=len(frame), usize=4 << 20))
+    tracemalloc.start()
+    try:
+        result = ptx_sources(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.reason == f"PTX member sm_80: the zstd data decompresses to more than the recorded size {4 << 20}"
+    assert peak < 16 << 20  # the 4 MiB bound and a chunk, not 256 MiB
+
+
+def test_lz4_needs_a_recorded_size_that_lz4_can_reach():
+    raw = PTX.encode() + b"\0"
+    body = lz4_block(raw)
+    missing = ptx_sources(container(compressed_member(1, raw, LZ4, usize=0)))
+    assert missing.reason == "PTX member sm_80: an LZ4 member without a recorded uncompressed size"
+    impossible = ptx_sources(container(compressed_member(1, raw, LZ4, usize=256 * len(body) + 1)))
+    assert "more than LZ4 can encode" in impossible.reason
+
+
+def test_a_compressed_size_past_the_payload_is_a_reason():
+    raw = PTX.encode() + b"\0"
+    good = bytearray(container(compressed_member(1, raw, ZSTD)))
+    struct.pack_into("<I", good, 16 + 16, 1 << 20)  # the member's compressed size
+    assert ptx_sources(bytes(good)).reason.startswith("PTX member sm_80: the header records 1048576 compressed bytes")
+
+
+@pytest.mark.parametrize("flag, modules, reason", [(ZSTD, ["zstandard"], REASON_NEEDS_ZSTD),
+                                                   (LZ4, ["lz4", "lz4.block"], REASON_NEEDS_LZ4)])
+def test_a_missing_package_is_a_reason(monkeypatch, flag, modules, reason):
+    raw = PTX.encode() + b"\0"
+    data = container(compressed_member(1, raw, flag, arch=80), compressed_member(1, raw, flag, arch=90),
+                     compressed_member(2, ELF, flag))
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    members = fatbin_members(data)
+    assert [m.reason for m in members[:2]] == [reason, reason] and members[2].unpacked() == (None, reason)
+    result = ptx_sources(data)
+    assert result.sources == [] and result.reason == reason
+    assert result.notes[0] == f"member 0: ptx sm_80 ({'zstd' if flag == ZSTD else 'lz4'}-compressed; {reason})"
 
 
 def test_cubin_only_fatbin():
@@ -120,11 +283,11 @@ def test_cubin_only_fatbin():
     assert result.sources == [] and result.reason == REASON_CUBIN_ONLY
 
 
-def test_a_fatbin_with_one_good_and_one_compressed_ptx_member_gives_the_good_one():
-    data = container(member(1, b"zzz", arch=90, flags=FLAGS | 0x8000), PTX_MEMBER)
+def test_a_fatbin_with_one_good_and_one_undecodable_ptx_member_gives_the_good_one():
+    data = container(member(1, b"zzz", arch=90, flags=FLAGS | ZSTD), PTX_MEMBER)
     result = ptx_sources(data)
     assert [s.origin for s in result.sources] == ["fatbin member sm_80"]
-    assert "member 0: ptx sm_90 (zstd-compressed)" in result.notes
+    assert result.notes[0].startswith("member 0: ptx sm_90 (zstd-compressed; PTX member sm_90: zstd data is corrupt")
 
 
 @pytest.mark.parametrize("payload, fragment", [(b"\xff\xfe .version", "not UTF-8 text"),
@@ -202,9 +365,41 @@ def test_mutated_fatbins_never_traceback(edits, cut):
     _result_or_source_error(bytes(data[:cut]))
 
 
+def _compressed_fatbin() -> bytes:
+    raw = PTX.encode() + b"\0"
+    return container(compressed_member(1, raw, ZSTD, arch=90), compressed_member(1, raw, LZ4, arch=80),
+                     compressed_member(2, ELF, LZ4))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_compressed_fatbins_never_traceback(data):
+    """Mutations that reach the decompressors: payload bytes, sizes, flags."""
+    fatbin = bytearray(_compressed_fatbin())
+    for offset, value in data.draw(st.lists(st.tuples(st.integers(0, len(fatbin) - 1), st.integers(0, 255)),
+                                            max_size=8)):
+        fatbin[offset] = value
+    _result_or_source_error(bytes(fatbin))
+    for m in fatbin_members(_compressed_fatbin()):
+        mutated = bytearray(fatbin)
+        struct.pack_into("<I", mutated, m.offset + 16, data.draw(st.integers(0, (1 << 32) - 1)))  # compressed size
+        struct.pack_into("<Q", mutated, m.offset + 56, data.draw(st.sampled_from(  # uncompressed size
+            [0, 1, m.uncompressed_size - 1, m.uncompressed_size + 1, 1 << 30, (1 << 30) + 1, (1 << 64) - 1])))
+        _result_or_source_error(bytes(mutated))
+        try:
+            for each in fatbin_members(bytes(mutated)):
+                content, why = each.unpacked()
+                assert (content is None) != (why is None)
+        except SourceError:
+            pass
+
+
 def test_every_truncation_is_an_error_or_a_result():
     for cut in range(len(FATBIN)):
         _result_or_source_error(FATBIN[:cut])
+    compressed = _compressed_fatbin()
+    for cut in range(len(compressed)):
+        _result_or_source_error(compressed[:cut])
 
 
 def _tool(name: str) -> Path | None:
@@ -220,38 +415,102 @@ def _tool(name: str) -> Path | None:
         return None
 
 
-def test_real_fatbinary_tool(tmp_path):
-    """The parser against fatbins CUDA's own `fatbinary` writes (skipped without the tool)."""
-    fatbinary, ptxas = _tool("fatbinary"), _tool("ptxas")
-    if fatbinary is None or ptxas is None:
+MODES = {  # fatbinary (CUDA 13.0) options -> how it stores (PTX, ELF)
+    "plain": (["--compress=false"], (None, None)),
+    "default": ([], ("zstd", None)),
+    "size": (["--compress-all", "--compress-mode=size"], ("zstd", "zstd")),
+    "speed": (["--compress-all", "--compress-mode=speed"], ("lz4", "lz4")),
+}
+
+
+@pytest.fixture(scope="module")
+def fatbinary(tmp_path_factory):
+    """build(ptx_text, mode) -> the fatbin CUDA's own `fatbinary` writes for that PTX (sm_80) and the
+    cubin of PTX (sm_90); and that cubin. Skips without the tools."""
+    tool, ptxas = _tool("fatbinary"), _tool("ptxas")
+    if tool is None or ptxas is None:
         pytest.skip("fatbinary/ptxas not installed")
-    (tmp_path / "k.ptx").write_text(PTX)
-    subprocess.run([str(ptxas), "-arch=sm_90", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.ptx")],
+    d = tmp_path_factory.mktemp("fatbinary")
+    (d / "k.ptx").write_text(PTX)
+    subprocess.run([str(ptxas), "-arch=sm_90", "-o", str(d / "k.cubin"), str(d / "k.ptx")],
                    check=True, capture_output=True, timeout=120)
-    cubin = (tmp_path / "k.cubin").read_bytes()
-    images = {"k.ptx": f"kind=ptx,sm=80,file={tmp_path / 'k.ptx'}",
-              "k.cubin": f"kind=elf,sm=90,file={tmp_path / 'k.cubin'}"}
-    built = {}
-    for name, extra in [("plain", ["--compress=false"]), ("default", []),
-                        ("lz4", ["--compress-all", "--compress-mode=speed"])]:
-        out = tmp_path / f"{name}.fatbin"
-        run = subprocess.run([str(fatbinary), "--64", f"--create={out}", *extra,
-                              *(f"--image3={spec}" for spec in images.values())], capture_output=True, timeout=120)
+    counter = iter(range(1 << 30))
+
+    def build(ptx: str, mode: str) -> bytes:
+        n = next(counter)
+        (d / f"in{n}.ptx").write_text(ptx)
+        out = d / f"{n}-{mode}.fatbin"
+        run = subprocess.run([str(tool), "--64", f"--create={out}", *MODES[mode][0],
+                              f"--image3=kind=ptx,sm=80,file={d / f'in{n}.ptx'}",
+                              f"--image3=kind=elf,sm=90,file={d / 'k.cubin'}"], capture_output=True, timeout=120)
         if run.returncode != 0:
             pytest.skip(f"fatbinary failed: {run.stderr.decode(errors='replace')[:200]}")
-        built[name] = out.read_bytes()
-    plain = fatbin_members(built["plain"])
+        return out.read_bytes()
+
+    return build, (d / "k.cubin").read_bytes()
+
+
+def test_real_fatbinary_tool(fatbinary):
+    """The parser against fatbins CUDA's own `fatbinary` writes (skipped without the tool)."""
+    build, cubin = fatbinary
+    plain_image = build(PTX, "plain")
+    plain = fatbin_members(plain_image)
     assert [(m.kind, m.arch, m.compressed) for m in plain] == [("ptx", 80, False), ("elf", 90, False)]
     assert plain[1].payload[:len(cubin)] == cubin
-    result = ptx_sources(built["plain"])
+    result = ptx_sources(plain_image)
     assert [s.origin for s in result.sources] == ["fatbin member sm_80"]
-    # fatbinary drops the comments but keeps every kernel
+    # fatbinary drops the comments and the indentation but keeps every kernel
     assert ptx_entries(result.sources[0].text) == ptx_entries(PTX)
-    for name in ("default", "lz4"):
-        members = fatbin_members(built[name])
-        assert members[0].kind == "ptx" and members[0].compressed, name
-        assert ptx_sources(built[name]).reason == REASON_COMPRESSED
-    assert fatbin_members(built["lz4"])[0].compression == "lz4"
+    for mode in ("default", "size", "speed"):  # compressed: the same text as the uncompressed member
+        compression = MODES[mode][1][0]
+        found = ptx_sources(build(PTX, mode))
+        assert [(s.origin, s.text) for s in found.sources] == [(f"fatbin member sm_80 ({compression})",
+                                                                result.sources[0].text)], mode
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_real_compressed_fatbins(fatbinary, mode):
+    """Round trips through the real tool in every compression mode: the header fields (+16 compressed
+    size, +56 uncompressed size), the framing (one zstd frame / one raw LZ4 block), byte-exact output."""
+    build, cubin = fatbinary
+    # fatbinary normalizes PTX (drops comments and indentation) and is idempotent on its own output:
+    # feed it normalized PTX, and the decompressed member must be that input byte for byte
+    normalized = fatbin_members(build(PTX, "plain"))[0].text
+    assert fatbin_members(build(normalized, "plain"))[0].text == normalized
+    image = build(normalized, mode)
+    ptx, elf = fatbin_members(image)
+    assert (ptx.compression, elf.compression) == MODES[mode][1]
+    assert ptx.text == normalized and ptx.reason is None
+    assert elf.unpacked()[0][:len(cubin)] == cubin
+    for m, raw_size in ((ptx, len(normalized.encode()) + 1), (elf, len(cubin))):  # PTX: the text and its NUL
+        if m.compressed:
+            assert m.uncompressed_size == raw_size and len(m.unpacked()[0]) == raw_size
+            assert m.size == m.compressed_size + (-m.compressed_size % 8)  # the compressed bytes, padded to 8
+            assert not any(m.payload[m.compressed_size:])
+        else:
+            assert (m.compressed_size, m.uncompressed_size) == (0, 0)
+    if elf.compressed:
+        assert elf.unpacked() == (cubin, None)
+    result = ptx_sources(image)
+    origin = "fatbin member sm_80" + (f" ({ptx.compression})" if ptx.compressed else "")
+    assert [(s.origin, s.text) for s in result.sources] == [(origin, normalized)]
+    if not ptx.compressed:
+        return
+    # corrupted: the compressed bytes cut short (the +16 field halved), and garbage after the first bytes
+    start = ptx.offset + ptx.header_size
+    short = bytearray(image)
+    struct.pack_into("<I", short, ptx.offset + 16, ptx.compressed_size // 2)
+    garbled = bytearray(image)
+    garbled[start + 6:start + ptx.compressed_size] = b"\xff" * (ptx.compressed_size - 6)
+    for bad in (short, garbled):
+        result = ptx_sources(bytes(bad))
+        assert result.sources == [] and result.reason.startswith("PTX member sm_80: "), result.reason
+        assert ("zstd" if ptx.compression == "zstd" else "LZ4") in result.reason
+    # the recorded size bounds the output: one byte less is refused
+    bounded = bytearray(image)
+    struct.pack_into("<Q", bounded, ptx.offset + 56, ptx.uncompressed_size - 1)
+    result = ptx_sources(bytes(bounded))
+    assert result.sources == [] and str(ptx.uncompressed_size - 1) in result.reason
 
 
 # ---------------------------------------------------------------- PTX images

@@ -10,10 +10,11 @@ The agent saves every image a best-effort program loads as
 
 `ptx_sources(data)` returns the PTX texts an image yields, each with where it
 came from, or the reason there is none. PTX comes from the image itself, from
-an uncompressed PTX member of a fatbin, or, for an ELF image, from Triton's
-on-disk cache (`triton_ptx_for_cubin`): Triton keeps `<hash>/<kernel>.cubin`
-next to `<kernel>.ptx`, and a cache entry whose cubin has exactly the image's
-bytes (same size, same sha256) gives its sibling PTX. The match is on content,
+a PTX member of a fatbin (decompressed when it is stored zstd- or
+LZ4-compressed), or, for an ELF image, from Triton's on-disk cache
+(`triton_ptx_for_cubin`): Triton keeps `<hash>/<kernel>.cubin` next to
+`<kernel>.ptx`, and a cache entry whose cubin has exactly the image's bytes
+(same size, same sha256) gives its sibling PTX. The match is on content,
 never on names, so it cannot attach another kernel's PTX to an image.
 
 The fatbin layout (little-endian), as public reverse-engineering documents it
@@ -24,14 +25,30 @@ test_sources.py when the tool is installed):
                then fat_size bytes of members, back to back
     member     +0  u16 kind (1 = PTX, 2 = ELF)     +2  u16 (0x0101)
                +4  u32 header_size (64, 80, ...)   +8  u64 payload size (padded to 8)
+               +16 u32 compressed size (the payload's bytes before the padding;
+                   0 in uncompressed members)
                +28 u32 arch (80 = sm_80 / compute_80)
                +40 u64 flags (0x2000: LZ4-compressed, 0x8000: zstd-compressed)
+               +56 u64 uncompressed size (0 in uncompressed members; PTX: the
+                   text and its terminating NUL; ELF: the cubin's exact size)
                payload at member + header_size; the next member follows it
 
 Only those fields are used; every offset and size is checked against the
-buffer, and a container that does not add up raises SourceError. Compressed
-members are reported, not decompressed (CUDA 13's `fatbinary` compresses PTX
-with zstd by default, so this is the common case for nvcc-built fatbins).
+buffer, and a container that does not add up raises SourceError.
+
+Compressed members (CUDA 13's `fatbinary` compresses PTX with zstd by default;
+`--compress-mode=speed` uses LZ4; `--compress-all` and `--compress-mode=size`
+compress ELF too): the first compressed-size bytes of the payload are one zstd
+frame (flag 0x8000) or one raw LZ4 block, without a size prefix or LZ4 frame
+header (flag 0x2000). Both are decompressed with a hard bound: the recorded
+uncompressed size (else, for zstd, MAX_DECOMPRESSED), and the result must have
+exactly the recorded size. A member that cannot be decompressed (corrupt data,
+a size that does not match, the zstandard or lz4 package not installed) gets a
+one-line reason; it never raises. Those fields and framings were found, and are
+checked, on fatbins CUDA 13.0's `fatbinary` (V13.0.88) writes in every
+compression mode: the decompressed bytes equal the uncompressed member's byte
+for byte. Neither format has a checksum as fatbinary writes it, so damaged
+compressed bytes can decompress to other bytes of the right size.
 """
 from __future__ import annotations
 
@@ -54,13 +71,17 @@ KIND_PTX = 1
 KIND_ELF = 2
 FLAG_COMPRESSED_LZ4 = 0x2000
 FLAG_COMPRESSED_ZSTD = 0x8000
+MAX_DECOMPRESSED = 1 << 30  # the most any member may decompress to (bytes)
+_LZ4_MAX_RATIO = 256  # an LZ4 block's output is at most 255 times its input (a match-length byte adds 255)
+_READ_CHUNK = 1 << 20
 _ZSTD_FRAME = b"\x28\xb5\x2f\xfd"
 _ELF_MAGIC = b"\x7fELF"
 _PTX_VERSION = re.compile(rb"(?m)^[ \t]*\.version[ \t]+\d+\.\d+")
 _PTX_SNIFF_BYTES = 64 << 10
 
 REASON_CUBIN_ONLY = "cubin only (no PTX in the image; PyTorch's own kernels are like this)"
-REASON_COMPRESSED = "compressed fatbin member (not supported yet)"
+REASON_NEEDS_ZSTD = "compressed fatbin member: needs the zstandard package"
+REASON_NEEDS_LZ4 = "compressed fatbin member: needs the lz4 package"
 REASON_UNKNOWN = "unknown image format"
 
 
@@ -113,9 +134,11 @@ class FatbinMember:
     size: int  # payload bytes, as the header says (padded)
     arch: int
     flags: int
-    payload: bytes = field(repr=False)
+    payload: bytes = field(repr=False)  # as stored (compressed members: compressed)
     text: str | None = field(default=None, repr=False)  # PTX members: the text, when readable
     reason: str | None = None  # PTX members without text: why
+    compressed_size: int = 0  # +16: the compressed bytes at the start of the payload (0: not recorded)
+    uncompressed_size: int = 0  # +56: the member's size once decompressed (0: not recorded)
 
     @property
     def kind(self) -> str:
@@ -137,12 +160,109 @@ class FatbinMember:
         return f"sm_{self.arch}"
 
     def describe(self) -> str:
+        notes = [f"{self.compression}-compressed"] if self.compressed else []
+        if self.reason:
+            notes.append(self.reason)
         what = f"{self.kind} {self.arch_name}"
-        if self.compressed:
-            what += f" ({self.compression}-compressed)"
-        elif self.reason:
-            what += f" ({self.reason})"
-        return what
+        return f"{what} ({'; '.join(notes)})" if notes else what
+
+    def unpacked(self) -> tuple[bytes | None, str | None]:
+        """(the member's bytes, None), decompressed when the member is stored
+        compressed, or (None, why not) in one line: REASON_NEEDS_ZSTD /
+        REASON_NEEDS_LZ4 when the package is not installed, else what is wrong
+        with the data. Never raises. Uncompressed members give their payload
+        (with its padding); PTX members are unpacked by fatbin_members, ELF
+        members only when this is called."""
+        if not self.compressed:
+            return self.payload, None
+        body = self.payload
+        if self.compressed_size > len(body):
+            return None, (f"the header records {self.compressed_size} compressed bytes, "
+                          f"the payload has {len(body)}")
+        if self.compressed_size:
+            body = body[:self.compressed_size]  # the rest is padding, which neither format allows
+        if self.uncompressed_size > MAX_DECOMPRESSED:
+            return None, (f"the header records {self.uncompressed_size} uncompressed bytes, "
+                          f"more than the limit of {MAX_DECOMPRESSED}")
+        if self.compression == "zstd":
+            return _zstd_decompress(body, self.uncompressed_size)
+        return _lz4_decompress(body, self.uncompressed_size)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _zstd_decompress(body: bytes, recorded: int) -> tuple[bytes | None, str | None]:
+    """One zstd frame (as fatbinary writes it), decompressed to at most
+    `recorded` bytes (else MAX_DECOMPRESSED), streaming: the output never grows
+    past the bound + 1 chunk, whatever the frame claims. The frame must be
+    complete: streaming stops quietly at the end of a truncated frame, so the
+    length is checked against the recorded size and the frame's own content
+    size, and a frame with neither is decoded once more in one shot (bounded
+    by what the first pass gave), which refuses an incomplete frame."""
+    try:
+        import zstandard
+    except ImportError:
+        return None, REASON_NEEDS_ZSTD
+    bound = recorded or MAX_DECOMPRESSED
+    limit = f"the recorded size {recorded}" if recorded else f"the limit of {MAX_DECOMPRESSED}"
+    try:
+        declared: int | None = zstandard.get_frame_parameters(body).content_size
+    except Exception as exc:  # zstandard.ZstdError: not a zstd frame header
+        return None, f"zstd data is corrupt ({_one_line(exc)})"
+    if declared in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+        declared = None
+    if declared is not None and declared > bound:
+        return None, f"the zstd frame declares {declared} bytes, more than {limit}"
+    # The window (memory zstd allocates for a frame) is bounded too: a
+    # single-segment frame's (fatbinary's) window is its content size.
+    window = 1 << max(20, (bound - 1).bit_length())
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor(max_window_size=window).stream_reader(body, read_across_frames=True) as reader:
+            while len(out) <= bound:
+                chunk = reader.read(min(_READ_CHUNK, bound + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    except Exception as exc:  # zstandard.ZstdError (corrupt data, too large a window), MemoryError
+        return None, f"zstd data is corrupt ({_one_line(exc)})"
+    if len(out) > bound:
+        return None, f"the zstd data decompresses to more than {limit}"
+    if declared is not None and len(out) != declared:
+        return None, f"the zstd data decompresses to {len(out)} bytes, its frame declares {declared} (truncated?)"
+    if recorded and len(out) != recorded:
+        return None, f"the zstd data decompresses to {len(out)} bytes, the header records {recorded}"
+    if declared is None and not recorded:
+        try:  # one frame only (this one-shot call decodes the first frame and ignores the rest)
+            again = zstandard.ZstdDecompressor(max_window_size=window).decompress(
+                body, max_output_size=max(len(out), 1), allow_extra_data=False)
+        except Exception as exc:  # zstandard.ZstdError: an incomplete frame
+            return None, f"zstd data is corrupt ({_one_line(exc)})"
+        if again != out:
+            return None, "zstd data is corrupt (not one complete frame)"
+    return bytes(out), None
+
+
+def _lz4_decompress(body: bytes, recorded: int) -> tuple[bytes | None, str | None]:
+    """One raw LZ4 block (no frame, no size prefix) of exactly `recorded` bytes."""
+    try:
+        import lz4.block
+    except ImportError:
+        return None, REASON_NEEDS_LZ4
+    if not recorded:
+        return None, "an LZ4 member without a recorded uncompressed size"
+    if recorded > _LZ4_MAX_RATIO * len(body):
+        return None, (f"the header records {recorded} uncompressed bytes, more than LZ4 "
+                      f"can encode in {len(body)}")
+    try:
+        out = lz4.block.decompress(body, uncompressed_size=recorded)  # output capped at `recorded`
+    except Exception as exc:  # lz4.block.LZ4BlockError (corrupt, or more than `recorded`), MemoryError
+        return None, f"LZ4 data is corrupt or larger than the recorded size {recorded} ({_one_line(exc)})"
+    if len(out) != recorded:
+        return None, f"the LZ4 data decompresses to {len(out)} bytes, the header records {recorded}"
+    return out, None
 
 
 def fatbin_members(data: bytes) -> list[FatbinMember]:
@@ -206,15 +326,21 @@ def _parse_container(data: bytes, start: int, members: list[FatbinMember]) -> in
         if payload_end > end:
             raise SourceError(f"malformed fatbin: member at offset {pos} ends at {payload_end}, "
                               f"past its container's end {end}")
+        (compressed_size,) = struct.unpack_from("<I", data, pos + 16)
         (arch,) = struct.unpack_from("<I", data, pos + 28)
         (flags,) = struct.unpack_from("<Q", data, pos + 40)
+        (uncompressed_size,) = struct.unpack_from("<Q", data, pos + 56)
         payload = data[payload_start:payload_end]
-        member = FatbinMember(len(members), pos, kind, member_header, size, arch, flags, payload)
+        member = FatbinMember(len(members), pos, kind, member_header, size, arch, flags, payload,
+                              compressed_size=compressed_size, uncompressed_size=uncompressed_size)
         if kind == KIND_PTX:
-            if member.compressed:
-                member = replace(member, reason=REASON_COMPRESSED)
+            content, why = member.unpacked()
+            if content is None:
+                if why not in (REASON_NEEDS_ZSTD, REASON_NEEDS_LZ4):
+                    why = f"PTX member {member.arch_name}: {why}"
+                member = replace(member, reason=why)
             else:
-                text, why = _ptx_text(payload)
+                text, why = _ptx_text(content)
                 member = replace(member, text=text,
                                  reason=None if why is None else f"PTX member {member.arch_name} is {why}")
         members.append(member)
@@ -387,7 +513,7 @@ def triton_ptx_for_cubin(data: bytes, cache_dirs: list[Path | str] | None = None
 
 @dataclass(frozen=True)
 class PtxSource:
-    origin: str  # "ptx image", "fatbin member sm_XX", "triton cache <path>"
+    origin: str  # "ptx image", "fatbin member sm_XX" (+ " (zstd)" / " (lz4)" if decompressed), "triton cache <path>"
     text: str
 
 
@@ -419,15 +545,14 @@ def ptx_sources(data: bytes, triton_dirs: list[Path | str] | None = None) -> Sou
     if kind == "fatbin":
         members = fatbin_members(data)
         notes = [f"member {m.index}: {m.describe()}" for m in members]
-        sources = [PtxSource(f"fatbin member {m.arch_name}", m.text) for m in members
-                   if m.kind_code == KIND_PTX and m.text is not None]
+        sources = [PtxSource(f"fatbin member {m.arch_name}" + (f" ({m.compression})" if m.compressed else ""),
+                             m.text)
+                   for m in members if m.kind_code == KIND_PTX and m.text is not None]
         if sources:
             return SourceResult(kind, sources, None, notes)
         ptx = [m for m in members if m.kind_code == KIND_PTX]
-        if any(m.compressed for m in ptx):
-            reason = REASON_COMPRESSED
-        elif ptx:
-            reason = "; ".join(m.reason or "unreadable PTX member" for m in ptx)
+        if ptx:
+            reason = "; ".join(dict.fromkeys(m.reason or "unreadable PTX member" for m in ptx))
         elif any(m.kind_code == KIND_ELF for m in members):
             reason = REASON_CUBIN_ONLY
         elif members:
