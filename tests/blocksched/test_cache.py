@@ -241,3 +241,56 @@ def test_any_single_byte_change_is_detected(tmp_path, data):
     value = data.draw(st.integers(0, 255).filter(lambda v: v != good[at]))
     with pytest.raises(ValueError):
         kc._verify(good[:at] + bytes([value]) + good[at + 1:], request)
+
+
+# ---------------------------------------------------------------- compiled cubins
+
+
+def _fake_ptxas(tmp_path, release: str, fail: bool) -> Path:
+    """A stand-in ptxas: says its version; assembles by copying a fixed ELF header, or fails."""
+    script = tmp_path / f"ptxas-{release}-{int(fail)}"
+    body = ('echo "ptxas error   : Entry function uses too much shared data" >&2; exit 255' if fail else
+            'while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done; printf "\\177ELFfake" > "$out"')
+    script.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "Cuda compilation tools, release 13.0, '
+                      f'V{release}"; exit 0; fi\n{body}\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_compiled_cubins_are_cached_per_arch_and_ptxas_release(cache, tmp_path, monkeypatch):
+    ptxas = _fake_ptxas(tmp_path, "13.0.88", fail=False)
+    cubin, hit = kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", cache, ptxas)
+    assert cubin == b"\x7fELFfake" and not hit
+    monkeypatch.setattr(kc, "transformed_module", lambda *a: pytest.fail("a hit must not transform"))
+    assert kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", KernelCache(cache.root), ptxas) == (cubin, True)
+    monkeypatch.undo()
+    # another architecture, or another assembler release, is another artifact
+    assert kc.compiled_module(PTX, "saxpy", "preemptible", "sm_100", cache, ptxas)[1] is False
+    assert kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", cache,
+                              _fake_ptxas(tmp_path, "13.1.0", fail=False))[1] is False
+
+
+def test_a_transformation_ptxas_rejects_is_a_cached_refusal(cache, tmp_path):
+    ptxas = _fake_ptxas(tmp_path, "13.0.88", fail=True)
+    with pytest.raises(KernelRefused) as first:
+        kc.compiled_module(PTX, "saxpy", "ptb", "sm_90", cache, ptxas)
+    assert "ptxas rejected the transformed module: ptxas error" in first.value.reason and not first.value.cache_hit
+    with pytest.raises(KernelRefused) as again:
+        kc.compiled_module(PTX, "saxpy", "ptb", "sm_90", cache, ptxas)
+    assert again.value.cache_hit and again.value.reason == first.value.reason
+    # a PTX-level refusal stays what it was; ptxas is never run for it
+    with pytest.raises(KernelRefused) as refused:
+        kc.compiled_module(REFUSED, "grid_sync", "ptb", "sm_90", cache, ptxas)
+    assert "grid-wide sync" in refused.value.reason
+
+
+def test_real_ptxas_assembles_a_transformed_kernel(cache):
+    from tally.ptx import ptxas as ptxas_mod
+
+    try:
+        binary = ptxas_mod.find_ptxas()
+    except Exception:  # noqa: BLE001
+        pytest.skip("no ptxas")
+    cubin, hit = kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", cache, binary)
+    assert cubin[:4] == b"\x7fELF" and not hit
+    assert kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", cache, binary) == (cubin, True)

@@ -202,3 +202,32 @@ def test_cli_missing_directory_is_one_line_exit_2(tmp_path):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.splitlines() == [f"tally: error: module directory {tmp_path / 'modules'} does not exist "
                                        "(the agent saves best-effort programs' code images there)"]
+
+
+def test_compile_assembles_every_transformation_once(modules, tmp_path, monkeypatch):
+    """--compile: each ok transformation becomes a cached cubin; a second run assembles nothing."""
+    d, _ = modules
+    calls = tmp_path / "ptxas-calls"
+    fake = tmp_path / "ptxas"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Cuda compilation tools, V13.0.88"; exit 0; fi\n'
+                    f'echo x >> {calls}\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done; printf "\\177ELF" > "$out"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("TALLY_PTXAS", str(fake))
+    cache = KernelCache(tmp_path / "kernels")
+    first = prepare(d, cache, compile_arch="sm_90")
+    ok = [k for k in first.kernels if k.status == "ok"]
+    assert ok and first.compiled_for == "sm_90" and "compiled for sm_90" in first.text()
+    assert len(calls.read_text().split()) == len(ok)
+    second = prepare(d, KernelCache(cache.root), compile_arch="sm_90")
+    assert [k.status for k in second.kernels] == [k.status for k in first.kernels]
+    assert all(k.cache_hit for k in second.kernels) and len(calls.read_text().split()) == len(ok)
+
+
+def test_compile_needs_a_ptxas_and_a_real_architecture(modules, tmp_path, monkeypatch):
+    d, _ = modules
+    with pytest.raises(TallyError, match="expected a GPU architecture"):
+        prepare(d, KernelCache(tmp_path / "k"), compile_arch="hopper")
+    monkeypatch.setenv("TALLY_PTXAS", str(tmp_path / "missing"))
+    with pytest.raises(TallyError, match="not an executable"):
+        prepare(d, KernelCache(tmp_path / "k"), compile_arch="sm_90")

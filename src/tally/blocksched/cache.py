@@ -303,3 +303,40 @@ def _transform(ptx_text: str, entry: str, mode: str) -> tuple[str | None, str | 
         raise KernelRefused(f"tally.ptx failed: {type(exc).__name__}: {exc}", False) from exc
     refused = result.entries[0].refusal
     return (None, refused) if refused else (result.text, None)
+
+
+# -------------------------------------------------------------------- compiled cubins
+
+
+def cubin_artifact(arch: str, ptxas_release: str) -> str:
+    """The artifact name of a compiled module: it is only valid for one GPU architecture and as
+    good as the assembler that made it, so both are in the key."""
+    return f"cubin:{arch}:{ptxas_release}"
+
+
+def compiled_module(ptx_text: str, entry: str, mode: str, arch: str = "sm_90", cache: KernelCache | None = None,
+                    ptxas=None) -> tuple[bytes, bool]:
+    """(the cubin of the module with `entry`'s `mode` transformation, cache_hit).
+
+    The transformation comes from transformed_module (and its cache). A module that ptxas
+    rejects after transformation is a transformation tally cannot vouch for: the rejection
+    is cached as a refusal, with ptxas's first error line, and the original kernel runs."""
+    from tally.ptx import ptxas as ptxas_mod
+
+    cache = cache if cache is not None else KernelCache()
+    binary = ptxas or ptxas_mod.find_ptxas()
+    request = request_for(ptx_text, entry, mode, cubin_artifact(arch, ptxas_mod.ptxas_version(binary)))
+    hit = cache.get(request)
+    if hit is not None:
+        if hit.status == "refused":
+            raise KernelRefused(hit.reason or "refused", True)
+        return hit.payload, True
+    text, _ = transformed_module(ptx_text, entry, mode, cache)
+    result = ptxas_mod.assemble(text, arch, binary, keep_cubin=True)
+    if not result.ok:
+        first = next((line for line in result.errors.splitlines() if line.strip()), "no output")
+        reason = f"ptxas rejected the transformed module: {first[:300]}"
+        cache.put(request, "refused", reason=reason)
+        raise KernelRefused(reason, False)
+    cache.put(request, "ok", result.cubin)
+    return result.cubin, False

@@ -23,7 +23,7 @@ def blocksched_group():
     tally blocksched show --bound-us 31.6 -- python train.py   # re-choose under another bound
     tally blocksched candidates --grid 4096 --block 256 --sms 132
     tally blocksched cache [--clear]
-    tally blocksched prepare [--modules DIR] [--json]   # transform saved images' kernels
+    tally blocksched prepare [--modules DIR] [--compile sm_90] [--json]   # transform saved images' kernels
     """
 
 
@@ -129,15 +129,17 @@ def cache_command(clear):
 @click.option("--triton-cache", "triton_cache", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Triton cache directory to find ELF images' PTX in (repeatable; default: Triton's and "
                    "PyTorch Inductor's).")
+@click.option("--compile", "compile_arch", metavar="ARCH", default=None,
+              help="Also assemble each transformed kernel with ptxas for ARCH (e.g. sm_90) and cache the cubin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def prepare_command(modules, triton_cache, as_json):
+def prepare_command(modules, triton_cache, compile_arch, as_json):
     """Transform the kernels of every saved code image, through the kernel cache."""
     import json
 
     from tally.blocksched.prepare import default_module_dir, prepare
 
     report = prepare(modules if modules is not None else default_module_dir(),
-                     triton_dirs=list(triton_cache) or None)
+                     triton_dirs=list(triton_cache) or None, compile_arch=compile_arch)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:

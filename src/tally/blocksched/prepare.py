@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tally import files
 from tally.blocksched import _files
-from tally.blocksched.cache import KernelCache, KernelRefused, transformed_module
+from tally.blocksched.cache import KernelCache, KernelRefused, compiled_module, transformed_module
 from tally.blocksched.sources import SourceError, classify, ptx_entries, ptx_sources
 from tally.errors import TallyError
 from tally.ptx.analysis import MODES
@@ -77,6 +77,7 @@ class PrepareReport:
     module_dir: str
     modes: list[str]
     images: list[ImageReport] = field(default_factory=list)
+    compiled_for: str | None = None  # the GPU architecture of the cached cubins, when compiled
 
     @property
     def kernels(self) -> list[KernelResult]:
@@ -98,7 +99,8 @@ class PrepareReport:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": 1, "module_dir": self.module_dir, "modes": list(self.modes),
-                "summary": self.summary(), "images": [asdict(i) for i in self.images]}
+                "compiled_for": self.compiled_for, "summary": self.summary(),
+                "images": [asdict(i) for i in self.images]}
 
     def lines(self) -> list[str]:
         """One line per kernel (image, PTX source, entry: every mode's outcome); one
@@ -122,7 +124,8 @@ class PrepareReport:
         out.append(f"{s['images']} image(s): {s['images_with_ptx']} with PTX, {s['images_without_ptx']} without, "
                    f"{s['images_skipped']} skipped, {s['images_failed']} unreadable; {s['kernels']} kernel(s), "
                    f"{s['transforms']} transformation(s): {s['ok']} ok, {s['refused']} refused, "
-                   f"{s['cache_hits']} from the cache")
+                   f"{s['cache_hits']} from the cache"
+                   + (f"; compiled for {self.compiled_for}" if self.compiled_for else ""))
         return out
 
     def text(self) -> str:
@@ -152,11 +155,14 @@ def default_module_dir() -> Path:
 
 
 def prepare(module_dir: Path | str, cache: KernelCache | None = None, modes=MODES,
-            triton_dirs: list[Path | str] | None = None) -> PrepareReport:
+            triton_dirs: list[Path | str] | None = None, compile_arch: str | None = None) -> PrepareReport:
     """Transform every kernel of every saved image in every mode, through the kernel cache.
 
     `triton_dirs`: where to look for the PTX of ELF images (default: Triton's
     and PyTorch Inductor's caches, see sources.default_triton_cache_dirs).
+    `compile_arch` (e.g. "sm_90"): also assemble each transformation with ptxas
+    and cache the cubin; "ok" then means the cubin exists, and a module ptxas
+    rejects is refused. Without ptxas that is a TallyError, before any work.
     Raises TallyError for a missing module directory or an unknown mode; every
     per-image problem is in the report."""
     module_dir = Path(module_dir)
@@ -169,17 +175,26 @@ def prepare(module_dir: Path | str, cache: KernelCache | None = None, modes=MODE
         raise TallyError(f"module directory {module_dir} {what} (the agent saves best-effort programs' "
                          "code images there)")
     cache = cache if cache is not None else KernelCache()
-    report = PrepareReport(str(module_dir), modes)
+    ptxas = None
+    if compile_arch is not None:
+        from tally.ptx.ptxas import find_ptxas, ptxas_version
+
+        if not re.fullmatch(r"sm_\d{2,3}[af]?", compile_arch):
+            raise TallyError(f"--compile {compile_arch!r}: expected a GPU architecture like sm_90")
+        ptxas = find_ptxas()
+        ptxas_version(ptxas)  # a ptxas that cannot say its version cannot key the cache
+    report = PrepareReport(str(module_dir), modes, compiled_for=compile_arch)
     try:
         paths = sorted(module_dir.glob("*.img"))
     except OSError as exc:
         raise TallyError(f"cannot list {module_dir}: {exc.strerror or exc}") from None
     for path in paths:
-        report.images.append(_prepare_image(path, cache, modes, triton_dirs))
+        report.images.append(_prepare_image(path, cache, modes, triton_dirs, compile_arch, ptxas))
     return report
 
 
-def _prepare_image(path: Path, cache: KernelCache, modes: list[str], triton_dirs) -> ImageReport:
+def _prepare_image(path: Path, cache: KernelCache, modes: list[str], triton_dirs, compile_arch: str | None = None,
+                   ptxas=None) -> ImageReport:
     image = ImageReport(path.name, None, None, "error")
     try:
         if not path.is_file():
@@ -233,7 +248,10 @@ def _prepare_image(path: Path, cache: KernelCache, modes: list[str], triton_dirs
         for entry in report.entries:
             for mode in modes:
                 try:
-                    _, hit = transformed_module(source.text, entry, mode, cache)
+                    if compile_arch is not None:
+                        _, hit = compiled_module(source.text, entry, mode, compile_arch, cache, ptxas)
+                    else:
+                        _, hit = transformed_module(source.text, entry, mode, cache)
                     result = KernelResult(source.origin, entry, mode, "ok", hit)
                 except KernelRefused as exc:
                     result = KernelResult(source.origin, entry, mode, "refused", exc.cache_hit, exc.reason)

@@ -83,6 +83,28 @@ class AssemblyResult:
     errors: str  # ptxas stderr (warnings included when ok; with verbose, also ptxas's info lines)
     command: list[str]
     resources: dict[str, Resources] = field(default_factory=dict)  # per function, with verbose=True
+    cubin: bytes | None = None  # the assembled code, with keep_cubin=True and ok
+
+
+_VERSION = re.compile(r"\bV(\d+\.\d+\.\d+)\b")
+_versions: dict[str, str] = {}
+
+
+def ptxas_version(ptxas: Path | None = None) -> str:
+    """ptxas's release, e.g. "13.0.88" (from `ptxas --version`): compiled code is only as good as
+    the assembler that made it, so cached cubins are keyed by it."""
+    ptxas = ptxas or find_ptxas()
+    key = str(ptxas)
+    if key not in _versions:
+        try:
+            out = subprocess.run([key, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise TallyError(f"cannot run {ptxas} --version: {exc}") from None
+        match = _VERSION.search(out)
+        if not match:
+            raise TallyError(f"{ptxas} --version printed no release number")
+        _versions[key] = match.group(1)
+    return _versions[key]
 
 
 _INFO_FUNCTION = re.compile(r"ptxas info\s*: (?:Compiling entry function|Function properties for|Compiling function) '?([\w$]+)'?")
@@ -109,13 +131,13 @@ def parse_resources(output: str) -> dict[str, Resources]:
 
 
 def assemble(ptx_text: str, arch: str | None = None, ptxas: Path | None = None, timeout: float = 300,
-             verbose: bool = False) -> AssemblyResult:
+             verbose: bool = False, keep_cubin: bool = False) -> AssemblyResult:
     """Assemble PTX text with ptxas into a throwaway cubin; report errors.
 
     Modules that declare external functions (dynamic parallelism's runtime
     calls) are assembled as relocatable code (-c), as nvcc -rdc would.
     `verbose` adds -v and fills `resources` (registers, static shared memory,
-    stack and spills per function)."""
+    stack and spills per function); `keep_cubin` returns the assembled code."""
     ptxas = ptxas or find_ptxas()
     arch = arch or arch_for(ptx_text)
     relocatable = ["-c"] if re.search(r"^\s*\.extern\s+\.func", ptx_text, re.M) else []
@@ -125,6 +147,12 @@ def assemble(ptx_text: str, arch: str | None = None, ptxas: Path | None = None, 
         command = [str(ptxas), f"-arch={arch}", *relocatable, *(["-v"] if verbose else []),
                    "-o", str(Path(tmp) / "module.cubin"), str(source)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        cubin = None
+        if keep_cubin and completed.returncode == 0:
+            try:
+                cubin = (Path(tmp) / "module.cubin").read_bytes()
+            except OSError:
+                cubin = None
     output = (completed.stdout + "\n" + completed.stderr).strip()
-    return AssemblyResult(completed.returncode == 0, completed.stderr.strip(), command,
-                          parse_resources(output) if verbose else {})
+    ok = completed.returncode == 0 and (cubin is not None or not keep_cubin)
+    return AssemblyResult(ok, completed.stderr.strip(), command, parse_resources(output) if verbose else {}, cubin)
