@@ -44,7 +44,7 @@ for prog in cupy triton compile eager; do
     dir=$out/modules-$prog
     TALLY_MODULE_DIR=$dir timeout 300 python3 -m tally run -- python3 /tmp/mc_$prog.py > "$out/$prog.log" 2>&1
     echo "$prog rc=$? images=$(ls "$dir" 2>/dev/null | grep -c '\.img$')"
-    timeout 300 python3 -m tally blocksched prepare --modules "$dir" --json > "$out/prepare-$prog.json" 2> "$out/prepare-$prog.err"
+    timeout 300 python3 -m tally blocksched prepare --modules "$dir" --compile sm_90 --json > "$out/prepare-$prog.json" 2> "$out/prepare-$prog.err"
     python3 - "$out/prepare-$prog.json" <<'PY'
 import collections, json, sys
 try:
