@@ -58,9 +58,13 @@ struct inflight {
 };
 
 struct lane {
+    /* The stream (or per-thread key) whose completions this lane carries.
+     * Written only under lanes_lock, and once the lane is in use (below
+     * n_lanes) only with its lock held as well; see lock_lane_of. */
     CUstream stream;
     pthread_mutex_t lock;  /* keeps memory operations in sequence order per stream */
-    uint64_t next_seq;
+    uint64_t next_seq;     /* never reset, not even when the lane changes streams */
+    uint64_t last_used_ns; /* the last tracked launch: the least recently used idle lane is reused first */
     /* best-effort only: launches whose completion has not been seen yet */
     struct inflight ring[RING];
     uint32_t head, tail;
@@ -106,7 +110,10 @@ static __thread struct {
     int track;
     uint64_t est_ns;
     uint32_t profile;
+    uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
+    uintptr_t ptds_key;    /* this thread's per-thread default stream's lane key; 0 until first used */
 } pending;
+static _Atomic uintptr_t ptds_keys; /* per-thread keys handed out so far */
 
 int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) != UNGATED; }
 
@@ -319,25 +326,121 @@ out:
 
 /* --------------------------------------------------------------- lanes */
 
-static struct lane *lane_of(CUstream stream) {
+/* One lane per stream with work in flight, not per stream ever used: a
+ * program may use more streams over its life than a slot has lanes (PyTorch's
+ * stream pools, per-thread default streams of many threads), and a stream
+ * without a lane is invisible to the gate. So a stream that needs a lane when
+ * all are assigned takes over an idle one.
+ *
+ * Why reuse is safe. A lane's completion writes all go to the one stream it
+ * is assigned to: they are enqueued under its lock, in sequence order, and
+ * land in that order. completed_seq == next_seq therefore means that nothing
+ * of the old stream is left to land, and no late write of the old stream can
+ * later lower completed_seq under the new one. Sequence numbers continue
+ * where the old stream stopped, so to every reader (the gate of other
+ * processes, the daemon's completion rate) the lane is one monotonic counter.
+ * (A write the driver refuses is counted done by the CPU at once, which could
+ * pass a write of the same stream still queued; that was already a hazard
+ * within one stream's lane, and a driver refusing memory operations on a
+ * stream that took them before is not expected.)
+ *
+ * Why the lookup is safe without locks. A launch must enqueue its write on
+ * the lane of its own stream; the danger is a lane taken over between finding
+ * it and enqueuing, leaving two streams writing into one lane. Taking over
+ * needs both lanes_lock and the lane's lock, and the launch path enqueues
+ * only while holding the lane's lock after seeing there that the lane is
+ * still its stream's. A lane found by the lock-free scan is checked again
+ * under its lock (a miss falls back to the locked path); one found or
+ * assigned under lanes_lock is locked before lanes_lock is released, so
+ * nobody can take it over in between. Lock order: lanes_lock, then a lane's
+ * lock; the launch path never takes lanes_lock while holding a lane's lock,
+ * and retire_completed holds only the lane's lock. */
+
+static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t gap);
+
+/* The lane's lock is held. Idle: every completion written for it has landed
+ * and (best effort) none of its launches is still counted in flight. */
+static int lane_idle(struct lane *l, uint32_t i) {
+    uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
+    if (done < l->next_seq) return 0;
+    /* Everything in the ring is done; these completions were not timed by a
+     * poll, so they teach no estimate (an unbounded gap). */
+    if (l->head != l->tail) retire_lane(l, done, tally_now_ns(), UINT64_MAX);
+    return l->head == l->tail;
+}
+
+_Static_assert(TALLY_SB_MAX_LANES <= 32, "lane masks are 32 bits");
+
+/* lanes_lock is held and every lane is assigned: gives the least recently
+ * used idle lane to key and returns it locked, or NULL when all are busy. */
+static struct lane *take_idle_lane(CUstream key) {
+    uint32_t tried = 0;
+    for (;;) {
+        struct lane *best = NULL;
+        uint32_t best_i = 0;
+        uint64_t best_used = 0;
+        for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
+            if (tried & (1u << i)) continue;
+            /* Unlocked first look, to lock only lanes that may be idle. */
+            uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
+            if (done < __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE)) continue;
+            uint64_t used = __atomic_load_n(&S.lanes[i].last_used_ns, __ATOMIC_RELAXED);
+            if (!best || used < best_used) best = &S.lanes[i], best_i = i, best_used = used;
+        }
+        if (!best) return NULL;
+        tried |= 1u << best_i;
+        pthread_mutex_lock(&best->lock);
+        if (lane_idle(best, best_i)) {
+            __atomic_store_n(&best->stream, key, __ATOMIC_RELAXED);
+            best->last_done_ns = best->last_done_err = 0; /* the old stream's timing says nothing of the new one */
+            return best;
+        }
+        pthread_mutex_unlock(&best->lock);
+    }
+}
+
+/* The lane of key, with its lock held; NULL (untracked) when every lane is busy. */
+static struct lane *lock_lane_of(CUstream key) {
     uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
-    for (uint32_t i = 0; i < n; i++)
-        if (S.lanes[i].stream == stream) return &S.lanes[i];
+    for (uint32_t i = 0; i < n; i++) {
+        struct lane *l = &S.lanes[i];
+        if (__atomic_load_n(&l->stream, __ATOMIC_RELAXED) != key) continue;
+        pthread_mutex_lock(&l->lock);
+        if (__atomic_load_n(&l->stream, __ATOMIC_RELAXED) == key) return l;
+        pthread_mutex_unlock(&l->lock); /* taken over since the scan: ask under lanes_lock */
+        break;
+    }
     pthread_mutex_lock(&S.lanes_lock);
     n = atomic_load(&S.n_lanes);
     struct lane *found = NULL;
     for (uint32_t i = 0; i < n && !found; i++)
-        if (S.lanes[i].stream == stream) found = &S.lanes[i];
+        if (__atomic_load_n(&S.lanes[i].stream, __ATOMIC_RELAXED) == key) found = &S.lanes[i];
     if (!found && n < TALLY_SB_MAX_LANES) {
         found = &S.lanes[n];
-        found->stream = stream;
+        __atomic_store_n(&found->stream, key, __ATOMIC_RELAXED);
         atomic_store_explicit(&S.n_lanes, n + 1, memory_order_release);
     }
+    if (found) pthread_mutex_lock(&found->lock);
+    else found = take_idle_lane(key);
     pthread_mutex_unlock(&S.lanes_lock);
     if (!found && !atomic_exchange(&S.warned_lanes, 1))
-        fprintf(stderr, "tally: warning: more than %u streams; launches on the others are not tracked\n",
+        fprintf(stderr, "tally: warning: more than %u streams with work in flight at once; launches on the others "
+                        "are not tracked until a stream goes idle\n",
                 TALLY_SB_MAX_LANES);
     return found;
+}
+
+/* CU_STREAM_PER_THREAD is a different stream in every thread: one key each,
+ * or their completions would be written out of order into one lane. The key
+ * is a number never handed out twice, not the address of something
+ * thread-local: a thread that starts after another exits can get the same
+ * thread-local address while the old thread's completion writes are still
+ * queued on its own stream. An exited thread's lane is reused once idle.
+ * Odd values: never a stream handle (those are aligned), and from 3 up, never
+ * CU_STREAM_LEGACY (0x1). */
+static CUstream per_thread_key(void) {
+    if (!pending.ptds_key) pending.ptds_key = (atomic_fetch_add(&ptds_keys, 1) + 1) << 1 | 1;
+    return (CUstream)pending.ptds_key;
 }
 
 static int capturing(CUstream stream) {
@@ -409,7 +512,31 @@ static void save_profiles(void) {
  * the previous completion); samples whose error is small teach the estimates.
  * The error bound is relative as well as absolute: past SPIN_NS the gate polls
  * every ~20 us of nanosleep plus timer slack, and kernels longer than that must
- * still be learned. */
+ * still be learned. gap: the time since the previous poll, UINT64_MAX when this
+ * is no poll (nothing is learned). The lane's lock is held. */
+static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t gap) {
+    while (l->head != l->tail && l->ring[l->head % RING].seq <= done) {
+        struct inflight *e = &l->ring[l->head % RING];
+        /* It started at its launch, or queued behind the previous one, at that one's completion. */
+        uint64_t start = e->launch_ns, err = gap;
+        if (l->last_done_ns > start) {
+            start = l->last_done_ns;
+            err = gap > UINT64_MAX - l->last_done_err ? UINT64_MAX : gap + l->last_done_err;
+        }
+        uint64_t sample = now - start;
+        if (err <= ACCURATE_POLL_NS || err <= sample / ACCURATE_POLL_SHARE) {
+            pthread_mutex_lock(&S.profile_lock);
+            learn(e->profile, sample);
+            pthread_mutex_unlock(&S.profile_lock);
+        }
+        atomic_fetch_sub(&S.be_inflight_est_ns, e->est_ns);
+        l->last_done_ns = now;
+        l->last_done_err = gap;
+        l->head++;
+    }
+}
+
+/* A poll of every lane. */
 static void retire_completed(uint64_t now) {
     uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
     S.last_poll_ns = now;
@@ -417,27 +544,11 @@ static void retire_completed(uint64_t now) {
     for (uint32_t i = 0; i < n; i++) {
         struct lane *l = &S.lanes[i];
         if (l->head == l->tail) continue;
+        /* Read before the lock: if the lane changes streams meanwhile, its new
+         * stream's launches have higher numbers than this, so none is retired early. */
         uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
         pthread_mutex_lock(&l->lock);
-        while (l->head != l->tail && l->ring[l->head % RING].seq <= done) {
-            struct inflight *e = &l->ring[l->head % RING];
-            /* It started at its launch, or queued behind the previous one, at that one's completion. */
-            uint64_t start = e->launch_ns, err = gap;
-            if (l->last_done_ns > start) {
-                start = l->last_done_ns;
-                err = gap > UINT64_MAX - l->last_done_err ? UINT64_MAX : gap + l->last_done_err;
-            }
-            uint64_t sample = now - start;
-            if (err <= ACCURATE_POLL_NS || err <= sample / ACCURATE_POLL_SHARE) {
-                pthread_mutex_lock(&S.profile_lock);
-                learn(e->profile, sample);
-                pthread_mutex_unlock(&S.profile_lock);
-            }
-            atomic_fetch_sub(&S.be_inflight_est_ns, e->est_ns);
-            l->last_done_ns = now;
-            l->last_done_err = gap;
-            l->head++;
-        }
+        retire_lane(l, done, now, gap);
         pthread_mutex_unlock(&l->lock);
     }
 }
@@ -533,6 +644,7 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     /* One scoreboard per GPU: work of another context (another GPU) is not ours to schedule. */
     if (state != JOINED || launch->context != S.context) return;
     uint64_t now = tally_now_ns();
+    pending.now = now;
     struct tally_sb_slot *slot = S.slot;
     __atomic_fetch_add(launch->is_graph ? &slot->graph_launches : &slot->launches, 1, __ATOMIC_RELAXED);
     uint64_t previous_launch_ns = __atomic_load_n(&slot->last_launch_ns, __ATOMIC_RELAXED);
@@ -558,19 +670,17 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     if (!pending.track || launch->context != S.context) return;
     pending.track = 0;
     if (result != CUDA_SUCCESS) return;
-    /* CU_STREAM_PER_THREAD is a different stream in every thread: one lane each,
-     * or their completions would be written out of order into one lane. */
-    CUstream key = launch->stream == CU_STREAM_PER_THREAD ? (CUstream)((uintptr_t)&pending | 1) : launch->stream;
-    struct lane *l = lane_of(key);
+    CUstream key = launch->stream == CU_STREAM_PER_THREAD ? per_thread_key() : launch->stream;
+    struct lane *l = lock_lane_of(key); /* held until the write is enqueued: see "Why the lookup is safe" */
     if (!l) return;
     uint32_t idx = (uint32_t)(l - S.lanes);
     struct tally_sb_lane *shared = &S.slot->lanes[idx];
     int be = S.priority == TALLY_SB_PRIO_BEST_EFFORT;
-    pthread_mutex_lock(&l->lock);
     if (be && l->tail - l->head >= RING) { /* ring full: leave this one untracked */
         pthread_mutex_unlock(&l->lock);
         return;
     }
+    __atomic_store_n(&l->last_used_ns, pending.now, __ATOMIC_RELAXED);
     uint64_t seq = ++l->next_seq;
     __atomic_store_n(&shared->launched_seq, seq, __ATOMIC_RELEASE);
     CUdeviceptr target = S.sb_device + (CUdeviceptr)((char *)&shared->completed_seq - (char *)S.sb);

@@ -9,11 +9,26 @@
  *                         on STREAM (s0..s3: streams this app created, s0 the one
  *                         plain launches use; null; legacy = 0x1; ptds = 0x2);
  *                         prints "fake_app: launch i=K call_ns=T0 ret_ns=T1"
- *                         (CLOCK_MONOTONIC around each call) and flushes
+ *                         (CLOCK_MONOTONIC around each call) and flushes;
+ *                         STREAM may also be kI, one of the streams:N streams
  *   tlaunch:T:ENTRY:M:DUR_US:STREAM
  *                         T threads released together, M such launches each;
  *                         thread t's kernels last (t % 3 + 1) x DUR_US ("ptds":
  *                         each thread its own per-thread default stream)
+ *   streams:N             create N more streams, named k0..k(N-1) (at most 64)
+ *   tturns:T:ENTRY:M:DUR_US:STREAM
+ *                         T threads take turns: thread t waits for thread
+ *                         t - 1, makes M such launches, cuCtxSynchronize, and
+ *                         stays alive until all T are done ("ptds": T
+ *                         distinct per-thread default streams, used one by one)
+ *   tstreams:T:M:DUR_US:S T threads released together, M launches each; thread
+ *                         t's launch j is on stream k((t + j) mod S)
+ *   trounds:T:R:P:DUR_US:S
+ *                         T threads, R rounds: in round r, thread t launches P
+ *                         times on each of k(2(rT + t) mod S) and
+ *                         k(2(rT + t) + 1 mod S), alternating; then all wait
+ *                         for cuCtxSynchronize (so at most 2T streams have work
+ *                         in flight at any time)
  *   sleep:US              sleep
  *   capture:STREAM:on|off the fake driver reports STREAM as capturing (or not)
  *   sync                  cuCtxSynchronize (waits for the fake GPU)
@@ -135,8 +150,16 @@ static CUstream extra_streams[3];
 
 static const char *stream_names[] = {"s0", "s1", "s2", "s3", "null", "legacy", "ptds"};
 #define N_STREAM_NAMES 7
+#define MAX_MANY_STREAMS 64
+static CUstream many_streams[MAX_MANY_STREAMS]; /* streams:N, named k0..k(N-1) */
+static int n_many_streams;
 
 static CUstream stream_named(const char *name) {
+    if (name[0] == 'k' && name[1]) {
+        char *end = NULL;
+        long k = strtol(name + 1, &end, 10);
+        if (end && !*end && k >= 0 && k < n_many_streams) return many_streams[k];
+    }
     if (!strcmp(name, "s0")) return stream;
     if (!strcmp(name, "s1")) return extra_streams[0];
     if (!strcmp(name, "s2")) return extra_streams[1];
@@ -272,6 +295,59 @@ static void run_threads_of(long n, long m, void *(*body)(void *)) {
 }
 
 static void run_threads(long n, long m) { run_threads_of(n, m, thread_main); }
+
+/* tturns: one thread at a time, each kept alive until the last is done, so
+ * that per-thread default streams (and thread-local addresses) are all distinct. */
+static pthread_mutex_t turn_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t turn_cond = PTHREAD_COND_INITIALIZER;
+static long turn;
+static pthread_barrier_t finish_together;
+
+static void *turn_thread_main(void *arg) {
+    long t = (long)arg;
+    pthread_barrier_wait(&start_together);
+    pthread_mutex_lock(&turn_lock);
+    while (turn != t) pthread_cond_wait(&turn_cond, &turn_lock);
+    pthread_mutex_unlock(&turn_lock);
+    for (long j = 0; j < per_thread; j++) launch_timed(timed_entry, timed_us, timed_stream);
+    check(cuCtxSynchronize(), "cuCtxSynchronize");
+    pthread_mutex_lock(&turn_lock);
+    turn++;
+    pthread_cond_broadcast(&turn_cond);
+    pthread_mutex_unlock(&turn_lock);
+    pthread_barrier_wait(&finish_together);
+    return NULL;
+}
+
+/* trounds and tstreams: the streams used are k0..k(many_used - 1) */
+static long many_used;
+
+/* trounds */
+static long round_threads, rounds;
+static pthread_barrier_t round_end;
+
+static void *rounds_thread_main(void *arg) {
+    long t = (long)arg;
+    pthread_barrier_wait(&start_together);
+    for (long r = 0; r < rounds; r++) {
+        long first = 2 * (r * round_threads + t);
+        for (long p = 0; p < per_thread; p++)
+            for (long w = 0; w < 2; w++) launch_timed(E_KERNEL, timed_us, many_streams[(first + w) % many_used]);
+        pthread_barrier_wait(&round_end);
+        if (t == 0) check(cuCtxSynchronize(), "cuCtxSynchronize");
+        pthread_barrier_wait(&round_end);
+    }
+    return NULL;
+}
+
+/* tstreams: thread t's launch j goes to k((t + j) mod many_used) */
+static void *streams_thread_main(void *arg) {
+    long t = (long)arg;
+    pthread_barrier_wait(&start_together);
+    for (long j = 0; j < per_thread; j++)
+        launch_timed(E_KERNEL, timed_us, many_streams[(t + j) % many_used]);
+    return NULL;
+}
 
 /* ------------------------------------------------------------- names */
 
@@ -423,6 +499,8 @@ static void print_called(void) {
     for (int i = 0; i < N_STREAM_NAMES; i++)
         printf("fake_app: writes_%s=%llu\n", stream_names[i],
                (unsigned long long)fake_cuda_stream_writes(stream_named(stream_names[i])));
+    for (int i = 0; i < n_many_streams; i++)
+        printf("fake_app: writes_k%d=%llu\n", i, (unsigned long long)fake_cuda_stream_writes(many_streams[i]));
 }
 
 int main(int argc, char **argv) {
@@ -469,6 +547,34 @@ int main(int argc, char **argv) {
             timed_entry = entry_of(entry);
             timed_stream = stream_named(sname);
             run_threads_of(t, m, timed_thread_main);
+        } else if (strncmp(arg, "streams:", 8) == 0) {
+            long n = atol(arg + 8);
+            if (n < 0 || n_many_streams + n > MAX_MANY_STREAMS) return 96;
+            for (long j = 0; j < n; j++) check(cuStreamCreate(&many_streams[n_many_streams++], 0), "cuStreamCreate");
+        } else if (strncmp(arg, "tturns:", 7) == 0) {
+            char entry[32], sname[32];
+            long t, m;
+            if (sscanf(arg + 7, "%ld:%31[^:]:%ld:%u:%31s", &t, entry, &m, &timed_us, sname) != 5 || t < 1) return 96;
+            timed_entry = entry_of(entry);
+            timed_stream = stream_named(sname);
+            turn = 0;
+            pthread_barrier_init(&finish_together, NULL, (unsigned)t);
+            run_threads_of(t, m, turn_thread_main);
+            pthread_barrier_destroy(&finish_together);
+        } else if (strncmp(arg, "tstreams:", 9) == 0) {
+            long t, m;
+            if (sscanf(arg + 9, "%ld:%ld:%u:%ld", &t, &m, &timed_us, &many_used) != 4 || many_used < 1 ||
+                many_used > n_many_streams)
+                return 96;
+            run_threads_of(t, m, streams_thread_main);
+        } else if (strncmp(arg, "trounds:", 8) == 0) {
+            long p;
+            if (sscanf(arg + 8, "%ld:%ld:%ld:%u:%ld", &round_threads, &rounds, &p, &timed_us, &many_used) != 5 ||
+                round_threads < 1 || many_used < 1 || many_used > n_many_streams)
+                return 96;
+            pthread_barrier_init(&round_end, NULL, (unsigned)round_threads);
+            run_threads_of(round_threads, p, rounds_thread_main);
+            pthread_barrier_destroy(&round_end);
         } else if (strncmp(arg, "sleep:", 6) == 0) {
             long us = atol(arg + 6);
             struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
