@@ -82,7 +82,7 @@ struct profile {
 };
 
 static struct {
-    int priority;                   /* TALLY_SB_PRIO_* */
+    _Atomic int priority;           /* TALLY_SB_PRIO_*; HIGH becomes BEST_EFFORT if the daemon demotes us */
     _Atomic int state;              /* enum join_state */
     pthread_mutex_t join_lock;
     struct tally_sb_header *sb;
@@ -96,7 +96,7 @@ static struct {
     pthread_mutex_t profile_lock;
     struct profile profiles[PROFILE_SLOTS];
     uint64_t last_poll_ns;
-    _Atomic int warned_lanes, warned_daemon;
+    _Atomic int warned_lanes, warned_daemon, warned_demoted;
     uint64_t max_hold_ns;
     uint64_t slo_p99_ns;            /* HP: TALLY_SLO_P99_MS, stored in the slot at claim */
 } S = {
@@ -108,6 +108,7 @@ static struct {
 /* What launch_enter decided, for launch_exit on the same thread. */
 static __thread struct {
     int track;
+    int be;                /* tracked as best effort (the priority may change between enter and exit) */
     uint64_t est_ns;
     uint32_t profile;
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
@@ -633,6 +634,18 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
     pending.profile = profile;
 }
 
+/* The daemon's access rules let this user run only best effort, and it has
+ * rewritten our slot's priority: from now on this process is gated like any
+ * best-effort client. Without this, the daemon would no longer count its work
+ * as high priority, but the process itself would go on launching ungated and
+ * keep resetting the idle window every other client waits for. */
+static void demoted(void) {
+    S.priority = TALLY_SB_PRIO_BEST_EFFORT;
+    if (!atomic_exchange(&S.warned_demoted, 1))
+        fprintf(stderr, "tally: warning: the tally daemon runs this program as best effort (this user may not "
+                        "claim high priority; see [access] in the config)\n");
+}
+
 void tally_sched_launch_enter(const struct tally_launch *launch) {
     pending.track = 0;
     if (S.priority < 0) return;
@@ -649,6 +662,9 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     __atomic_fetch_add(launch->is_graph ? &slot->graph_launches : &slot->launches, 1, __ATOMIC_RELAXED);
     uint64_t previous_launch_ns = __atomic_load_n(&slot->last_launch_ns, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->last_launch_ns, now, __ATOMIC_RELAXED);
+    if (S.priority == TALLY_SB_PRIO_HIGH &&
+        __atomic_load_n(&slot->priority, __ATOMIC_RELAXED) != TALLY_SB_PRIO_HIGH)
+        demoted();
     /* The common case for training with nobody to protect: two loads, no tracking. */
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT &&
         ((__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY &&
@@ -661,8 +677,10 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
         __atomic_store_n(&S.sb->hp_last_launch_ns, now, __ATOMIC_RELEASE);
         hp_busy_period(previous_launch_ns, now);
         pending.track = launch->trackable;
+        pending.be = 0;
         return;
     }
+    pending.be = 1;
     be_wait_at_gate(launch, now);
 }
 
@@ -675,7 +693,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     if (!l) return;
     uint32_t idx = (uint32_t)(l - S.lanes);
     struct tally_sb_lane *shared = &S.slot->lanes[idx];
-    int be = S.priority == TALLY_SB_PRIO_BEST_EFFORT;
+    int be = pending.be;
     if (be && l->tail - l->head >= RING) { /* ring full: leave this one untracked */
         pthread_mutex_unlock(&l->lock);
         return;

@@ -186,6 +186,31 @@ def test_be_held_until_hp_work_completes(daemon, spawn_app, tmp_path):
     assert r.gpu("writes_s0") == 4
 
 
+def test_hp_demoted_by_the_daemon_is_gated_from_its_next_launch(daemon, spawn_app, tmp_path):
+    """The daemon's access rules rewrite a slot's priority to best effort: the agent must then
+    behave as best effort (held while real HP work is in flight), not keep launching ungated."""
+    sb = daemon.sb
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:1000:s0", "sync", f"wait_file:{go}", "launch:kernel:1:1000:s0", "sync",
+                    env=daemon.env("high"))
+    app.wait_for("waiting")
+    slot = slot_of(daemon, app.pid)
+    hp_before = sb.hp_last_launch_ns
+    sb.slot_set(slot, "priority", sbmod.PRIORITY_BEST_EFFORT)  # what the daemon's access check does
+    hp = hp_client_in_flight(sb)
+    go.touch()
+    wait_until(lambda: sb.slot_get(slot, "launches") >= 2, what="the demoted launch to reach the gate")
+    time.sleep(0.05)
+    assert not app.printed("launch i=1"), "a demoted client launched while HP work was in flight"
+    assert sb.hp_last_launch_ns == hp_before  # it no longer resets the idle window others wait for
+    released = time.monotonic_ns()
+    sb.set_lane_completed(hp, 3, 7)
+    r = app.finish()
+    completed_ok(r)
+    one_warning(r, "runs this program as best effort")
+    assert len(r.launches) == 2 and r.launches[0][1] < released < r.launches[1][1]
+
+
 def test_be_waits_for_the_idle_window(daemon, spawn_app, tmp_path):
     sb = daemon.sb
     window = 300 * MS
