@@ -189,6 +189,7 @@ def read_trace(path: Path) -> Iterator[dict]:
 @dataclass
 class KernelStats:
     name: str
+    mangled: str = ""
     count: int = 0
     total_ns: int = 0
     durations: list[int] = field(default_factory=list)
@@ -207,6 +208,7 @@ class TraceSummary:
     graph_launches: int
     processes: int
     histogram: list[int]  # counts per bucket, edges HISTOGRAM_EDGES_NS
+    command: list[str] = field(default_factory=list)  # the traced program (meta record), if known
 
     def top(self, n: int) -> list[KernelStats]:
         return sorted(self.kernels.values(), key=lambda k: k.total_ns, reverse=True)[:n]
@@ -216,13 +218,16 @@ def summarize(records: Iterable[dict]) -> TraceSummary:
     kernels: dict[str, KernelStats] = {}
     histogram = [0] * (len(HISTOGRAM_EDGES_NS) + 1)
     n = total = launches = graphs = processes = 0
+    command: list[str] = []
     for rec in records:
         kind = rec["type"]
-        if kind == "kernel":
+        if kind == "meta" and isinstance(rec.get("command"), list):
+            command = [str(x) for x in rec["command"]]
+        elif kind == "kernel":
             dur = int(rec["end_ns"]) - int(rec["start_ns"])
             ks = kernels.get(rec["name"])
             if ks is None:
-                ks = kernels[rec["name"]] = KernelStats(rec["name"])
+                ks = kernels[rec["name"]] = KernelStats(rec["name"], str(rec.get("mangled", rec["name"])))
             ks.count += 1
             ks.total_ns += dur
             ks.durations.append(dur)
@@ -233,7 +238,31 @@ def summarize(records: Iterable[dict]) -> TraceSummary:
             processes += 1
             launches += int(rec.get("kernel_launches", 0))
             graphs += int(rec.get("graph_launches", 0))
-    return TraceSummary(kernels, n, total, launches, graphs, processes, histogram)
+    return TraceSummary(kernels, n, total, launches, graphs, processes, histogram, command)
+
+
+def block_level(summary: TraceSummary) -> dict[str, str]:
+    """Per kernel name: the block-level configuration chosen for it (tally.blocksched's
+    decisions file of the traced program), when that file exists; {} otherwise. A kernel
+    launched with several grids has one decision each: then only their number is given."""
+    if not summary.command:
+        return {}
+    from tally.blocksched import decisions
+
+    entries = decisions.load(decisions.decisions_path(summary.command))
+    by_name: dict[str, list] = defaultdict(list)
+    for entry in entries:
+        by_name[entry.record.name].append(entry.decision)
+    out = {}
+    for ks in summary.kernels.values():
+        chosen = by_name.get(ks.mangled)
+        if not chosen:
+            continue
+        if len(chosen) == 1:
+            out[ks.name] = chosen[0].reason if chosen[0] else "no decision yet"
+        else:
+            out[ks.name] = f"{len(chosen)} configurations, one per grid (tally blocksched show)"
+    return out
 
 
 def kernel_profiles(records: Iterable[dict]) -> dict[tuple[str, tuple, tuple], dict]:
@@ -272,16 +301,20 @@ def print_summary(summary: TraceSummary, top: int) -> None:
         f"{summary.kernel_launches} kernel launches and {summary.graph_launches} graph launches "
         f"in {summary.processes} process(es)"
     )
+    chosen = block_level(summary)
     table = Table(title=f"Top {top} kernels by GPU time")
     for col, justify in (("kernel", "left"), ("count", "right"), ("total", "right"), ("share", "right"),
                          ("mean", "right"), ("p50", "right"), ("max", "right")):
         table.add_column(col, justify=justify, overflow="fold")
+    if chosen:
+        table.add_column("block level", justify="left", overflow="fold")
     for ks in summary.top(top):
         d = sorted(ks.durations)
         share = ks.total_ns / summary.total_ns if summary.total_ns else 0
         name = ks.name if len(ks.name) <= 100 else ks.name[:97] + "..."
-        table.add_row(name, str(ks.count), format_ns(ks.total_ns), f"{share:.1%}", format_ns(ks.mean_ns),
-                      format_ns(_percentile(d, 0.5)), format_ns(d[-1]))
+        row = [name, str(ks.count), format_ns(ks.total_ns), f"{share:.1%}", format_ns(ks.mean_ns),
+               format_ns(_percentile(d, 0.5)), format_ns(d[-1])]
+        table.add_row(*row, *([chosen.get(ks.name, "-")] if chosen else []))
     console.print(table)
     hist = Table(title="Kernel durations")
     hist.add_column("duration")
@@ -295,6 +328,7 @@ def print_summary(summary: TraceSummary, top: int) -> None:
 
 
 def summary_json(summary: TraceSummary, top: int) -> dict:
+    chosen = block_level(summary)
     return {
         "kernels_executed": summary.kernel_records,
         "gpu_time_ns": summary.total_ns,
@@ -303,7 +337,8 @@ def summary_json(summary: TraceSummary, top: int) -> dict:
         "processes": summary.processes,
         "histogram": dict(zip(["lt_10us", "10us_100us", "100us_1ms", "1ms_10ms", "ge_10ms"], summary.histogram)),
         "top": [
-            {"name": k.name, "count": k.count, "total_ns": k.total_ns, "mean_ns": k.mean_ns}
+            {"name": k.name, "count": k.count, "total_ns": k.total_ns, "mean_ns": k.mean_ns,
+             **({"block_level": chosen[k.name]} if k.name in chosen else {})}
             for k in summary.top(top)
         ],
     }

@@ -128,3 +128,31 @@ def test_demangling_without_cxxfilt_keeps_mangled_names_with_one_warning(monkeyp
         trace_mod._cxxfilt.cache_clear()
         trace_mod.demangle.cache_clear()
     assert capsys.readouterr().err.count("cxxfilt package is missing") == 1
+
+
+def test_summary_shows_the_block_level_choice_of_the_traced_program(tmp_path, monkeypatch):
+    """`tally trace --summary` joins the traced program's block scheduling decisions by kernel;
+    a kernel with no decision shows '-', and without a decisions file there is no column."""
+    from tally.blocksched import decisions
+    from tally.blocksched.choose import Decision, KernelRecord
+
+    monkeypatch.setenv("TALLY_CACHE_DIR", str(tmp_path / "cache"))
+    command = ["/bin/true", "train.py"]
+    demangled = trace.demangle(MANGLED)
+    recs = [{"type": "meta", "command": command}, {**kernel(dur=5_000), "name": demangled, "mangled": MANGLED},
+            {**kernel(dur=9), "name": "other", "mangled": "other"}]
+    s = trace.summarize(recs)
+    assert s.command == command and trace.block_level(s) == {}  # no decisions file yet
+    record = KernelRecord(MANGLED, (1, 1, 1), (32, 1, 1), 132)
+    decisions.write(decisions.decisions_path(command),
+                    [decisions.Entry(record, Decision("original", "original: kernel time 5 us <= 100 us"))])
+    assert trace.block_level(s) == {demangled: "original: kernel time 5 us <= 100 us"}
+    j = trace.summary_json(s, 5)
+    assert [t.get("block_level") for t in j["top"]] == ["original: kernel time 5 us <= 100 us", None]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    r = subprocess.run([sys.executable, "-m", "tally", "trace", "--summary", str(path)], capture_output=True,
+                       text=True, env={**__import__("os").environ, "TALLY_CACHE_DIR": str(tmp_path / "cache"),
+                                       "COLUMNS": "250"})
+    assert r.returncode == 0, r.stderr
+    assert "block level" in r.stdout and "original: kernel time 5 us" in r.stdout
