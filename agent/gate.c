@@ -28,7 +28,7 @@ int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns) {
 }
 
 enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint64_t now_ns,
-                                           uint64_t be_inflight_est_ns, uint64_t kernel_est_ns) {
+                                           uint64_t be_remaining_ns, uint64_t be_inflight, uint64_t kernel_est_ns) {
     if (load32(&h->policy) != TALLY_SB_POLICY_TALLY) return TALLY_GATE_UNGATED;
     if (!tally_gate_daemon_alive(h, now_ns)) return TALLY_GATE_DAEMON_DEAD;
     if (load32(&h->hp_active) == 0) return TALLY_GATE_UNGATED;
@@ -48,9 +48,9 @@ enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint
     int unthrottled = idle >= load64(&h->unthrottle_after_ns);
     uint64_t budget = load64(&h->turnaround_budget_ns);
     if (unthrottled && budget < TALLY_GATE_IDLE_DEPTH_NS) budget = TALLY_GATE_IDLE_DEPTH_NS;
-    if (be_inflight_est_ns + kernel_est_ns <= budget)
+    if (be_remaining_ns + kernel_est_ns <= budget)
         return unthrottled ? TALLY_GATE_ADMIT_IDLE : TALLY_GATE_ADMIT;
-    if (be_inflight_est_ns == 0) return TALLY_GATE_ADMIT_ALONE;
+    if (be_inflight == 0) return TALLY_GATE_ADMIT_ALONE;
     return TALLY_GATE_WAIT_BUDGET;
 }
 
@@ -86,10 +86,10 @@ enum tally_gate_decision tally_gate_decide_rate(const struct tally_sb_header *h,
 }
 
 enum tally_gate_decision tally_gate_decide_be(const struct tally_sb_header *h, uint64_t now_ns,
-                                              uint64_t be_inflight_est_ns, uint64_t kernel_est_ns,
+                                              uint64_t be_remaining_ns, uint64_t be_inflight, uint64_t kernel_est_ns,
                                               struct tally_gate_bucket *bucket) {
     if (load32(&h->policy) == TALLY_SB_POLICY_TGS) return tally_gate_decide_rate(h, now_ns, bucket, NULL);
-    return tally_gate_decide(h, now_ns, be_inflight_est_ns, kernel_est_ns);
+    return tally_gate_decide(h, now_ns, be_remaining_ns, be_inflight, kernel_est_ns);
 }
 
 const char *tally_gate_decision_name(enum tally_gate_decision d) {

@@ -58,8 +58,12 @@ int tally_gate_hp_inflight(const struct tally_sb_header *h);
 
 int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns);
 
+/* Policy tally. be_remaining_ns: this process's BE work in flight that is
+ * still to run, estimated (what an HP request arriving now would wait for);
+ * be_inflight: its BE launches in flight, complete or not (a kernel longer
+ * than the budget runs only when this is 0). */
 enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint64_t now_ns,
-                                           uint64_t be_inflight_est_ns, uint64_t kernel_est_ns);
+                                           uint64_t be_remaining_ns, uint64_t be_inflight, uint64_t kernel_est_ns);
 
 /* Policy tgs: whether a BE launch at now_ns may go; takes a token (advances
  * the bucket) when it may. With a wait, *wait_ns (if not NULL) is how long
@@ -70,7 +74,7 @@ enum tally_gate_decision tally_gate_decide_rate(const struct tally_sb_header *h,
 /* A BE launch under whichever policy the scoreboard holds: tally_gate_decide
  * for policy tally, tally_gate_decide_rate for policy tgs, else ungated. */
 enum tally_gate_decision tally_gate_decide_be(const struct tally_sb_header *h, uint64_t now_ns,
-                                              uint64_t be_inflight_est_ns, uint64_t kernel_est_ns,
+                                              uint64_t be_remaining_ns, uint64_t be_inflight, uint64_t kernel_est_ns,
                                               struct tally_gate_bucket *bucket);
 
 const char *tally_gate_decision_name(enum tally_gate_decision d);

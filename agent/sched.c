@@ -92,7 +92,6 @@ static struct {
     struct lane lanes[TALLY_SB_MAX_LANES];
     _Atomic uint32_t n_lanes;
     pthread_mutex_t lanes_lock;
-    _Atomic uint64_t be_inflight_est_ns;
     pthread_mutex_t profile_lock;
     struct profile profiles[PROFILE_SLOTS];
     uint64_t last_poll_ns;
@@ -530,15 +529,45 @@ static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t ga
             learn(e->profile, sample);
             pthread_mutex_unlock(&S.profile_lock);
         }
-        atomic_fetch_sub(&S.be_inflight_est_ns, e->est_ns);
         l->last_done_ns = now;
         l->last_done_err = gap;
         l->head++;
     }
 }
 
-/* A poll of every lane. */
-static void retire_completed(uint64_t now) {
+/* What this process's BE launches in flight still have to do: the turnaround
+ * an HP request arriving now would see from us. */
+struct be_backlog {
+    uint64_t remaining_ns; /* estimated GPU time still to run */
+    uint64_t launches;     /* launches not yet seen complete */
+};
+
+/* The lane's lock is held. A lane's launches run one after another: the first
+ * has been running since its launch or since the previous one's completion
+ * was seen (later than it happened: the estimate errs long), the others have
+ * not started. So what is left is the first one's estimate less the time it
+ * has run, plus the others' whole estimates. Counting only what is left, and
+ * not whole kernels, lets the next kernel be queued just before the running
+ * one ends, so the GPU does not idle for a launch round trip; a kernel that
+ * has overrun its estimate counts in full again (how long it still runs is
+ * unknown). */
+static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *b) {
+    for (uint32_t k = l->head; k != l->tail; k++) {
+        const struct inflight *e = &l->ring[k % RING];
+        uint64_t left = e->est_ns;
+        if (k == l->head) {
+            uint64_t start = l->last_done_ns > e->launch_ns ? l->last_done_ns : e->launch_ns;
+            uint64_t ran = now > start ? now - start : 0;
+            if (ran < e->est_ns) left = e->est_ns - ran;
+        }
+        b->remaining_ns += left;
+        b->launches++;
+    }
+}
+
+/* A poll of every lane; returns what is still in flight. */
+static struct be_backlog retire_completed(uint64_t now) {
+    struct be_backlog backlog = {0, 0};
     uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
     S.last_poll_ns = now;
     uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
@@ -550,8 +579,10 @@ static void retire_completed(uint64_t now) {
         uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
         pthread_mutex_lock(&l->lock);
         retire_lane(l, done, now, gap);
+        lane_backlog(l, now, &backlog);
         pthread_mutex_unlock(&l->lock);
     }
+    return backlog;
 }
 
 /* ------------------------------------------------------- launch hooks */
@@ -597,8 +628,8 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
     enum tally_gate_decision d;
     int stuck = 0;
     for (;;) {
-        retire_completed(now);
-        d = tally_gate_decide_be(S.sb, now, atomic_load(&S.be_inflight_est_ns), est, &bucket);
+        struct be_backlog backlog = retire_completed(now);
+        d = tally_gate_decide_be(S.sb, now, backlog.remaining_ns, backlog.launches, est, &bucket);
         if (!TALLY_GATE_IS_WAIT(d)) break;
         if (!held_since) held_since = now;
         if (now - held_since >= S.max_hold_ns) {
@@ -708,7 +739,6 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     } else if (be) {
         l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile};
         l->tail++;
-        atomic_fetch_add(&S.be_inflight_est_ns, pending.est_ns);
     }
     pthread_mutex_unlock(&l->lock);
 }
@@ -734,6 +764,5 @@ void tally_sched_after_fork(void) {
     S.slot = NULL;
     S.sb = NULL;
     atomic_store(&S.n_lanes, 0);
-    atomic_store(&S.be_inflight_est_ns, 0);
     atomic_store(&S.state, S.priority >= 0 ? UNGATED : NOT_JOINED);
 }

@@ -35,13 +35,15 @@ def gate(tmp_path_factory):
                     str(ROOT / "agent" / "gate.c"), "-o", str(lib)], check=True)
     g = ctypes.CDLL(str(lib))
     g.tally_gate_decide.restype = ctypes.c_int
-    g.tally_gate_decide.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+    g.tally_gate_decide.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
+                                    ctypes.c_uint64]
     g.tally_gate_decision_name.restype = ctypes.c_char_p
     g.tally_gate_decide_rate.restype = ctypes.c_int
     g.tally_gate_decide_rate.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(Bucket),
                                          ctypes.POINTER(ctypes.c_uint64)]
     g.tally_gate_decide_be.restype = ctypes.c_int
     g.tally_gate_decide_be.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
+                                       ctypes.c_uint64,
                                        ctypes.POINTER(Bucket)]
     return g
 
@@ -71,8 +73,10 @@ class Clock:
         return self.t0 + offset_ns
 
 
-def decide(gate, sb, now, inflight=0, est=10 * US):
-    return gate.tally_gate_decide(sb._address(0), now, inflight, est)
+def decide(gate, sb, now, inflight=0, est=10 * US, launches=None):
+    # `inflight`: estimated BE work still to run, from launches still in flight (none when 0)
+    return gate.tally_gate_decide(sb._address(0), now, inflight, launches if launches is not None else int(inflight > 0),
+                                  est)
 
 
 def add_hp(sb, last_launch_offset_ns, clock, launched=0, completed=0):
@@ -343,14 +347,14 @@ def test_decide_be_dispatches_on_the_policy(gate, board):
     add_hp(board, 0, clock, launched=5, completed=1)
     address = board._address(0)
     now = clock.at(10 * US)
-    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == WAIT_HP
+    assert gate.tally_gate_decide_be(address, now, 0, 0, 10 * US, ctypes.byref(bucket)) == WAIT_HP
     board.policy = sbm.POLICY_TGS
     board.be_rate_limit_per_s, board.be_rate_burst = 100, 1
-    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == ADMIT_RATE
-    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == WAIT_RATE
-    assert gate.tally_gate_decide(address, now, 0, 10 * US) == UNGATED  # the tally gate is not tgs's
+    assert gate.tally_gate_decide_be(address, now, 0, 0, 10 * US, ctypes.byref(bucket)) == ADMIT_RATE
+    assert gate.tally_gate_decide_be(address, now, 0, 0, 10 * US, ctypes.byref(bucket)) == WAIT_RATE
+    assert gate.tally_gate_decide(address, now, 0, 0, 10 * US) == UNGATED  # the tally gate is not tgs's
     board.policy = sbm.POLICY_PASSTHROUGH
-    assert gate.tally_gate_decide_be(address, now, 0, 10 * US, ctypes.byref(bucket)) == UNGATED
+    assert gate.tally_gate_decide_be(address, now, 0, 0, 10 * US, ctypes.byref(bucket)) == UNGATED
 
 
 def reference_rate(tat, now, limit, burst):
@@ -378,3 +382,16 @@ def test_tgs_matches_reference_bucket(gate, tmp_path_factory, limit, burst, gaps
             expected, tat, wait = reference_rate(tat, now, limit, burst)
             assert rate(gate, sb, now, bucket) == (expected, wait)
             assert bucket.tat_ns == tat
+
+
+def test_budget_counts_remaining_work_but_a_long_kernel_waits_for_none_in_flight(gate, board):
+    clock = Clock(board)
+    add_hp(board, -10_000 * US, clock)  # HP idle for 10 ms: throttled, budget 100 us
+    now = clock.at(0)
+    # 20 us of BE work left (its launch still in flight): a 70 us kernel fits the budget
+    assert decide(gate, board, now, inflight=20 * US, est=70 * US, launches=1) == ADMIT
+    assert decide(gate, board, now, inflight=40 * US, est=70 * US, launches=1) == WAIT_BUDGET
+    # a kernel over the budget runs alone: not while any launch is in flight, even one with no
+    # estimated work left
+    assert decide(gate, board, now, inflight=0, est=300 * US, launches=1) == WAIT_BUDGET
+    assert decide(gate, board, now, inflight=0, est=300 * US, launches=0) == ADMIT_ALONE

