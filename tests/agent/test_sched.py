@@ -60,6 +60,14 @@ def hp_client_in_flight(sb: Scoreboard, lane: int = 3) -> int:
     return slot
 
 
+def throttle_be(sb: Scoreboard, budget_ns: int) -> None:
+    """An HP client seen just now and no idle window: BE is admitted within `budget_ns`, throttled."""
+    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=budget_ns,
+                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
+    sb.hp_active = 1
+    sb.hp_last_launch_ns = time.monotonic_ns()
+
+
 def one_warning(r, *fragments: str) -> str:
     lines = r.stderr_lines
     assert len(lines) == 1 and WARNING.match(lines[0]), f"stderr was {lines!r}"
@@ -229,10 +237,7 @@ def test_be_waits_for_the_idle_window(daemon, spawn_app, tmp_path):
 def test_long_kernels_run_one_at_a_time(daemon, spawn_app, tmp_path):
     sb = daemon.sb
     # Budget 200 us, kernels of 3 ms: once timed, each is a "long kernel".
-    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=200_000,
-                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
-    sb.hp_active = 1
-    sb.hp_last_launch_ns = time.monotonic_ns()  # HP seen recently: BE stays throttled
+    throttle_be(sb, 200_000)
     (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:40:3000:s0", "sync"], "best-effort")
     completed_ok(r)
     assert r.gpu("gpu_kernels") == 40
@@ -244,10 +249,7 @@ def test_long_kernels_run_one_at_a_time(daemon, spawn_app, tmp_path):
 def test_short_kernels_share_the_budget(daemon, spawn_app, tmp_path):
     sb = daemon.sb
     # Budget 50 ms, kernels of 2 ms: once one was timed, several are queued at once.
-    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=50 * MS,
-                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
-    sb.hp_active = 1
-    sb.hp_last_launch_ns = time.monotonic_ns()
+    throttle_be(sb, 50 * MS)
     (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:20:2000:s0", "sync"], "best-effort")
     completed_ok(r)
     assert c["long_kernels"] == 0
@@ -258,10 +260,7 @@ def test_the_next_kernel_is_queued_just_before_the_running_one_ends(daemon, spaw
     """Budget 6 ms, kernels of 4 ms: two never fit whole, but the next one is admitted once the
     running one has under 2 ms left, so it is queued before the GPU goes idle; never three."""
     sb = daemon.sb
-    sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=6 * MS,
-                               unthrottle_after_ns=1000 * 10**9, daemon_timeout_ns=60 * 10**9))
-    sb.hp_active = 1
-    sb.hp_last_launch_ns = time.monotonic_ns()  # HP seen recently: BE stays throttled
+    throttle_be(sb, 6 * MS)
     (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path, ["launch:kernel:30:4000:s0", "sync"], "best-effort")
     completed_ok(r)
     assert r.gpu("gpu_max_inflight") == 2
