@@ -21,6 +21,7 @@ Schema (every key optional; docs/operations.md has the reference)::
     metrics_port = 9478         # 0..65535, 0 = off
     mps = true
     gpus = "0,1"                # as `tally up --gpus`
+    log_format = "text"         # or "json" (`tally up --log-format`)
 
     [access]
     high_priority_users = ["alice"]
@@ -84,6 +85,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "metrics_port": Key("int", 0, 65535),
         "mps": Key("bool"),
         "gpus": Key("str"),
+        "log_format": Key("str", choices=("text", "json")),
     },
     "access": {
         "high_priority_users": Key("str_list"),
@@ -105,6 +107,7 @@ UP_OPTIONS = {
     ("daemon", "metrics_port"): "metrics_port",
     ("daemon", "mps"): "mps",
     ("daemon", "gpus"): "gpus",
+    ("daemon", "log_format"): "log_format",
 }
 
 

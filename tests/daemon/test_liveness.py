@@ -234,3 +234,39 @@ def test_tick_notes_when_high_priority_work_was_last_in_flight(inproc_daemon):
     board.set_lane_completed(slot, 0, 2)  # done: later ticks leave the mark where it was
     daemon.tick(now + 10_000_000)
     assert board.hp_last_busy_ns == now
+
+
+def test_json_log_lines_carry_the_event_and_its_fields(tally_env, capsys):
+    import json
+
+    from tally.daemon import daemon as daemon_mod
+
+    config = DaemonConfig(gpus=[{"index": 0, "uuid": "GPU-aaaa1111", "name": "fake"}], mps_mode="none",
+                          metrics_port=0, quarantine_ns=50_000_000, claim_grace_ns=100_000_000, log_format="json")
+    tally_env.runtime.mkdir(mode=0o700)
+    daemon = Daemon(config, tally_env.runtime)
+    daemon.start()
+    try:
+        board = daemon.boards[0]
+        slot = board.claim_slot(os.getpid(), sb.PRIORITY_HIGH)
+        board.slot_set(slot, "pid", 0)  # never filled in: repaired after the claim grace
+        now = time.monotonic_ns()
+        daemon.tick(now)
+        daemon.tick(now + 100_000_000)
+    finally:
+        daemon.shutdown()
+        daemon_mod.set_log_format("text")
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    events = [r["event"] for r in records]
+    assert events[0] == "up" and events[-1] == "down" and "slot_repaired" in events
+    repair = next(r for r in records if r["event"] == "slot_repaired")
+    assert repair["gpu"] == "GPU-aaaa1111" and repair["slot"] == slot and repair["level"] == "info"
+    assert {"ts", "pid", "msg"} <= set(repair) and repair["ts"].endswith("+00:00")
+    assert records[0]["gpus"] == ["GPU-aaaa1111"] and records[0]["mps"] == "none"
+
+
+def test_a_log_format_other_than_text_or_json_is_refused(tally_env):
+    from tally.daemon import daemon as daemon_mod
+
+    with pytest.raises(TallyError, match="log format 'xml'"):
+        daemon_mod.set_log_format("xml")

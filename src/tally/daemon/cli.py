@@ -38,6 +38,8 @@ DEFAULTS = control.UpOptions()  # one set of defaults for `tally up` and UpOptio
               help="Agents fail open when the daemon's heartbeat is older than this.")
 @click.option("--metrics-port", type=int, default=DEFAULTS.metrics_port, show_default=True,
               help="Prometheus metrics on 127.0.0.1:PORT; 0 turns them off.")
+@click.option("--log-format", type=click.Choice(("text", "json")), default=DEFAULTS.log_format, show_default=True,
+              help="daemon.log as text lines or as JSON objects, one per line (for log shippers).")
 @click.option("--foreground", is_flag=True, help="Run the daemon in this process (debugging, systemd).")
 def up_command(**options):
     """Start the node daemon: MPS, one scoreboard per GPU, liveness, metrics.

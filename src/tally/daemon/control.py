@@ -36,6 +36,7 @@ class UpOptions:
     unthrottle_ms: float = 100.0
     daemon_timeout_ms: float = 500.0
     metrics_port: int = DEFAULT_METRICS_PORT
+    log_format: str = "text"
     foreground: bool = False
     # from the config files ([access]; see tally.config): share the daemon's
     # files with this group, and demote high-priority clients the rules deny
@@ -138,6 +139,7 @@ def build_config(opts: UpOptions) -> DaemonConfig:
         mps_log_dir=str(Path(opts.mps_log_dir).resolve()) if opts.mps_log_dir else None,
         params=asdict(params),
         metrics_port=opts.metrics_port,
+        log_format=opts.log_format,
     )
 
 
@@ -413,7 +415,7 @@ def run_daemon(config: DaemonConfig, runtime: Path, access: dict) -> None:
                     try:
                         guard.check(board)
                     except (TallyError, OSError, ValueError) as exc:
-                        log(f"warning: priority check failed: {exc}")
+                        log(f"warning: priority check failed: {exc}", "priority_check_failed")
             time.sleep(0.005)
 
     if guard.config.rules:

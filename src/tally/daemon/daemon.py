@@ -45,7 +45,30 @@ class AlreadyRunning(TallyError):
     exit_code = EXIT_ALREADY_RUNNING
 
 
-def log(message: str) -> None:
+LOG_FORMATS = ("text", "json")
+_log_format = "text"
+
+
+def set_log_format(name: str) -> None:
+    global _log_format
+    if name not in LOG_FORMATS:
+        raise TallyError(f"log format {name!r}: expected one of {', '.join(LOG_FORMATS)}")
+    _log_format = name
+
+
+def log(message: str, event: str = "message", **fields) -> None:
+    """One line of daemon.log. Text: `<time> tally-daemon[<pid>]: <message>`. JSON (`tally up
+    --log-format json`, for log shippers): one object per line with ts (UTC, ISO 8601), level,
+    event, pid, msg and the event's own fields, so alerts need no parsing of prose."""
+    if _log_format == "json":
+        import datetime as _dt
+        import json
+
+        record = {"ts": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+                  "level": "warning" if message.startswith("warning:") else "info", "event": event,
+                  "pid": os.getpid(), "msg": message, **fields}
+        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+        return
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"{stamp} tally-daemon[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
@@ -63,6 +86,7 @@ class DaemonConfig:
     quarantine_ns: int = QUARANTINE_NS
     claim_grace_ns: int = CLAIM_GRACE_NS
     slo: dict = field(default_factory=dict)  # SLO mode: tally.daemon.slo.SloParams overrides
+    log_format: str = "text"  # text | json (see log)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DaemonConfig":
@@ -139,6 +163,7 @@ class Daemon:
     # --- startup -------------------------------------------------------
 
     def start(self) -> None:
+        set_log_format(self.config.log_format)
         if not self.lock.acquire():
             raise AlreadyRunning(f"a tally daemon is already running (pid {rt.read_pid(self.runtime)})")
         try:
@@ -149,14 +174,18 @@ class Daemon:
         except BaseException:
             self.shutdown()
             raise
+        policy = sbmod.POLICY_NAMES[self.config.params["policy"]]
         log(f"up: {len(self.boards)} GPU(s), MPS {self.config.mps_mode}, "
-            f"metrics {self.metrics_url() or 'off'}, policy {sbmod.POLICY_NAMES[self.config.params['policy']]}")
+            f"metrics {self.metrics_url() or 'off'}, policy {policy}", "up",
+            gpus=[b.gpu_uuid for b in self.boards], mps=self.config.mps_mode, metrics=self.metrics_url(),
+            policy=policy)
 
     def _start_mps(self) -> None:
         mode = self.config.mps_mode
         if mode == "private":
             self.mps = PrivateMps(self.runtime).start()
-            log(f"started MPS control daemon pid {self.mps.control_pid()} in {self.mps.pipe_dir}")
+            log(f"started MPS control daemon pid {self.mps.control_pid()} in {self.mps.pipe_dir}", "mps_started",
+                mps_pid=self.mps.control_pid(), pipe_dir=str(self.mps.pipe_dir))
         elif mode == "external":
             self.mps = ExternalMps(Path(self.config.mps_pipe_dir),
                                    Path(self.config.mps_log_dir) if self.config.mps_log_dir else None).check()
@@ -283,14 +312,15 @@ class Daemon:
         if controller is None:
             params = slo_mod.SloParams(**self.config.slo)
             controller = self.slo[b] = slo_mod.SloController(self.config.params["turnaround_budget_ns"], params)
-            log(f"SLO mode on for {board.gpu_uuid}")
+            log(f"SLO mode on for {board.gpu_uuid}", "slo_on", gpu=board.gpu_uuid)
         trackers = self._busy.setdefault(b, {})
         decision = controller.step(slo_mod.sample_board(board, now, trackers))
         slo_mod.apply(board, decision)
         if not with_slo:
             del self.slo[b]
             self._busy.pop(b, None)
-            log(f"SLO mode off for {board.gpu_uuid}: budget back to {decision.budget_ns} ns")
+            log(f"SLO mode off for {board.gpu_uuid}: budget back to {decision.budget_ns} ns", "slo_off",
+                gpu=board.gpu_uuid, budget_ns=decision.budget_ns)
 
     def _tgs_tick(self, b: int, board: Scoreboard, now: int) -> None:
         """Policy tgs: step the board's rate controller and publish its BE limit."""
@@ -355,7 +385,8 @@ class Daemon:
         self.repairs[board.gpu_uuid] = self.repairs.get(board.gpu_uuid, 0) + 1
         self.last_repair_ns = now
         log(f"repaired slot {slot} on {board.gpu_uuid}: {why}; {in_flight} launches were in flight; "
-            f"epoch {board.epoch}")
+            f"epoch {board.epoch}", "slot_repaired", gpu=board.gpu_uuid, slot=slot, why=why, in_flight=in_flight,
+            epoch=board.epoch)
 
     # --- shutdown ------------------------------------------------------
 
@@ -378,13 +409,13 @@ class Daemon:
         if self.mps is not None and self.mps.owned:
             try:
                 self.mps.stop()
-                log("stopped MPS control daemon")
+                log("stopped MPS control daemon", "mps_stopped")
             except TallyError as exc:
-                log(f"warning: {exc}")
+                log(f"warning: {exc}", "mps_stop_failed")
         self.mps = None
         rt.state_path(self.runtime).unlink(missing_ok=True)
         if self.lock.fd is not None:
-            log("down")
+            log("down", "down")
         self.lock.release()
 
 
