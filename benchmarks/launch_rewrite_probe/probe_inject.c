@@ -21,25 +21,6 @@
 #include "../../agent/cuda_decls.h"
 
 typedef struct CUmod_st *CUmodule;
-typedef struct {
-    CUfunction f;
-    unsigned gx, gy, gz, bx, by, bz, smem;
-    CUstream stream;
-    void **params;
-    void **extra;
-} launch_params;
-typedef struct {
-    unsigned gx, gy, gz, bx, by, bz, smem;
-    CUstream stream;
-    void *attrs;
-    unsigned num_attrs;
-} launch_config;
-typedef struct {
-    const launch_config *config;
-    CUfunction f;
-    void **params;
-    void **extra;
-} launch_ex_params;
 
 static CUptiResult (*subscribe)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
 static CUptiResult (*enable)(uint32_t, CUpti_SubscriberHandle, CUpti_CallbackDomain, CUpti_CallbackId);
@@ -51,7 +32,7 @@ static int is_ex[4096];
 static int rewrites;
 static int seventy_seven = 77;
 static void *swapped_params[2];
-static launch_config swapped_config;
+static tally_CUlaunchConfig swapped_config;
 
 static void rewrite(CUfunction *f, unsigned *gx, void ***params) {
     if (!strcmp(mode, "grid")) {
@@ -77,13 +58,13 @@ static void on_api(void *u, CUpti_CallbackDomain domain, CUpti_CallbackId cbid, 
     if (domain != CUPTI_CB_DOMAIN_DRIVER_API || d->callbackSite != CUPTI_API_ENTER || !d->symbolName) return;
     if (!strstr(d->symbolName, "marker_a")) return;
     if (cbid < 4096 && is_ex[cbid]) {
-        launch_ex_params *p = (launch_ex_params *)d->functionParams;
+        tally_cuLaunchKernelEx_params *p = (tally_cuLaunchKernelEx_params *)d->functionParams;
         swapped_config = *p->config;
-        rewrite(&p->f, &swapped_config.gx, &p->params);
+        rewrite(&p->f, &swapped_config.gridDimX, &p->kernelParams);
         p->config = &swapped_config;
     } else {
-        launch_params *p = (launch_params *)d->functionParams;
-        rewrite(&p->f, &p->gx, &p->params);
+        tally_cuLaunchKernel_params *p = (tally_cuLaunchKernel_params *)d->functionParams;
+        rewrite(&p->f, &p->gridDimX, &p->kernelParams);
     }
 }
 
