@@ -38,3 +38,12 @@ def test_gc_pauses_counts_collections_inside_the_window_only():
     assert data["collections_by_generation"][0] >= 1 and data["collections_by_generation"][2] >= 1
     assert 0 < data["pause_max_s"] <= data["pause_total_s"]
     assert pauses._callback not in gc.callbacks
+
+
+def test_gc_pauses_are_stored_into_the_result_even_when_the_window_is_cut_short():
+    result: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        with worker.GcPauses(into=result):
+            gc.collect(0)
+            raise KeyboardInterrupt
+    assert result["gc"]["collections_by_generation"][0] >= 1

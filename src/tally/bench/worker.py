@@ -135,9 +135,11 @@ def settle_heap() -> bool:
 
 
 class GcPauses:
-    """Garbage-collector pauses inside a measured window, via gc.callbacks."""
+    """Garbage-collector pauses inside a measured window, via gc.callbacks. With `into`, the
+    pauses are stored as into["gc"] when the window ends, however it ends (a stop included)."""
 
-    def __init__(self):
+    def __init__(self, into: dict | None = None):
+        self._into = into
         self.collections = [0, 0, 0]
         self.total_s = 0.0
         self.max_s = 0.0
@@ -159,6 +161,8 @@ class GcPauses:
 
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._callback)
+        if self._into is not None:
+            self._into["gc"] = self.to_json()
 
     def to_json(self) -> dict:
         return {"collections_by_generation": list(self.collections), "pause_total_s": self.total_s,
@@ -277,23 +281,17 @@ def run(args) -> int:
                 duration = arrivals.duration_s
                 # an overloaded server stops serving at go + 2 x duration (+10 s);
                 # what was not served by then is reported as incomplete
-                with GcPauses() as pauses:
-                    try:
-                        serve(workload, offsets, go, go + 2 * duration + 10, record)
-                    finally:
-                        result["gc"] = pauses.to_json()
+                with GcPauses(into=result):
+                    serve(workload, offsets, go, go + 2 * duration + 10, record)
         else:
             result["warmup"] = warm_up(workload, args.warmup_steps, args.warmup_s)
             _signal_ready(args)
             result["measure_start_time"] = now()
             deadline = result["measure_start_time"] + args.duration
-            with GcPauses() as pauses:
-                try:
-                    while now() < deadline:
-                        workload.step()
-                        record.append(now())
-                finally:
-                    result["gc"] = pauses.to_json()
+            with GcPauses(into=result):
+                while now() < deadline:
+                    workload.step()
+                    record.append(now())
     except StopRequested as stop:
         result["interrupted"] = True
         result["stopped_by"] = str(stop)
@@ -371,24 +369,18 @@ def _session_command(workload, args, base: dict, command: dict, control: Path, s
             write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
             go = wait_for_file(Path(command["go_file"]), float(command.get("go_timeout_s", args.start_timeout_s)))
             result["go_time"] = go
-            with GcPauses() as pauses:
-                try:
-                    serve(workload, arrivals.offsets_s, go, go + 2 * arrivals.duration_s + 10, record)
-                finally:
-                    result["gc"] = pauses.to_json()
+            with GcPauses(into=result):
+                serve(workload, arrivals.offsets_s, go, go + 2 * arrivals.duration_s + 10, record)
         elif op == "train":
             write_json_atomic(control / f"ack-{seq}.json", {"time": now()})
             stop_file = Path(command["stop_file"])
             result["measure_start_time"] = now()
             duration = command.get("duration")
             deadline = result["measure_start_time"] + float(duration) if duration else math.inf
-            with GcPauses() as pauses:
-                try:
-                    while now() < deadline and not stop_file.exists():
-                        workload.step()
-                        record.append(now())
-                finally:
-                    result["gc"] = pauses.to_json()
+            with GcPauses(into=result):
+                while now() < deadline and not stop_file.exists():
+                    workload.step()
+                    record.append(now())
         else:
             raise TallyError(f"unknown command {op!r}")
     except TallyError as exc:
