@@ -94,6 +94,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tally.bench import metrics, traces
+from tally.bench.worker import service_times, sleep_until, wait_for_file
 from tally.errors import TallyError
 from tally.files import write_text_atomic
 
@@ -560,8 +561,6 @@ def clean_json(value: Any) -> Any:
 
 def measure_service_times(workload, seconds: float, min_requests: int = 20) -> list[float]:
     """Back-to-back requests for `seconds` (at least `min_requests`): the standalone service times."""
-    from tally.bench.worker import service_times
-
     return service_times(workload, seconds, min_requests)[0]
 
 
@@ -574,7 +573,7 @@ def serve_open_loop(workload, offsets: Sequence[float], go: float, deadline: flo
     for offset in offsets:
         due = go + offset
         if due > now():
-            _sleep_until(due)
+            sleep_until(due)
         start = now()
         if start > deadline:
             return  # overloaded past the drain: the rest counts as never served
@@ -589,12 +588,6 @@ def serve_open_loop(workload, offsets: Sequence[float], go: float, deadline: flo
         record.append((due, start, end))
 
 
-def _sleep_until(deadline: float) -> None:
-    from tally.bench.worker import sleep_until
-
-    sleep_until(deadline)
-
-
 def _torch_info() -> dict:
     torch = sys.modules.get("torch")
     if torch is None:
@@ -607,15 +600,6 @@ def _torch_info() -> dict:
     except Exception:  # noqa: BLE001 - a nicety for the report
         pass
     return info
-
-
-def _wait_file(path: Path, timeout_s: float, what: str) -> float:
-    deadline = now() + timeout_s
-    while not path.exists():
-        if now() > deadline:
-            raise TallyError(f"{what} ({path}) did not appear within {timeout_s:g} s")
-        time.sleep(0.002)
-    return now()
 
 
 def serve_main(argv: list[str]) -> int:
@@ -658,12 +642,12 @@ def serve_main(argv: list[str]) -> int:
         if not args.capacity_only:
             arrivals = traces.Arrivals.read(work / ARRIVALS_FILE) if (work / ARRIVALS_FILE).exists() else None
             if arrivals is None:
-                _wait_file(work / ARRIVALS_FILE, args.start_timeout_s, "the arrivals")
+                wait_for_file(work / ARRIVALS_FILE, args.start_timeout_s, "the arrivals file")
                 arrivals = traces.Arrivals.read(work / ARRIVALS_FILE)
             # the server may have idled while the trainer started: caches and clocks back up first
             result["rewarm"] = warm_up(workload, 3, 0.3)
             write_text_atomic(work / HP_READY_FILE, json.dumps({"pid": os.getpid(), "time": now()}))
-            go = _wait_file(work / GO_FILE, args.start_timeout_s, "the go file")
+            go = wait_for_file(work / GO_FILE, args.start_timeout_s)
             result["go_time"] = go
             result["offered"] = len(arrivals.offsets_s)
             serve_open_loop(workload, arrivals.offsets_s, go, go + arrivals.duration_s + args.drain_s,

@@ -178,11 +178,11 @@ def warm_up(workload, min_steps: int, min_seconds: float) -> dict:
     return {"steps": steps, "seconds": now() - started, "heap_frozen": settle_heap()}
 
 
-def wait_for_file(path: Path, timeout_s: float) -> float:
+def wait_for_file(path: Path, timeout_s: float, what: str = "go file") -> float:
     deadline = now() + timeout_s
     while not path.exists():
         if now() > deadline:
-            raise TallyError(f"go file {path} did not appear within {timeout_s:g} s")
+            raise TallyError(f"{what} {path} did not appear within {timeout_s:g} s")
         time.sleep(0.002)
     return now()
 
