@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from tally.daemon.cli import clients_by_pid
+
 BE_LOOP = """
 import sys, time, torch
 x = torch.randn(4096, 4096, device="cuda")
@@ -58,16 +60,6 @@ print("HP_DONE")
 def tally(*args: str, env: dict, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tally", *args], env=env, check=check, text=True,
                           capture_output=capture, timeout=120)
-
-
-def clients_by_pid(status: dict) -> dict[int, dict]:
-    """{pid: client, plus the uuid of the GPU whose scoreboard holds it} from `tally status --json`."""
-    out = {}
-    for gpu in status.get("gpus", []):
-        for c in gpu.get("clients", []):
-            if isinstance(c, dict) and isinstance(c.get("pid"), int):
-                out[c["pid"]] = {**c, "gpu_uuid": gpu.get("uuid"), "gpu_index": gpu.get("index")}
-    return out
 
 
 def steps_per_s(output: str) -> float | None:

@@ -214,8 +214,9 @@ class Tally(System):
             return None
         if not isinstance(report, dict):
             return None
-        return {c["pid"]: c for gpu in report.get("gpus", []) for c in gpu.get("clients", [])
-                if isinstance(c, dict) and isinstance(c.get("pid"), int)}
+        from tally.daemon.cli import clients_by_pid
+
+        return clients_by_pid(report)
 
     def launch(self, role: str) -> RoleLaunch:
         assert self._runtime_dir is not None, "start() first"

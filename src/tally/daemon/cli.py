@@ -158,6 +158,14 @@ def collect_status(state: dict) -> dict:
     }
 
 
+def clients_by_pid(report: dict) -> dict[int, dict]:
+    """Every client of a `tally status --json` report, keyed by pid, each with the index and
+    UUID of the GPU whose scoreboard holds it (gpu_index, gpu_uuid)."""
+    return {c["pid"]: {**c, "gpu_index": gpu.get("index"), "gpu_uuid": gpu.get("uuid")}
+            for gpu in report.get("gpus", []) if isinstance(gpu, dict)
+            for c in gpu.get("clients", []) if isinstance(c, dict) and isinstance(c.get("pid"), int)}
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status_command(as_json):
