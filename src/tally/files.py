@@ -2,6 +2,7 @@
 decisions, the kernel cache, the daemon's state file and the benchmark's files."""
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -62,21 +63,16 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
-_agent_fn: list = []
-
-
+@functools.lru_cache(maxsize=1)
 def _agent_fnv1a64():
     """`tally_fnv1a64` of the installed agent library, or None (not built, not loadable)."""
-    if not _agent_fn:
-        fn = None
-        try:
-            import ctypes
+    try:
+        import ctypes
 
-            from tally.cudalibs import agent_path
+        from tally.cudalibs import agent_path
 
-            fn = ctypes.CDLL(str(agent_path())).tally_fnv1a64
-            fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_char_p, ctypes.c_size_t]
-        except (OSError, AttributeError, TallyError):
-            fn = None
-        _agent_fn.append(fn)
-    return _agent_fn[0]
+        fn = ctypes.CDLL(str(agent_path())).tally_fnv1a64
+    except (OSError, AttributeError, TallyError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_char_p, ctypes.c_size_t]
+    return fn

@@ -10,6 +10,8 @@ its death rather than at the next tick. Where pidfds are not available
 """
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
 import select
 import signal
@@ -61,9 +63,6 @@ def log(message: str, event: str = "message", **fields) -> None:
     --log-format json`, for log shippers): one object per line with ts (UTC, ISO 8601), level,
     event, pid, msg and the event's own fields, so alerts need no parsing of prose."""
     if _log_format == "json":
-        import datetime as _dt
-        import json
-
         record = {"ts": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
                   "level": "warning" if message.startswith("warning:") else "info", "event": event,
                   "pid": os.getpid(), "msg": message, **fields}
