@@ -40,11 +40,16 @@ x = torch.randn(8, 3, 32, 32, device="cuda")
 for _ in range(3): m(x).sum().backward()
 torch.cuda.synchronize(); print("eager ok")
 PY
-for prog in cupy triton compile eager; do
+# A step that hangs is stopped with SIGABRT so that faulthandler prints where it was.
+export PYTHONFAULTHANDLER=1
+for prog in ${MC_PROGRAMS:-cupy triton compile eager}; do
     dir=$out/modules-$prog
-    TALLY_MODULE_DIR=$dir timeout 300 python3 -m tally run -- python3 /tmp/mc_$prog.py > "$out/$prog.log" 2>&1
-    echo "$prog rc=$? images=$(ls "$dir" 2>/dev/null | grep -c '\.img$')"
-    timeout 300 python3 -m tally blocksched prepare --modules "$dir" --compile sm_90 --json > "$out/prepare-$prog.json" 2> "$out/prepare-$prog.err"
+    TALLY_MODULE_DIR=$dir timeout -s ABRT 120 python3 -m tally run -- python3 /tmp/mc_$prog.py > "$out/$prog.log" 2>&1
+    echo "$prog rc=$? images=$(ls "$dir" 2>/dev/null | grep -c '\.img$') bytes=$(du -sb "$dir" 2>/dev/null | cut -f1)"
+    start=$(date +%s.%N)
+    timeout -s ABRT ${MC_PREPARE_TIMEOUT:-60} python3 -m tally blocksched prepare --modules "$dir" --compile sm_90 --json \
+        > "$out/prepare-$prog.json" 2> "$out/prepare-$prog.err"
+    echo "  prepare rc=$? in $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
     python3 - "$out/prepare-$prog.json" <<'PY'
 import collections, json, sys
 try:
