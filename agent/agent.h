@@ -2,8 +2,10 @@
 #ifndef TALLY_AGENT_H
 #define TALLY_AGENT_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <time.h>
 
 #include "cuda_decls.h"
@@ -28,7 +30,15 @@ struct tally_launch {
     uintptr_t kernel;      /* CUfunction or CUgraphExec: identifies the work */
     uint64_t grid_threads; /* grid blocks x block threads; 0 for graphs */
     const char *symbol;    /* the kernel's mangled name (CUPTI symbolName), or NULL; valid in the callback only */
+    /* For block-level scheduling: the callback's parameter block, which the
+     * driver reads only after API enter returns, so a launch can be rewritten
+     * there; NULL for entry points that are never rewritten. */
+    void *params;
+    int rewrite;           /* TALLY_REWRITE_*: how params is laid out */
 };
+
+enum { TALLY_REWRITE_NONE = 0, TALLY_REWRITE_KERNEL = 1 /* cuLaunchKernel(_ptsz) */,
+       TALLY_REWRITE_KERNEL_EX = 2 /* cuLaunchKernelEx(_ptsz) */ };
 
 /* sched.c: priority scheduling through the scoreboard (TALLY_PRIORITY set). */
 void tally_sched_init(void);
@@ -75,7 +85,48 @@ void tally_profiles_save(const struct tally_profile_entry *learned, size_t n);
 int tally_modules_init(void);
 /* Whether a driver entry point (by CUPTI callback name) loads an image from memory. */
 int tally_modules_is_load(const char *name);
-/* At the API exit of such a load: saves its image if the load succeeded. */
-void tally_modules_loaded(const void *params, CUresult result);
+/* At the API exit of such a load (is_library: cuLibraryLoadData*, whose
+ * handle is a CUlibrary): saves its image if the load succeeded, and tells
+ * block-level scheduling which image a module came from. */
+void tally_modules_loaded(const void *params, CUresult result, int is_library);
+
+/* blocksched.c: slices of best-effort kernels (TALLY_BLOCKSCHED_PLAN set). */
+#define TALLY_BLOCKSCHED_MAX_PARAMS 1024
+
+struct tally_blocksched_stats {
+    uint64_t plan_kernels;
+    _Atomic uint64_t sliced_launches, slices, unsliced_launches;
+    _Atomic uint64_t sliced_est_ns, unsliced_est_ns; /* estimated GPU time of BE launches gated while HP was present */
+    _Atomic uint64_t not_in_plan, unusable;          /* lookups that found no usable slice kernel */
+};
+
+/* What a launch of a plan kernel runs instead, per slice. */
+struct tally_slice_kernel {
+    CUfunction slice;     /* <entry>__tally_slice */
+    uint32_t nparams;     /* the original's; the slice takes these and 4 u32 */
+    uint64_t wave_blocks; /* blocks of this shape resident on the whole GPU at once */
+    struct plan_kernel *kernel;
+};
+
+/* Reads TALLY_BLOCKSCHED_PLAN; 1 when a plan is in effect. */
+int tally_blocksched_init(void);
+int tally_blocksched_enabled(void);
+/* Nonzero inside a driver call the agent makes itself: callbacks ignore it. */
+int tally_blocksched_internal(void);
+void tally_blocksched_module_loaded(CUmodule module, const void *image, uint64_t n);
+void tally_blocksched_module_unloaded(CUmodule module);
+/* 1 and *out filled when f (launched with this block shape) has a usable slice kernel. */
+int tally_blocksched_lookup(CUfunction f, const char *symbol, unsigned block_threads, unsigned smem,
+                            struct tally_slice_kernel *out);
+/* One launch of a plan kernel ran as `slices` slices (1: whole, for whole_reason). */
+void tally_blocksched_count(struct tally_slice_kernel *sk, uint64_t slices, const char *whole_reason);
+/* The kernel goes back to running whole for the rest of the process. */
+void tally_blocksched_disable(struct tally_slice_kernel *sk, const char *why);
+/* A slice launch of the agent's own (1-D grid of `blocks`), which the callbacks let through. */
+CUresult tally_blocksched_launch(const struct tally_slice_kernel *sk, unsigned blocks, const unsigned block[3],
+                                 unsigned smem, CUstream stream, void **args);
+struct tally_blocksched_stats *tally_blocksched_stats(void);
+/* Appends `,"blocksched":{...}` to the stats file's object when a plan is in effect. */
+void tally_blocksched_write_stats(FILE *f);
 
 #endif

@@ -14,6 +14,9 @@
  *
  * Failures never reach the program: one warning line, and the kernels of the
  * program simply stay with launch-level scheduling.
+ *
+ * The same load exit tells block-level scheduling (blocksched.c) which image
+ * each module handle holds, whether or not images are being saved.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -239,18 +242,23 @@ typedef struct {
     const void *image;
 } load_params_prefix;
 
-void tally_modules_loaded(const void *params, CUresult result) {
-    if (!M.enabled || result != CUDA_SUCCESS || !params) return;
-    const void *image = ((const load_params_prefix *)params)->image;
-    if (!image) return;
-    atomic_fetch_add_explicit(&M.seen, 1, memory_order_relaxed);
+void tally_modules_loaded(const void *params, CUresult result, int is_library) {
+    int plan = tally_blocksched_enabled() && !is_library;
+    if ((!M.enabled && !plan) || result != CUDA_SUCCESS || !params) return;
+    const load_params_prefix *p = params;
+    if (!p->image) return;
+    if (M.enabled) atomic_fetch_add_explicit(&M.seen, 1, memory_order_relaxed);
     const unsigned char *start;
-    uint64_t n = image_extent(image, &start);
+    uint64_t n = image_extent(p->image, &start);
     if (n < MIN_IMAGE_BYTES || n > MAX_IMAGE_BYTES) {
-        atomic_fetch_add_explicit(&M.failed, 1, memory_order_relaxed);
+        if (M.enabled) atomic_fetch_add_explicit(&M.failed, 1, memory_order_relaxed);
         return;
     }
-    save(start, n);
+    if (M.enabled) save(start, n);
+    /* Libraries (cuLibraryLoadData) hand out CUlibrary handles, and the
+     * functions the runtime gets from them do not map back to a module
+     * (cuFuncGetModule fails for them): their kernels are not sliced. */
+    if (plan && p->handle_out) tally_blocksched_module_loaded(*(CUmodule *)p->handle_out, start, n);
 }
 
 /* For tally's Python side and the tests: out = {images seen, written,

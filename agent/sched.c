@@ -55,6 +55,7 @@ struct inflight {
     uint64_t est_ns;
     uint64_t launch_ns;
     uint32_t profile;  /* index into profiles, or PROFILE_SLOTS for none */
+    uint32_t units;    /* the profile is per unit: a slice of k waves is k units of a one-wave profile */
 };
 
 struct lane {
@@ -110,6 +111,7 @@ static __thread struct {
     int be;                /* tracked as best effort (the priority may change between enter and exit) */
     uint64_t est_ns;
     uint32_t profile;
+    uint32_t units;        /* see struct inflight */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
     uintptr_t ptds_key;    /* this thread's per-thread default stream's lane key; 0 until first used */
 } pending;
@@ -473,11 +475,12 @@ static uint32_t profile_index(uintptr_t kernel, uint64_t grid_threads, const cha
     return PROFILE_SLOTS; /* table crowded: no estimate, treated as unknown */
 }
 
-/* Unknown kernels are estimated at the whole budget, so they run alone once
- * and are timed exactly while the next launch waits for them. */
-static uint64_t estimate(uint32_t profile) {
-    uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
-    if (profile >= PROFILE_SLOTS || S.profiles[profile].samples == 0) return budget;
+/* Unknown kernels are estimated at the whole budget (or at a guess the caller
+ * has, hint_ns), so they run alone once and are timed exactly while the next
+ * launch waits for them. */
+static uint64_t estimate(uint32_t profile, uint64_t hint_ns) {
+    if (profile >= PROFILE_SLOTS || S.profiles[profile].samples == 0)
+        return hint_ns ? hint_ns : __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
     return S.profiles[profile].est_ns;
 }
 
@@ -526,7 +529,7 @@ static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t ga
         uint64_t sample = now - start;
         if (err <= ACCURATE_POLL_NS || err <= sample / ACCURATE_POLL_SHARE) {
             pthread_mutex_lock(&S.profile_lock);
-            learn(e->profile, sample);
+            learn(e->profile, sample / e->units);
             pthread_mutex_unlock(&S.profile_lock);
         }
         l->last_done_ns = now;
@@ -618,11 +621,13 @@ TALLY_EXPORT int tally_agent_slot(void **scoreboard) {
     return (int)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
 }
 
-static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
+/* units: how many times the kernel's profile the launch is (slices of k waves
+ * share the one-wave profile of their slice kernel); 1 for any other launch. */
+static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uint64_t hint_ns, uint32_t units) {
     pthread_mutex_lock(&S.profile_lock);
     uint32_t profile = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
     pthread_mutex_unlock(&S.profile_lock);
-    uint64_t est = estimate(profile);
+    uint64_t est = estimate(profile, hint_ns) * units;
     uint64_t held_since = 0;
     static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
     enum tally_gate_decision d;
@@ -663,6 +668,145 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now) {
                                           d == TALLY_GATE_ADMIT_IDLE);
     pending.est_ns = est;
     pending.profile = profile;
+    pending.units = units;
+}
+
+/* ------------------------------------------------------------ slicing */
+
+/* The parts of a kernel launch slicing reads and rewrites, wherever the entry
+ * point keeps them. */
+struct kernel_args {
+    CUfunction *f;
+    unsigned *grid[3];   /* where the entry point keeps x, y and z */
+    unsigned block[3];
+    unsigned smem;
+    CUstream stream;
+    void ***args;        /* kernelParams */
+    void **extra;
+};
+
+static int kernel_args_of(const struct tally_launch *launch, struct kernel_args *a, tally_CUlaunchConfig *config_copy) {
+    if (launch->rewrite == TALLY_REWRITE_KERNEL) {
+        tally_cuLaunchKernel_params *p = launch->params;
+        *a = (struct kernel_args){&p->f, {&p->gridDimX, &p->gridDimY, &p->gridDimZ},
+                                  {p->blockDimX, p->blockDimY, p->blockDimZ}, p->sharedMemBytes, launch->stream,
+                                  &p->kernelParams, p->extra};
+        return 1;
+    }
+    if (launch->rewrite == TALLY_REWRITE_KERNEL_EX) {
+        tally_cuLaunchKernelEx_params *p = launch->params;
+        /* Launch attributes (clusters, programmatic serialization...) change
+         * what a grid means: such launches run whole. */
+        if (!p->config || p->config->numAttrs != 0) return 0;
+        /* The configuration is the program's memory: rewrite a copy. */
+        *config_copy = *p->config;
+        p->config = config_copy;
+        tally_CUlaunchConfig *c = config_copy;
+        *a = (struct kernel_args){&p->f, {&c->gridDimX, &c->gridDimY, &c->gridDimZ},
+                                  {c->blockDimX, c->blockDimY, c->blockDimZ}, c->sharedMemBytes, launch->stream,
+                                  &p->kernelParams, p->extra};
+        return 1;
+    }
+    return 0;
+}
+
+/* A best-effort launch of a kernel the plan has a slice kernel for, run as
+ * slices of whole waves, each admitted by the gate like a launch of its own:
+ * an HP request then waits behind at most one slice instead of the whole
+ * kernel. Slices 0..n-2 are launched here, from the callback, on the
+ * launch's stream; the program's own launch is rewritten in place into the
+ * last slice, so its API call returns what that launch returns and API exit
+ * tracks it like any launch. Same stream, in order, every original block
+ * exactly once: the program sees the same results in the same stream order.
+ *
+ * Slice size: as many whole waves (blocks of this shape resident on the GPU
+ * at once) as fit in the turnaround budget, at least one. A kernel that
+ * fits in one slice runs whole. Returns 1 when the launch was handled here. */
+static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
+    static __thread tally_CUlaunchConfig config_copy;
+    static __thread void *args[TALLY_BLOCKSCHED_MAX_PARAMS + 4];
+    static __thread uint32_t appended[4];
+    const tally_CUlaunchConfig *program_config = NULL; /* restored when the launch runs whole */
+    if (launch->rewrite == TALLY_REWRITE_KERNEL_EX) program_config = ((tally_cuLaunchKernelEx_params *)launch->params)->config;
+    struct kernel_args a;
+    if (!kernel_args_of(launch, &a, &config_copy)) return 0;
+    struct tally_slice_kernel sk;
+    unsigned block_threads = a.block[0] * a.block[1] * a.block[2];
+    /* Arguments in `extra` are one opaque buffer the appended ones cannot join. */
+    if (a.extra || !tally_blocksched_lookup(*a.f, launch->symbol, block_threads, a.smem, &sk)) goto whole;
+    if (sk.nparams && !*a.args) goto whole;
+    uint64_t total = (uint64_t)*a.grid[0] * *a.grid[1] * *a.grid[2];
+    uint64_t waves = (total + sk.wave_blocks - 1) / sk.wave_blocks;
+    if (waves <= 1 || total >= 0xFFFFFFFFull) {
+        tally_blocksched_count(&sk, 1, waves <= 1 ? "one wave or less" : "grid too large");
+        goto whole;
+    }
+    /* A wave's time: from earlier slices of this kernel (timed per wave),
+     * else from the whole kernel's estimate (timed when it ran whole, or
+     * seeded from the profile file); unknown, the slices are one wave each. */
+    struct tally_launch slice = *launch;
+    slice.kernel = (uintptr_t)sk.slice;
+    slice.symbol = NULL; /* slices are learned in this process only */
+    slice.grid_threads = sk.wave_blocks * block_threads;
+    uint64_t wave_ns = 0;
+    pthread_mutex_lock(&S.profile_lock);
+    uint32_t whole = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
+    uint32_t one_wave = profile_index(slice.kernel, slice.grid_threads, NULL);
+    if (one_wave < PROFILE_SLOTS && S.profiles[one_wave].samples && S.profiles[one_wave].est_ns)
+        wave_ns = S.profiles[one_wave].est_ns; /* measured as slices: includes what slicing costs */
+    else if (whole < PROFILE_SLOTS && S.profiles[whole].samples && S.profiles[whole].est_ns)
+        wave_ns = S.profiles[whole].est_ns / waves;
+    pthread_mutex_unlock(&S.profile_lock);
+    uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
+    uint64_t per_slice = (wave_ns && budget / wave_ns ? budget / wave_ns : 1) * sk.wave_blocks;
+    if (per_slice >= total) {
+        tally_blocksched_count(&sk, 1, "fits in one slice");
+        goto whole;
+    }
+    uint64_t n = (total + per_slice - 1) / per_slice;
+    for (uint32_t i = 0; i < sk.nparams; i++) args[i] = (*a.args)[i];
+    for (int i = 0; i < 4; i++) args[sk.nparams + i] = &appended[i];
+    appended[0] = *a.grid[0], appended[1] = *a.grid[1], appended[2] = *a.grid[2];
+    uint64_t est_sum = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t offset = i * per_slice, blocks = total - offset < per_slice ? total - offset : per_slice;
+        appended[3] = (uint32_t)offset;
+        /* Slices are timed per wave: every slice of this kernel and block shape teaches one estimate. */
+        uint32_t units = (uint32_t)((blocks + sk.wave_blocks - 1) / sk.wave_blocks);
+        if (atomic_load(&S.state) == JOINED) be_wait_at_gate(&slice, now, wave_ns, units);
+        else pending.track = 0; /* the gate gave up on an earlier slice: the rest run ungated */
+        est_sum += pending.est_ns;
+        if (i + 1 == n) break;
+        CUresult r = tally_blocksched_launch(&sk, (unsigned)blocks, a.block, a.smem, a.stream, args);
+        if (r != CUDA_SUCCESS) {
+            pending.track = 0;
+            if (i == 0) { /* nothing ran yet: the original kernel runs, as if never planned */
+                tally_blocksched_disable(&sk, "a slice launch failed");
+                goto whole;
+            }
+            /* Slices ran already: the rest of the grid must run, as one slice (below). */
+            tally_blocksched_disable(&sk, "a slice launch failed; the rest of that launch ran as one slice");
+            per_slice = total - offset;
+            n = i + 1;
+            break;
+        }
+        tally_sched_launch_exit(&slice, CUDA_SUCCESS); /* tracks it as its own launch */
+        now = tally_now_ns();
+    }
+    /* The program's launch becomes the last slice (appended[3]: its offset). */
+    *a.f = sk.slice;
+    *a.grid[0] = (unsigned)(total - appended[3] < per_slice ? total - appended[3] : per_slice);
+    *a.grid[1] = *a.grid[2] = 1;
+    *a.args = args;
+    struct tally_blocksched_stats *st = tally_blocksched_stats();
+    atomic_fetch_add_explicit(&st->sliced_launches, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&st->slices, n, memory_order_relaxed);
+    atomic_fetch_add_explicit(&st->sliced_est_ns, est_sum, memory_order_relaxed);
+    tally_blocksched_count(&sk, n, NULL);
+    return 1;
+whole:
+    if (program_config) ((tally_cuLaunchKernelEx_params *)launch->params)->config = program_config;
+    return 0;
 }
 
 /* The daemon's access rules let this user run only best effort, and it has
@@ -712,7 +856,15 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
         return;
     }
     pending.be = 1;
-    be_wait_at_gate(launch, now);
+    if (launch->rewrite && tally_blocksched_enabled() &&
+        __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY && be_launch_sliced(launch, now))
+        return;
+    be_wait_at_gate(launch, now, 0, 1);
+    if (tally_blocksched_enabled() && pending.track) {
+        struct tally_blocksched_stats *st = tally_blocksched_stats();
+        atomic_fetch_add_explicit(&st->unsliced_launches, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&st->unsliced_est_ns, pending.est_ns, memory_order_relaxed);
+    }
 }
 
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
@@ -737,7 +889,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
         /* Untrackable stream: count it done now rather than block anyone. */
         __atomic_store_n(&shared->completed_seq, seq, __ATOMIC_RELEASE);
     } else if (be) {
-        l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile};
+        l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile, pending.units};
         l->tail++;
     }
     pthread_mutex_unlock(&l->lock);

@@ -166,7 +166,9 @@ static uint8_t param_layout_of[MAX_CBID];
 static uint8_t per_thread_stream[MAX_CBID]; /* _ptsz: a NULL stream means the per-thread stream */
 static const char *callback_name[MAX_CBID];
 static _Atomic uint64_t launches_by_cbid[MAX_CBID];
-static uint8_t module_load_of[MAX_CBID]; /* see modules.c */
+enum module_event { MODULE_NONE = 0, MODULE_LOAD, LIBRARY_LOAD, MODULE_UNLOAD };
+static uint8_t module_event_of[MAX_CBID]; /* see modules.c and blocksched.c */
+static uint8_t rewrite_of[MAX_CBID];      /* TALLY_REWRITE_*: launches block-level scheduling may rewrite */
 static int n_launch_callbacks;
 
 /* Classify a driver entry point by name. Names are stable across CUDA
@@ -250,6 +252,8 @@ static void decode_launch(CUpti_CallbackId cbid, const void *params, struct tall
         return;
     }
     if (out->stream == NULL && per_thread_stream[cbid]) out->stream = (CUstream)0x2; /* CU_STREAM_PER_THREAD */
+    out->rewrite = rewrite_of[cbid];
+    out->params = out->rewrite ? (void *)params : NULL;
 }
 
 /* ------------------------------------------------------------ tracing */
@@ -354,12 +358,19 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
                           const void *cbdata) {
     (void)userdata;
     if (domain != CUPTI_CB_DOMAIN_DRIVER_API || cbid >= MAX_CBID) return;
+    /* The agent's own launches and loads (slices, slice modules) are not the program's. */
+    if (tally_blocksched_internal()) return;
     const CUpti_CallbackData *d = cbdata;
     atomic_fetch_add_explicit(&callbacks_seen, 1, memory_order_relaxed);
-    if (module_load_of[cbid]) {
-        if (d->callbackSite == CUPTI_API_EXIT)
-            tally_modules_loaded(d->functionParams,
-                                 d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS);
+    if (module_event_of[cbid]) {
+        if (d->callbackSite != CUPTI_API_EXIT) return;
+        CUresult r = d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS;
+        if (module_event_of[cbid] == MODULE_UNLOAD) {
+            /* cuModuleUnload's only parameter is the module */
+            if (r == CUDA_SUCCESS && d->functionParams) tally_blocksched_module_unloaded(*(CUmodule const *)d->functionParams);
+        } else {
+            tally_modules_loaded(d->functionParams, r, module_event_of[cbid] == LIBRARY_LOAD);
+        }
         return;
     }
     int kind = launch_kind_of[cbid];
@@ -428,7 +439,9 @@ static void write_stats(void) {
         json_string(f, callback_name[i]);
         fprintf(f, ":%llu", (unsigned long long)n);
     }
-    fputs("}}\n", f);
+    fputc('}', f);
+    tally_blocksched_write_stats(f);
+    fputs("}\n", f);
     fclose(f);
     rename(tmp, path);
 }
@@ -515,15 +528,21 @@ static void initialize(void) {
         return;
     }
     int save_modules = tally_modules_init();
+    int plan = tally_blocksched_init();
     /* Ids beyond the last one are rejected by cuptiGetCallbackName; gaps are
      * possible, so scan the whole range rather than stopping at the first. */
     for (uint32_t cbid = 1; cbid < MAX_CBID; cbid++) {
         const char *name = NULL;
         if (cupti.get_callback_name(CUPTI_CB_DOMAIN_DRIVER_API, cbid, &name) != CUPTI_SUCCESS || !name)
             continue;
-        if (save_modules && tally_modules_is_load(name)) {
+        if ((save_modules || plan) && tally_modules_is_load(name)) {
             if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
-                module_load_of[cbid] = 1;
+                module_event_of[cbid] = strncmp(name, "cuLibrary", 9) == 0 ? LIBRARY_LOAD : MODULE_LOAD;
+            continue;
+        }
+        if (plan && strcmp(name, "cuModuleUnload") == 0) {
+            if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
+                module_event_of[cbid] = MODULE_UNLOAD;
             continue;
         }
         int kind = classify_launch(name);
@@ -535,6 +554,10 @@ static void initialize(void) {
         param_layout_of[cbid] = (uint8_t)classify_params(name);
         size_t len = strlen(name);
         per_thread_stream[cbid] = len > 5 && strcmp(name + len - 5, "_ptsz") == 0;
+        /* Cooperative launches are never sliced: their blocks may wait on each other. */
+        if (!strcmp(name, "cuLaunchKernel") || !strcmp(name, "cuLaunchKernel_ptsz")) rewrite_of[cbid] = TALLY_REWRITE_KERNEL;
+        if (!strcmp(name, "cuLaunchKernelEx") || !strcmp(name, "cuLaunchKernelEx_ptsz"))
+            rewrite_of[cbid] = TALLY_REWRITE_KERNEL_EX;
         n_launch_callbacks++;
     }
     if (n_launch_callbacks == 0) {

@@ -105,6 +105,7 @@ CUresult cuGraphLaunch_ptsz(CUgraphExec, CUstream);
 CUresult cuLaunchHostFunc(CUstream, CUhostFn, void *);
 CUresult cuLaunchHostFunc_ptsz(CUstream, CUhostFn, void *);
 CUresult cuModuleLoadData(CUmodule *, const void *);
+CUresult cuModuleUnload(CUmodule);
 CUresult cuModuleLoadDataEx(CUmodule *, const void *, unsigned int, CUjit_option *, void **);
 CUresult cuModuleLoadFatBinary(CUmodule *, const void *);
 CUresult cuLibraryLoadData(CUlibrary *, const void *, CUjit_option *, void **, unsigned int, CUlibraryOption *,
@@ -427,6 +428,7 @@ struct load_step {
 };
 
 static atomic_int loads_done;
+static CUmodule last_module; /* the last module loaded (load:) */
 
 static CUresult load_image(const struct load_step *l) {
     CUmodule m = NULL;
@@ -441,6 +443,7 @@ static CUresult load_image(const struct load_step *l) {
         exit(98);
     }
     printf("fake_app: load%d=%d\n", atomic_fetch_add(&loads_done, 1), r);
+    if (r == CUDA_SUCCESS && m) last_module = m;
     return r;
 }
 
@@ -481,6 +484,55 @@ static void module_stats(void) {
            "fake_app: modules_present=%llu\nfake_app: modules_failed=%llu\n",
            enabled, (unsigned long long)v[0], (unsigned long long)v[1], (unsigned long long)v[2],
            (unsigned long long)v[3]);
+}
+
+/* ---------------------------------------- a kernel of a loaded module */
+
+/* pkfunc:ENTRY gets a function of the last loaded module; pklaunch launches it
+ * with two parameters (a pointer and an int), each wave of its grid lasting
+ * WAVE_US on the fake GPU, through one entry point:
+ *   kernel, ptsz (NULL stream: the per-thread stream), ex, extra (arguments
+ *   in `extra`), attrs (cuLaunchKernelEx with a launch attribute). */
+static CUfunction pk;
+static void *pk_pointer = &pk;
+static int pk_int = 7;
+static void *pk_params[2] = {&pk_pointer, &pk_int};
+
+static void pk_launch(long n, unsigned gx, unsigned gy, unsigned bx, unsigned wave_us, const char *how) {
+    fake_cuda_set_wave_duration_us(wave_us);
+    for (long i = 0; i < n; i++) {
+        CUresult r;
+        if (!strcmp(how, "kernel")) r = cuLaunchKernel(pk, gx, gy, 1, bx, 1, 1, 0, stream, pk_params, NULL);
+        else if (!strcmp(how, "ptsz")) r = cuLaunchKernel_ptsz(pk, gx, gy, 1, bx, 1, 1, 0, NULL, pk_params, NULL);
+        else if (!strcmp(how, "extra")) {
+            void *extra[] = {NULL};
+            r = cuLaunchKernel(pk, gx, gy, 1, bx, 1, 1, 0, stream, NULL, extra);
+        } else if (!strcmp(how, "ex") || !strcmp(how, "attrs")) {
+            long attr[8] = {0};
+            CUlaunchConfig cfg = {gx, gy, 1, bx, 1, 1, 0, stream, !strcmp(how, "attrs") ? attr : NULL,
+                                  !strcmp(how, "attrs") ? 1u : 0u};
+            r = cuLaunchKernelEx(&cfg, pk, pk_params, NULL);
+            /* The program's configuration is its own: a tool may not change it. */
+            if (cfg.gridDimX != gx || cfg.gridDimY != gy || cfg.gridDimZ != 1) {
+                fprintf(stderr, "fake_app: cuLaunchKernelEx changed the caller's configuration\n");
+                exit(94);
+            }
+        } else {
+            fprintf(stderr, "fake_app: unknown launch kind %s\n", how);
+            exit(98);
+        }
+        check(r, "pklaunch");
+    }
+    fake_cuda_set_wave_duration_us(0);
+}
+
+static void print_records(void) {
+    fake_launch_record rec;
+    printf("fake_app: pk_first_param=%p\n", (void *)&pk_pointer);
+    for (long i = 0; fake_cuda_launch_record(i, &rec); i++)
+        printf("fake_app: record %ld %s grid=%u,%u,%u first=%p appended=%u,%u,%u,%u\n", i, rec.name, rec.grid[0],
+               rec.grid[1], rec.grid[2], rec.first_param, rec.appended[0], rec.appended[1], rec.appended[2],
+               rec.appended[3]);
 }
 
 /* -------------------------------------------------------------- main */
@@ -624,6 +676,18 @@ int main(int argc, char **argv) {
             if (sscanf(arg + 6, "%ld:%n", &t, &used) != 1 || !used || !parse_load(arg + 6 + used, &threaded_load))
                 return 96;
             run_threads_of(t, 1, load_thread_main);
+        } else if (strncmp(arg, "pkfunc:", 7) == 0) {
+            check(cuModuleGetFunction(&pk, last_module, arg + 7), "cuModuleGetFunction");
+        } else if (strncmp(arg, "pklaunch:", 9) == 0) {
+            long n;
+            unsigned gx, gy, bx, wave_us;
+            char how[16];
+            if (sscanf(arg + 9, "%ld:%u:%u:%u:%u:%15s", &n, &gx, &gy, &bx, &wave_us, how) != 6) return 96;
+            pk_launch(n, gx, gy, bx, wave_us, how);
+        } else if (strcmp(arg, "pkunload") == 0) {
+            check(cuModuleUnload(last_module), "cuModuleUnload");
+        } else if (strcmp(arg, "records") == 0) {
+            print_records();
         } else if (strcmp(arg, "module_stats") == 0) {
             module_stats();
         } else if (strcmp(arg, "report") == 0) {

@@ -20,6 +20,17 @@
  * given to a _ptsz entry point) is a separate stream for each host thread, as
  * with the real driver. cuCtxSynchronize waits until every stream is idle.
  *
+ * Block-level scheduling (agent/blocksched.c): cuModuleGetFunction ties a
+ * function to its module (cuFuncGetModule), and a function takes
+ * FAKE_CUDA_PARAM_COUNT parameters (default 2) plus, for an entry named
+ * *__tally_slice, four u32 ones (cuFuncGetParamInfo). The GPU has
+ * FAKE_CUDA_SM_COUNT SMs (default 4) and fits FAKE_CUDA_OCCUPANCY blocks
+ * (default 2) per SM. With fake_cuda_set_wave_duration_us, a kernel lasts
+ * that long per wave of SMs x occupancy blocks. Every kernel launch is
+ * recorded (fake_cuda_launch_record), reading the launch's arguments from the
+ * parameter block after API enter, as the real driver does: a tool may have
+ * rewritten them.
+ *
  * Knobs (environment): FAKE_CUDA_UUID=hex (16 bytes, dashes and a "GPU-"
  * prefix allowed) for cuDeviceGetUuid; FAKE_CUDA_HOST_REGISTER_RESULT=n makes
  * cuMemHostRegister fail with n; FAKE_CUDA_MODULE_LOAD_RESULT=n makes the
@@ -116,12 +127,12 @@ static uint32_t stream_id(CUstream s, int per_thread_default) {
     return s->id;
 }
 
-static void gpu_launch(uint64_t key);
+static void gpu_launch(uint64_t key, uint64_t blocks);
 
 static void run_kernel(api_call *c, uint64_t gpu_stream_key, CUfunction f, unsigned gx, unsigned gy,
                        unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, uint32_t stream,
                        uint32_t device, uint8_t launch_type, uint32_t graph_id, uint64_t node_id) {
-    gpu_launch(gpu_stream_key);
+    gpu_launch(gpu_stream_key, (uint64_t)gx * gy * gz);
     if (!c->tool) return;
     fake_kernel_exec k = {
         .name = f->name, .registers = f->registers, .static_smem = f->static_smem,
@@ -179,9 +190,15 @@ static struct {
 
 static atomic_uint next_thread_number = 1;
 static __thread unsigned thread_number;
-static __thread uint64_t kernel_duration_ns;
+static __thread uint64_t kernel_duration_ns, wave_duration_ns;
 
 EXPORT void fake_cuda_set_kernel_duration_us(unsigned us) { kernel_duration_ns = (uint64_t)us * 1000; }
+EXPORT void fake_cuda_set_wave_duration_us(unsigned us) { wave_duration_ns = (uint64_t)us * 1000; }
+
+static int env_int(const char *name, int fallback) {
+    const char *v = getenv(name);
+    return v && *v ? atoi(v) : fallback;
+}
 
 static uint64_t gpu_now_ns(void) {
     struct timespec ts;
@@ -290,8 +307,12 @@ static void gpu_enqueue(gpu_stream *q, work *w) {
 }
 
 /* One kernel of a launch. A kernel on a capturing stream is recorded, not run. */
-static void gpu_launch(uint64_t key) {
+static void gpu_launch(uint64_t key, uint64_t blocks) {
     uint64_t duration = kernel_duration_ns;
+    if (wave_duration_ns) {
+        uint64_t wave = (uint64_t)env_int("FAKE_CUDA_SM_COUNT", 4) * (uint64_t)env_int("FAKE_CUDA_OCCUPANCY", 2);
+        duration = (blocks + wave - 1) / wave * wave_duration_ns;
+    }
     pthread_mutex_lock(&gpu.lock);
     gpu_stream *q = gpu_stream_of(key);
     if (q->capturing) {
@@ -552,6 +573,9 @@ EXPORT CUresult cuModuleGetFunction(CUfunction *out, CUmodule mod, const char *n
     f->registers = 16 + (int)(strlen(name) % 48);
     f->static_smem = 256 * (int)(strlen(name) % 5);
     f->block[0] = f->block[1] = f->block[2] = 1;
+    f->module = mod;
+    size_t n = strlen(name), k = strlen("__tally_slice");
+    f->nparams = env_int("FAKE_CUDA_PARAM_COUNT", 2) + (n > k && strcmp(name + n - k, "__tally_slice") == 0 ? 4 : 0);
     *out = f;
     return leave(&c, CUDA_SUCCESS);
 }
@@ -663,6 +687,80 @@ EXPORT CUresult fake_cuda_graph_exec_create(CUgraphExec *out, const CUfunction *
     return CUDA_SUCCESS;
 }
 
+EXPORT CUresult cuModuleUnload(CUmodule mod) {
+    CHECK_INIT();
+    cuModuleUnload_params p = {mod};
+    api_call c;
+    enter(&c, FAKE_CBID_cuModuleUnload, "cuModuleUnload", &p, NULL);
+    return leave(&c, mod ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE);
+}
+
+/* Calls tally makes that need no callback. */
+EXPORT CUresult cuFuncGetModule(CUmodule *out, CUfunction f) {
+    CHECK_INIT();
+    if (!out || !f) return CUDA_ERROR_INVALID_VALUE;
+    if (!f->module) return CUDA_ERROR_NOT_FOUND;
+    *out = f->module;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size) {
+    CHECK_INIT();
+    if (!f || !offset || !size) return CUDA_ERROR_INVALID_VALUE;
+    size_t n = strlen(f->name), k = strlen("__tally_slice");
+    int slice = n > k && strcmp(f->name + n - k, "__tally_slice") == 0;
+    int originals = f->nparams - (slice ? 4 : 0);
+    if (index >= (size_t)f->nparams) return CUDA_ERROR_INVALID_VALUE;
+    *offset = index < (size_t)originals ? 8 * index : 8 * (size_t)originals + 4 * (index - (size_t)originals);
+    *size = index < (size_t)originals ? 8 : 4;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int *blocks, CUfunction f, int block_threads,
+                                                            size_t smem) {
+    CHECK_INIT();
+    (void)smem;
+    if (!blocks || !f || block_threads <= 0) return CUDA_ERROR_INVALID_VALUE;
+    *blocks = env_int("FAKE_CUDA_OCCUPANCY", 2);
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
+    CHECK_INIT();
+    if (!value || device != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute != 16 /* CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT */) return CUDA_ERROR_INVALID_VALUE;
+    *value = env_int("FAKE_CUDA_SM_COUNT", 4);
+    return CUDA_SUCCESS;
+}
+
+#define LAUNCH_RECORDS 65536
+static fake_launch_record launch_records[LAUNCH_RECORDS];
+static long n_launch_records;
+static pthread_mutex_t records_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void record_launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, void **params) {
+    pthread_mutex_lock(&records_lock);
+    if (n_launch_records < LAUNCH_RECORDS) {
+        fake_launch_record *r = &launch_records[n_launch_records++];
+        memset(r, 0, sizeof *r);
+        snprintf(r->name, sizeof r->name, "%s", f->name);
+        r->grid[0] = gx, r->grid[1] = gy, r->grid[2] = gz;
+        r->first_param = params && f->nparams > 0 ? params[0] : NULL;
+        size_t n = strlen(f->name), k = strlen("__tally_slice");
+        if (params && n > k && strcmp(f->name + n - k, "__tally_slice") == 0 && f->nparams >= 4)
+            for (int i = 0; i < 4; i++) r->appended[i] = *(const unsigned *)params[f->nparams - 4 + i];
+    }
+    pthread_mutex_unlock(&records_lock);
+}
+
+EXPORT int fake_cuda_launch_record(long i, fake_launch_record *out) {
+    pthread_mutex_lock(&records_lock);
+    int ok = i >= 0 && i < n_launch_records;
+    if (ok) *out = launch_records[i];
+    pthread_mutex_unlock(&records_lock);
+    return ok;
+}
+
 /* ---------------------------------------------------------- launches */
 
 static CUresult launch_kernel(uint32_t cbid, const char *name, int ptsz, CUfunction f, unsigned gx,
@@ -672,7 +770,11 @@ static CUresult launch_kernel(uint32_t cbid, const char *name, int ptsz, CUfunct
     cuLaunchKernel_params p = {f, gx, gy, gz, bx, by, bz, smem, s, params, extra};
     api_call c;
     enter(&c, cbid, name, &p, f ? f->name : NULL);
+    /* What runs is what the parameter block says after API enter. */
+    f = p.f, gx = p.gridDimX, gy = p.gridDimY, gz = p.gridDimZ, bx = p.blockDimX, by = p.blockDimY, bz = p.blockDimZ;
+    smem = p.sharedMemBytes, s = p.hStream;
     if (!f || !gx || !gy || !gz || !bx || !by || !bz) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    record_launch(f, gx, gy, gz, p.kernelParams);
     run_kernel(&c, gpu_key(s, ptsz), f, gx, gy, gz, bx, by, bz, smem, stream_id(s, ptsz), 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);
 }
@@ -697,7 +799,9 @@ static CUresult launch_kernel_ex(uint32_t cbid, const char *name, int ptsz, cons
     cuLaunchKernelEx_params p = {cfg, f, params, extra};
     api_call c;
     enter(&c, cbid, name, &p, f ? f->name : NULL);
+    cfg = p.config, f = p.f; /* as rewritten at API enter, if it was */
     if (!cfg || !f) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    record_launch(f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, p.kernelParams);
     run_kernel(&c, gpu_key(cfg->hStream, ptsz), f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY,
                cfg->blockDimZ, cfg->sharedMemBytes, stream_id(cfg->hStream, ptsz), 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);

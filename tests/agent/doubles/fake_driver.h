@@ -34,6 +34,7 @@ typedef struct { char bytes[16]; } CUuuid;
 #define CUDA_ERROR_INVALID_VALUE 1
 #define CUDA_ERROR_OUT_OF_MEMORY 2
 #define CUDA_ERROR_NOT_INITIALIZED 3
+#define CUDA_ERROR_NOT_FOUND 500
 #define CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED 712
 #define CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED 713
 #define CUDA_ERROR_STREAM_CAPTURE_IMPLICIT 906
@@ -44,6 +45,8 @@ struct CUfunc_st {
     int registers;
     int static_smem;
     unsigned block[3]; /* cuFuncSetBlockShape, for the legacy cuLaunch* */
+    CUmodule module;   /* cuFuncGetModule; NULL for functions of no module */
+    int nparams;       /* cuFuncGetParamInfo: parameters of 8 bytes, and 4 of 4 bytes for __tally_slice entries */
 };
 struct CUstream_st {
     uint32_t id;
@@ -129,6 +132,7 @@ typedef struct {
     void **optionValues;
 } cuModuleLoadDataEx_params;
 typedef struct { CUmodule *module; const void *fatCubin; } cuModuleLoadFatBinary_params;
+typedef struct { CUmodule hmod; } cuModuleUnload_params;
 typedef struct {
     CUlibrary *library;
     const void *code;
@@ -148,6 +152,7 @@ enum {
     FAKE_CBID_cuModuleLoadData = 19,
     FAKE_CBID_cuModuleLoadDataEx = 20,
     FAKE_CBID_cuModuleLoadFatBinary = 21,
+    FAKE_CBID_cuModuleUnload = 22,
     FAKE_CBID_cuModuleGetFunction = 23,
     FAKE_CBID_cuFuncSetBlockShape = 83,
     FAKE_CBID_cuLaunch = 115,
@@ -201,6 +206,17 @@ void fake_cuda_set_kernel_duration_us(unsigned us);
 void fake_cuda_set_capturing(CUstream s, int per_thread_default, int on);
 int fake_cuda_gpu_stats(uint64_t *out, int n);
 uint64_t fake_cuda_stream_writes(CUstream s);
+void fake_cuda_set_wave_duration_us(unsigned us);
+/* The i-th kernel launch the fake GPU ran (in launch order): its function's
+ * name, grid, and for a __tally_slice entry the four appended parameters.
+ * Returns 0 past the last one. */
+typedef struct {
+    char name[256];
+    unsigned grid[3];
+    void *first_param;    /* the pointer kernelParams[0] held, or NULL */
+    unsigned appended[4]; /* grid x, y, z, block offset of a slice */
+} fake_launch_record;
+int fake_cuda_launch_record(long i, fake_launch_record *out);
 
 #define FAKE_STREAM_DEFAULT_ID 7u   /* CUPTI's id of the legacy default stream */
 #define FAKE_STREAM_PER_THREAD_ID 13u

@@ -1,0 +1,260 @@
+"""Block-level scheduling in the agent (agent/blocksched.c, be_launch_sliced in sched.c).
+
+With TALLY_BLOCKSCHED_PLAN naming a plan, a best-effort launch of a planned
+kernel (matched by the image its module was loaded from and its entry name)
+runs as slices of `<entry>__tally_slice`, each admitted by the gate. The fake
+driver reads a launch's arguments from the parameter block after API enter,
+as the real one does, and records every kernel it runs; a kernel lasts a
+fixed time per wave of SMs x occupancy blocks (4 x 2 here).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from test_modules import PTX, fnv1a64
+from test_sched import MS, completed_ok, throttle_be
+
+ENTRY = "k"  # the .entry of test_modules.PTX
+WAVE = 8     # FAKE_CUDA_SM_COUNT (4) x FAKE_CUDA_OCCUPANCY (2)
+RECORD = re.compile(r"^fake_app: record (\d+) (\S+) grid=(\d+),(\d+),(\d+) first=(\S+) appended=(\d+),(\d+),(\d+),(\d+)$",
+                    re.M)
+
+
+def write_plan(tmp_path: Path, image: bytes = PTX, entry: str = ENTRY, nparams: int = 2,
+               cubin: bytes = b"\x7fELF a transformed module", cubin_hash: int | None = None) -> Path:
+    cubin_path = tmp_path / "cubins" / f"{fnv1a64(cubin):016x}.cubin"
+    cubin_path.parent.mkdir(exist_ok=True)
+    cubin_path.write_bytes(cubin)
+    plan = tmp_path / "plan"
+    plan.write_text("tally-blocksched-plan 1\n# test\n"
+                    f"slice {fnv1a64(image):016x} {entry} {nparams} {cubin_hash or fnv1a64(cubin):016x} {cubin_path}\n")
+    return plan
+
+
+def records(r) -> list[dict]:
+    out = []
+    for m in RECORD.finditer(r.stdout):
+        out.append({"name": m.group(2), "grid": tuple(int(m.group(i)) for i in (3, 4, 5)), "first": m.group(6),
+                    "appended": tuple(int(m.group(i)) for i in (7, 8, 9, 10))})
+    return out
+
+
+def run_be(daemon, run_app, tmp_path, steps, plan: Path | None, budget_ns=1_200_000, env=None):
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    throttle_be(daemon.sb, budget_ns)
+    e = {"TALLY_BLOCKSCHED_PLAN": str(plan) if plan else None, **(env or {})}
+    return run_app(f"load:data:{image}", f"pkfunc:{ENTRY}", *steps, "sync", "records",
+                   env=daemon.env("best-effort", **e))
+
+
+def slices_of(recs: list[dict], grid: tuple[int, int, int]) -> list[list[dict]]:
+    """The sliced launches: runs of consecutive slice records covering one grid."""
+    total = grid[0] * grid[1] * grid[2]
+    launches, current = [], []
+    for rec in recs:
+        if not rec["name"].endswith("__tally_slice"):
+            assert not current, "an original launch ran in the middle of a sliced one"
+            continue
+        current.append(rec)
+        if rec["appended"][3] + rec["grid"][0] == total:
+            launches.append(current)
+            current = []
+    assert not current, "a sliced launch did not cover its grid"
+    return launches
+
+
+def assert_exact_cover(launch: list[dict], grid: tuple[int, int, int], first: str) -> None:
+    total = grid[0] * grid[1] * grid[2]
+    offset = 0
+    for rec in launch:
+        assert rec["appended"][:3] == grid  # the original grid, for %nctaid and %ctaid
+        assert rec["appended"][3] == offset  # in order, no gap, no overlap
+        assert rec["grid"][1:] == (1, 1)
+        assert rec["first"] == first  # the program's own arguments, passed through
+        offset += rec["grid"][0]
+    assert offset == total
+
+
+def test_planned_kernel_runs_as_gated_slices_covering_its_grid(daemon, run_app, tmp_path):
+    # 64 blocks = 8 waves of 0.15 ms: 1.2 ms whole. Budget 0.44 ms: slices of 2 waves once a
+    # wave's time is known (timing errs long: up to 0.22 ms still gives 2); the first launch
+    # runs as one-wave slices, which time it. (Waves this short are timed while the gate
+    # spins, so the samples are accurate.)
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:6:32:2:128:150:kernel"], write_plan(tmp_path),
+               budget_ns=440_000)
+    completed_ok(r)
+    recs = records(r)
+    launches = slices_of(recs, (32, 2, 1))
+    assert len(launches) == 6 and len(recs) == sum(len(s) for s in launches)  # no launch ran whole
+    for launch in launches:
+        assert_exact_cover(launch, (32, 2, 1), r.values["pk_first_param"])
+    assert [rec["grid"][0] for rec in launches[0]] == [WAVE] * 8
+    # Whole waves, never more than fit in the budget (estimates err long, so a slice may be
+    # smaller than the budget allows, never larger). How fast the per-wave estimate settles
+    # depends on this machine's timing; test_a_known_kernel_time_sizes_the_slices checks
+    # the arithmetic.
+    sizes = [rec["grid"][0] for launch in launches for rec in launch]
+    assert set(sizes) <= {WAVE, 2 * WAVE}
+    # Each slice is admitted by the gate on its own (a completion write per slice).
+    assert r.gpu("gpu_writes_issued") == len(sizes)
+    stats = r.stats()["blocksched"]
+    assert stats["plan_kernels"] == 1
+    assert stats["sliced_launches"] == 6 and stats["slices"] == len(sizes)
+    assert stats["unsliced_launches"] == 0 and stats["unsliced_est_ns"] == 0 and stats["sliced_est_ns"] > 0
+    (kernel,) = stats["kernels"]
+    assert kernel["entry"] == ENTRY and kernel["usable"] and kernel["sliced_launches"] == 6
+    assert kernel["whole_launches"] == 0
+
+
+def test_a_known_kernel_time_sizes_the_slices_from_the_first_launch(daemon, run_app, tmp_path):
+    """The whole kernel's estimate (here seeded from the program's profile file, as `tally
+    profiles seed` or an earlier run leaves it) gives the wave time at once."""
+    profile = tmp_path / "profile"
+    name = ENTRY.encode()
+    # 64 blocks of 128 threads: 2.4 ms whole, 8 waves of 0.3 ms; budget 1 ms: 3 waves a slice
+    profile.write_text(f"tally-profiles 1 1\n{fnv1a64(name):016x} {64 * 128} 2400000 5 {ENTRY}\n")
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:3:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
+               env={"TALLY_PROFILE_FILE": str(profile)})
+    completed_ok(r)
+    launches = slices_of(records(r), (64, 1, 1))
+    assert len(launches) == 3
+    assert [rec["grid"][0] for rec in launches[0]] == [24, 24, 16]
+    # later launches go by the slices' own timing (which errs long): fewer waves, never more
+    assert all(rec["grid"][0] in (8, 16, 24) for launch in launches[1:] for rec in launch[:-1])
+
+
+@pytest.mark.parametrize("how", ["ex", "ptsz"])
+def test_other_launch_entry_points_are_sliced_too(daemon, run_app, tmp_path, how):
+    r = run_be(daemon, run_app, tmp_path, [f"pklaunch:4:64:1:128:500:{how}"], write_plan(tmp_path))
+    completed_ok(r)  # for ex: fake_app fails if the caller's CUlaunchConfig was changed
+    launches = slices_of(records(r), (64, 1, 1))
+    assert len(launches) == 4
+    for launch in launches:
+        assert_exact_cover(launch, (64, 1, 1), r.values["pk_first_param"])
+    if how == "ptsz":  # slices and their completion writes stay on the per-thread stream
+        assert r.gpu("writes_ptds") == r.gpu("gpu_writes_issued") > 0
+
+
+def test_a_kernel_that_fits_in_one_slice_runs_whole(daemon, run_app, tmp_path):
+    # 2 waves, 0.6 ms whole (seeded), budget 1 ms: it fits in one slice.
+    profile = tmp_path / "profile"
+    profile.write_text(f"tally-profiles 1 1\n{fnv1a64(ENTRY.encode()):016x} {16 * 128} 600000 5 {ENTRY}\n")
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:4:16:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
+               env={"TALLY_PROFILE_FILE": str(profile)})
+    completed_ok(r)
+    assert [rec["name"] for rec in records(r)] == [ENTRY] * 4
+    (kernel,) = r.stats()["blocksched"]["kernels"]
+    assert kernel["reason"] == "fits in one slice" and kernel["whole_launches"] == 4
+
+
+def test_a_grid_of_one_wave_runs_whole(daemon, run_app, tmp_path):
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:2:8:1:128:300:kernel"], write_plan(tmp_path))
+    completed_ok(r)
+    assert [rec["name"] for rec in records(r)] == [ENTRY] * 2
+    (kernel,) = r.stats()["blocksched"]["kernels"]
+    assert kernel["reason"] == "one wave or less"
+
+
+@pytest.mark.parametrize("how,why", [("extra", "arguments in extra"), ("attrs", "launch attributes")])
+def test_launches_slicing_cannot_express_run_whole(daemon, run_app, tmp_path, how, why):
+    r = run_be(daemon, run_app, tmp_path, [f"pklaunch:4:64:1:128:500:{how}"], write_plan(tmp_path))
+    completed_ok(r)
+    assert {rec["name"] for rec in records(r)} == {ENTRY}, why
+    assert r.stderr == ""
+
+
+def test_without_a_high_priority_client_nothing_is_sliced(daemon, run_app, tmp_path):
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    daemon.sb.hp_active = 0
+    r = run_app(f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:4:64:1:128:200:kernel", "sync", "records",
+                env=daemon.env("best-effort", TALLY_BLOCKSCHED_PLAN=str(write_plan(tmp_path))))
+    completed_ok(r)
+    assert {rec["name"] for rec in records(r)} == {ENTRY}
+    assert r.stats()["blocksched"]["sliced_launches"] == 0
+
+
+@pytest.mark.parametrize("case", ["other-image", "other-entry", "no-plan"])
+def test_kernels_not_in_the_plan_run_whole_silently(daemon, run_app, tmp_path, case):
+    plan = {"other-image": lambda: write_plan(tmp_path, image=PTX + b"\n"),
+            "other-entry": lambda: write_plan(tmp_path, entry="k2"),
+            "no-plan": lambda: None}[case]()
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:4:64:1:128:500:kernel"], plan)
+    completed_ok(r)
+    assert {rec["name"] for rec in records(r)} == {ENTRY}
+    assert r.stderr == ""
+    if plan:
+        assert r.stats()["blocksched"]["not_in_plan"] >= 1
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("cubin-hash", "is not the cubin the plan names"),
+    ("cubin-missing", "cannot read"),
+    ("param-count", "other parameters than the plan's 3"),
+])
+def test_a_slice_kernel_that_does_not_check_out_runs_whole_with_one_warning(daemon, run_app, tmp_path, case,
+                                                                             fragment):
+    plan = write_plan(tmp_path, cubin_hash=0x1234 if case == "cubin-hash" else None,
+                      nparams=3 if case == "param-count" else 2)
+    if case == "cubin-missing":
+        for cubin in (tmp_path / "cubins").iterdir():
+            cubin.unlink()
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:4:64:1:128:500:kernel"], plan)
+    completed_ok(r)
+    assert {rec["name"] for rec in records(r)} == {ENTRY}
+    assert len(r.stderr_lines) == 1 and fragment in r.stderr_lines[0], r.stderr
+    assert r.stderr_lines[0].startswith("tally: warning: block-level scheduling: ")
+    (kernel,) = r.stats()["blocksched"]["kernels"]
+    assert not kernel["usable"] and fragment in kernel["reason"]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("tally-blocksched-plan 2\n", "not a tally plan of version 1"),
+    ("tally-blocksched-plan 1\nslice 12 k 2 0000000000000001 /x\n", "malformed image hash"),
+    ("tally-blocksched-plan 1\nslice 0000000000000001 k 2 0000000000000001 relative/x\n", "relative path"),
+    ("tally-blocksched-plan 1\nslice 0000000000000001 k 2 0000000000000001 /x", "truncated"),
+    ("tally-blocksched-plan 1\nslice 0000000000000001 k many 0000000000000001 /x\n", "bad parameter count"),
+])
+def test_a_bad_plan_is_ignored_with_one_warning(daemon, run_app, tmp_path, text, fragment):
+    plan = tmp_path / "bad-plan"
+    plan.write_text(text)
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:3:64:1:128:300:kernel"], plan)
+    completed_ok(r)
+    assert {rec["name"] for rec in records(r)} == {ENTRY}
+    assert len(r.stderr_lines) == 1 and fragment in r.stderr_lines[0], r.stderr
+    assert "blocksched" not in r.stats()
+
+
+def test_unknown_modes_in_the_plan_are_skipped(daemon, run_app, tmp_path):
+    plan = write_plan(tmp_path)
+    plan.write_text(plan.read_text() + "preemptible 0000000000000001 k 2 0000000000000001 /x y\n")
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:4:64:1:128:500:kernel"], plan)
+    completed_ok(r)
+    assert len(slices_of(records(r), (64, 1, 1))) == 4
+    assert r.stats()["blocksched"]["plan_kernels"] == 1
+
+
+def test_an_unloaded_module_is_forgotten(daemon, run_app, tmp_path):
+    """After cuModuleUnload the module's functions no longer resolve to the plan; the same
+    image loaded again does."""
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    throttle_be(daemon.sb, 1_200_000)
+    r = run_app(f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:3:64:1:128:500:kernel", "pkunload",
+                "pklaunch:2:64:1:128:500:kernel", f"load:data:{image}", f"pkfunc:{ENTRY}",
+                "pklaunch:4:64:1:128:500:kernel", "sync", "records",
+                env=daemon.env("best-effort", TALLY_BLOCKSCHED_PLAN=str(write_plan(tmp_path))))
+    completed_ok(r)
+    recs = records(r)
+    names = [rec["name"] for rec in recs]
+    # 3 sliced launches; after the unload, the 2 launches through the old function run whole
+    # (the fake driver keeps it usable, the agent must not trust its module); the module
+    # loaded again (a new handle, the same image) is sliced again.
+    assert names.count(ENTRY) == 2
+    i = names.index(ENTRY)
+    assert names[i:i + 2] == [ENTRY, ENTRY]
+    assert len(slices_of(recs[:i], (64, 1, 1))) == 3 and len(slices_of(recs[i + 2:], (64, 1, 1))) == 4
