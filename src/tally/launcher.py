@@ -46,6 +46,26 @@ def _client_device_count(env: dict[str, str], state: dict) -> int:
     return len(gpumod.list_gpus()) or len(state.get("gpus", []))
 
 
+def block_level_plan(priority: str | None, block_level: bool, plan_path: str | None) -> str:
+    """The absolute path of the block-level plan `tally run --block-level [--plan PATH]` hands the
+    agent (TALLY_BLOCKSCHED_PLAN), after checking it reads; one-line TallyErrors otherwise."""
+    from tally.blocksched.plan import default_plan_path, read_plan
+
+    if not block_level:
+        raise TallyError("--plan needs --block-level: the plan is only read for block-level scheduling")
+    if priority != "best-effort":
+        raise TallyError("--block-level needs --priority best-effort: only best-effort kernels are sliced")
+    path = os.path.abspath(plan_path if plan_path is not None else default_plan_path())
+    if not os.path.lexists(path):
+        raise TallyError(f"no block-level plan at {path}: run `tally blocksched prepare --compile sm_XX` first "
+                         "(sm_XX: the GPU's architecture, e.g. sm_90)")
+    plan = read_plan(path, check="exists")
+    if not plan.entries:
+        click.echo(f"tally: warning: the block-level plan {path} has no kernels; every kernel runs whole",
+                   err=True)
+    return path
+
+
 def exec_command(command: list[str], env: dict[str, str]) -> None:
     """Replace this process with `command`; never returns."""
     if shutil.which(command[0], path=env.get("PATH")) is None and not os.path.exists(command[0]):
@@ -103,9 +123,23 @@ class NotFound(TallyError):
     help="Save the code images (PTX, fatbins, cubins) the program loads to the cache's modules/ dir, "
     "for `tally blocksched prepare` (experimental; docs/blocksched.md).",
 )
+@click.option(
+    "--block-level",
+    is_flag=True,
+    help="With --priority best-effort: the agent launches the kernels of the block-level plan as slices "
+    "(`tally blocksched prepare --compile ARCH` writes the plan; experimental, docs/blocksched.md).",
+)
+@click.option(
+    "--plan",
+    "plan_path",
+    default=None,
+    metavar="PATH",
+    help="The block-level plan for --block-level (default: <cache dir>/blocksched/plan).",
+)
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_modules, verbose, command):
+def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_modules, block_level, plan_path,
+                verbose, command):
     """Run COMMAND with the tally agent injected.
 
     Use `--` before the command: tally run --priority high -- python serve.py
@@ -121,6 +155,8 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
         if not slo_p99_ms > 0 or slo_p99_ms > 1e9:
             raise TallyError(f"--slo-p99-ms must be a positive number of milliseconds, not {slo_p99_ms:g}")
         env["TALLY_SLO_P99_MS"] = repr(slo_p99_ms)
+    if block_level or plan_path is not None:
+        env["TALLY_BLOCKSCHED_PLAN"] = block_level_plan(priority, block_level, plan_path)
     if priority:
         from tally import config as cfgmod
         from tally.daemon.client import client_env, ensure_daemon, version_skew

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tally.blocksched import _files, cache as kc
+from tally.blocksched import _files
 from tally.blocksched.cache import KernelCache
 from tally.blocksched.cli import blocksched_group
 from tally.blocksched.prepare import fnv1a64, image_name, prepare
@@ -100,7 +100,10 @@ def test_second_run_is_all_cache_hits(modules, tmp_path, monkeypatch):
     d, _ = modules
     first = prepare(d, KernelCache(tmp_path / "kernels"), triton_dirs=[])
     assert first.kernels and not any(k.cache_hit for k in first.kernels)
-    monkeypatch.setattr(kc, "_transform", lambda *a: pytest.fail("a second run must not run tally.ptx"))
+    import tally.ptx.transform
+
+    monkeypatch.setattr(tally.ptx.transform, "transform_module",
+                        lambda *a: pytest.fail("a second run must not run tally.ptx"))
     second = prepare(d, KernelCache(tmp_path / "kernels"), triton_dirs=[])
     assert second.all_cache_hits and len(second.kernels) == len(first.kernels)
     assert [(k.entry, k.mode, k.status, k.reason) for k in second.kernels] == \
@@ -204,8 +207,9 @@ def test_cli_missing_directory_is_one_line_exit_2(tmp_path):
                                        "(the agent saves best-effort programs' code images there)"]
 
 
-def test_compile_assembles_every_transformation_once(modules, tmp_path, monkeypatch):
-    """--compile: each ok transformation becomes a cached cubin; a second run assembles nothing."""
+def test_compile_assembles_every_module_once_per_mode(modules, tmp_path, monkeypatch):
+    """--compile: each module with an ok transformation in a mode is assembled once for that mode and
+    its cubin cached; a second run assembles nothing."""
     d, _ = modules
     calls = tmp_path / "ptxas-calls"
     fake = tmp_path / "ptxas"
@@ -218,10 +222,11 @@ def test_compile_assembles_every_transformation_once(modules, tmp_path, monkeypa
     first = prepare(d, cache, compile_arch="sm_90")
     ok = [k for k in first.kernels if k.status == "ok"]
     assert ok and first.compiled_for == "sm_90" and "compiled for sm_90" in first.text()
-    assert len(calls.read_text().split()) == len(ok)
+    assembled = {(i.name, k.mode) for i in first.images for k in i.kernels if k.status == "ok"}
+    assert len(calls.read_text().split()) == len(assembled) < len(ok)
     second = prepare(d, KernelCache(cache.root), compile_arch="sm_90")
     assert [k.status for k in second.kernels] == [k.status for k in first.kernels]
-    assert all(k.cache_hit for k in second.kernels) and len(calls.read_text().split()) == len(ok)
+    assert all(k.cache_hit for k in second.kernels) and len(calls.read_text().split()) == len(assembled)
 
 
 def test_compile_needs_a_ptxas_and_a_real_architecture(modules, tmp_path, monkeypatch):

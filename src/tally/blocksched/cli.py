@@ -1,4 +1,4 @@
-"""`tally blocksched show|candidates|cache|prepare`."""
+"""`tally blocksched show|candidates|cache|prepare|plan`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +23,8 @@ def blocksched_group():
     tally blocksched show --bound-us 31.6 -- python train.py   # re-choose under another bound
     tally blocksched candidates --grid 4096 --block 256 --sms 132
     tally blocksched cache [--clear]
-    tally blocksched prepare [--modules DIR] [--compile sm_90] [--json]   # transform saved images' kernels
+    tally blocksched prepare [--modules DIR] [--modes slice] [--compile sm_90 [--plan PATH]] [--json]
+    tally blocksched plan [--plan PATH] [--verify]      # the kernels `tally run --block-level` slices
     """
 
 
@@ -129,18 +130,53 @@ def cache_command(clear):
 @click.option("--triton-cache", "triton_cache", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Triton cache directory to find ELF images' PTX in (repeatable; default: Triton's and "
                    "PyTorch Inductor's).")
+@click.option("--modes", "modes", default=None, metavar="MODES",
+              help="Transformations to prepare, comma-separated (default: slice,ptb,preemptible; the agent "
+                   "needs slice).")
 @click.option("--compile", "compile_arch", metavar="ARCH", default=None,
-              help="Also assemble each transformed kernel with ptxas for ARCH (e.g. sm_90) and cache the cubin.")
+              help="Also assemble each transformed module with ptxas for ARCH (e.g. sm_90), cache the cubins "
+                   "and write the block-level plan.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the block-level plan (default: <cache dir>/blocksched/plan; its cubins go "
+                   "to cubins/ next to it). Needs --compile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def prepare_command(modules, triton_cache, compile_arch, as_json):
+def prepare_command(modules, triton_cache, modes, compile_arch, plan_path, as_json):
     """Transform the kernels of every saved code image, through the kernel cache."""
     import json
 
-    from tally.blocksched.prepare import default_module_dir, prepare
+    from tally.blocksched.plan import default_plan_path
+    from tally.blocksched.prepare import default_module_dir, parse_modes, prepare
+    from tally.ptx.analysis import MODES
 
-    report = prepare(modules if modules is not None else default_module_dir(),
-                     triton_dirs=list(triton_cache) or None, compile_arch=compile_arch)
+    modes = parse_modes(modes) if modes is not None else list(MODES)
+    if plan_path is not None and compile_arch is None:
+        raise TallyError("--plan needs --compile ARCH: the plan names compiled cubins")
+    if plan_path is not None and "slice" not in modes:
+        raise TallyError("--plan needs mode slice (--modes slice)")
+    if plan_path is None and compile_arch is not None and "slice" in modes:
+        plan_path = default_plan_path()
+    report = prepare(modules if modules is not None else default_module_dir(), modes=modes,
+                     triton_dirs=list(triton_cache) or None, compile_arch=compile_arch, plan_path=plan_path)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         click.echo(report.text())
+
+
+@blocksched_group.command("plan")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The plan to show (default: <cache dir>/blocksched/plan).")
+@click.option("--verify", is_flag=True, help="Also check every cubin's FNV-1a-64 against the plan.")
+def plan_command(plan_path, verify):
+    """The block-level plan: the kernels the agent may launch as slices, and their cubins."""
+    from tally.blocksched.plan import default_plan_path, read_plan
+
+    plan = read_plan(plan_path if plan_path is not None else default_plan_path(),
+                     check="hash" if verify else "exists")
+    cubins = len({e.cubin for e in plan.entries})
+    click.echo(f"{plan.path}: {len(plan.entries)} kernel(s) in {cubins} cubin(s)"
+               + ("; every cubin matches its hash" if verify else ""))
+    for comment in plan.comments:
+        click.echo(f"# {comment}")
+    for e in plan.entries:
+        click.echo(f"{e.image} {e.entry} ({e.nparams} parameters): {e.cubin}")

@@ -66,6 +66,42 @@ def arch_for(ptx_text: str, default: str = "sm_90") -> str:
     return default
 
 
+_ARCH = re.compile(r"sm_(\d{2,3})([af]?)")
+
+
+def module_target(ptx_text: str) -> str | None:
+    """The module's `.target` architecture (e.g. "sm_90a"), or None when it names none."""
+    match = re.search(r"^\s*\.target\s+(sm_\d+[af]?)\b", ptx_text, re.M)
+    return match.group(1) if match else None
+
+
+def assembly_arch(target: str | None, requested: str) -> tuple[str | None, str | None]:
+    """(the -arch to assemble a module whose `.target` is `target` for a GPU of `requested`, None),
+    or (None, why it cannot run there).
+
+    ptxas refuses arch-specific PTX (`.target sm_90a`) for the plain architecture
+    (`-arch=sm_90`), and Triton writes sm_90a on Hopper; a cubin for sm_90a runs on an
+    sm_90 GPU, so a module whose target is the arch-specific (a) or family (f) variant
+    of the requested architecture is assembled for its own target. A module for a newer
+    architecture than requested, or arch-specific code of another architecture, cannot
+    run on the requested GPU: refused with the reason. Anything else (older plain
+    targets, no target) is assembled for `requested`, and ptxas has the last word."""
+    want = _ARCH.fullmatch(requested)
+    have = _ARCH.fullmatch(target) if target else None
+    if want is None:
+        raise TallyError(f"{requested!r} is not a GPU architecture like sm_90")
+    if have is None:
+        return requested, None
+    have_sm, want_sm = int(have.group(1)), int(want.group(1))
+    if have_sm > want_sm:
+        return None, f"PTX .target {target} is newer than {requested}"
+    if have.group(2) == "a" and have_sm != want_sm:
+        return None, f"PTX .target {target} is specific to sm_{have_sm} (it does not run on {requested})"
+    if have.group(2) and have_sm == want_sm:
+        return target, None
+    return requested, None
+
+
 @dataclass
 class Resources:
     """What ptxas -v reports for one function."""
