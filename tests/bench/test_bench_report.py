@@ -91,3 +91,28 @@ def test_table_shows_the_share_of_be_launches_admitted_alone():
     cells = {row.split("|")[4].strip(): [c.strip() for c in row.split("|")] for row in rows}
     column = report.markdown_table([]).splitlines()[0].split("|").index(" BE alone % ")
     assert cells["tally"][column] == "12.5" and cells["mps"][column] == "-"
+
+
+def test_table_shows_the_be_transformed_fraction_when_the_agent_reported_it():
+    block = _run("tally-block", 10.5, 0.05, 0.6)
+    block["blocksched"] = {"transformed_fraction": 0.8125, "sliced_launches": 1200, "unsliced_launches": 40,
+                           "slices": 9600, "sliced_est_ns": 13_000, "unsliced_est_ns": 3_000, "scope": "process"}
+    idle = _run("tally", 11.0, 0.1, 0.5)
+    idle["blocksched"] = {"transformed_fraction": None, "sliced_launches": 0}  # nothing gated while HP was there
+    plain = _run("tally", 11.0, 0.1, 0.5)
+    plain["key"] = {**plain["key"], "load": 0.25}
+    plain["blocksched"] = None  # the agent had no block-level counters
+    failed = _run("tally-block", 0, 0, 0, status="failed", reason="tally-block: `tally blocksched prepare` failed")
+    failed["key"] = {**failed["key"], "load": 0.75}
+    table = report.markdown_table([block, idle, plain, failed, _run("mps", 20.0, 1.0, 0.9)])
+    header = table.splitlines()[0].split("|")
+    column = header.index(" BE sliced % (launches) ")
+    assert header[-2].strip() == "status"
+    rows = {(r.split("|")[3].strip(), r.split("|")[4].strip()): [c.strip() for c in r.split("|")]
+            for r in table.splitlines()[2:]}
+    assert rows[("0.5", "tally-block")][column] == "81.2 (1200)"
+    assert rows[("0.5", "tally")][column] == "- (0)"
+    assert rows[("0.25", "tally")][column] == "-" and rows[("0.5", "mps")][column] == "-"
+    assert rows[("0.75", "tally-block")][column] == "-"
+    assert rows[("0.75", "tally-block")][-2].startswith("failed: tally-block")
+    assert all(len(r) == len(header) for r in rows.values())

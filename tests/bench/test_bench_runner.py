@@ -62,7 +62,12 @@ def test_time_slicing_with_fakes_shows_interference_and_leaves_no_process(tmp_pa
     assert again.processes.spawned_pids == []
 
 
-def test_standalone_and_unavailable_systems(tmp_path):
+NO_BLOCK_LEVEL = "unavailable: needs block-level scheduling in the CLI (test)"
+
+
+def test_standalone_and_unavailable_systems(tmp_path, monkeypatch):
+    # tally-block is unavailable where the CLI lacks the block-level options (as here, by force)
+    monkeypatch.setattr(systems, "block_level_missing", lambda: NO_BLOCK_LEVEL)
     runner = make_runner(tmp_path)
     standalone, block = runner.run_matrix([
         runner_mod.RunKey("fake-infer", "fake-train", name, 0.5) for name in ("standalone", "tally-block")])
@@ -74,9 +79,10 @@ def test_standalone_and_unavailable_systems(tmp_path):
     assert runner_mod._read_ok(runner.run_path(key)) is None
 
 
-def test_tgs_is_tally_up_with_policy_tgs():
+def test_tgs_is_tally_up_with_policy_tgs(monkeypatch):
     from tally.bench import systems
 
+    monkeypatch.setattr(systems, "block_level_missing", lambda: NO_BLOCK_LEVEL)
     tgs = systems.make_system("tgs")
     assert isinstance(tgs, systems.Tally) and tgs.unavailable_reason() is None
     assert tgs.name == "tgs" and tgs.up_args == ["--policy", "tgs"]
@@ -271,7 +277,8 @@ def test_tally_variants_pass_their_policy_to_tally_up():
 # ---------------------------------------------------------------- reused workers
 
 
-def test_reused_workers_start_once_per_system_and_give_the_same_results(tmp_path):
+def test_reused_workers_start_once_per_system_and_give_the_same_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(systems, "block_level_missing", lambda: NO_BLOCK_LEVEL)
     FakeMps.events = []
     runner = make_runner(tmp_path / "out", mps_factory=FakeMps)
     keys = [runner_mod.RunKey(hp, be, system, 0.5)
@@ -391,7 +398,9 @@ def test_plan_with_reuse_fits_the_quick_budget(tmp_path):
     from tally.bench.cli import QUICK, build_plan
     from tally.bench.systems import SYSTEM_NAMES
 
-    keys = build_plan(QUICK["hp"], QUICK["be"], list(SYSTEM_NAMES), QUICK["loads"], False)
+    # the documented budget is without tally-block (its capture + prepare per BE workload come on top)
+    keys = build_plan(QUICK["hp"], QUICK["be"], [s for s in SYSTEM_NAMES if s != "tally-block"], QUICK["loads"],
+                      False)
     reused = runner.plan_seconds(keys)
     runner.config.reuse_workers = False
     assert reused < 8 * 60 < runner.plan_seconds(keys)

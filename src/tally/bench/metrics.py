@@ -16,6 +16,11 @@
 * Scheduler counters (tally systems): the change of each worker's scoreboard
   counters over the measurement window; `be_alone_share` = BE kernels admitted
   alone because their estimate exceeded the budget / BE launches.
+* BE transformed fraction (tally systems, from the BE agent's stats file):
+  sliced_est_ns / (sliced_est_ns + unsliced_est_ns), the agent's estimated GPU
+  time of BE launches gated while an HP client was present that ran as
+  block-level slices; counted over the BE process's life (a reused worker's
+  covers every window it ran).
 """
 from __future__ import annotations
 
@@ -175,3 +180,32 @@ def scheduler_delta(before: dict | None, after: dict | None, pids: dict[str, int
     if be and be.get("launches"):
         be["be_alone_share"] = be.get("long_kernels", 0) / be["launches"]
     return out or None
+
+
+BLOCKSCHED_COUNTS = ("plan_kernels", "sliced_launches", "slices", "unsliced_launches", "sliced_est_ns",
+                     "unsliced_est_ns")
+
+
+def blocksched_summary(stats: dict | None) -> dict | None:
+    """The block-level counters of an agent stats file (its "blocksched" object), with the BE
+    transformed fraction = sliced_est_ns / (sliced_est_ns + unsliced_est_ns): the share of the
+    estimated GPU time of BE launches gated while an HP client was present that ran as slices
+    (None when there was none). None when the stats have no "blocksched" object."""
+    block = stats.get("blocksched") if isinstance(stats, dict) else None
+    if not isinstance(block, dict):
+        return None
+    def count(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    out: dict = {name: int(block[name]) if count(block.get(name)) else 0 for name in BLOCKSCHED_COUNTS}
+    # whatever else the agent counts (not_in_plan, unusable, ...), its plan, and per-kernel lines
+    out.update({k: v for k, v in block.items() if k not in out and count(v)})
+    if isinstance(block.get("plan"), str):
+        out["plan"] = block["plan"]
+    refused = block.get("refused")
+    out["refused"] = {str(k): v for k, v in refused.items()} if isinstance(refused, dict) else {}
+    if isinstance(block.get("kernels"), list):
+        out["kernels"] = block["kernels"][:64]
+    total = out["sliced_est_ns"] + out["unsliced_est_ns"]
+    out["transformed_fraction"] = out["sliced_est_ns"] / total if total > 0 else None
+    return out

@@ -7,6 +7,10 @@ floating-point loop whose length (`iters`) sets the kernel time.
             (264 x 128, iters 2000), ~0.3 ms in all when alone, then a stream sync
   micro-be: a step = `kernels_per_step` (4) launches of 2112 x 256 (iters 20000,
             ~1.07 ms each), then a stream sync (as the reference's BE loop)
+  micro-be-ptx:   micro-be, but the module is loaded from PTX (see below)
+  micro-be-short: PTX too, the same work per kernel in 16x the blocks of 1/16 the
+            length (33792 x 256, iters 1250): blocks short enough for block-level
+            scheduling to slice a kernel finely (a slice is at least one block)
 
 Kernels go through cuLaunchKernel on a non-blocking stream, so the tally agent
 (CUPTI driver callbacks) sees every launch. With
@@ -17,12 +21,20 @@ NVRTC compiles to a cubin for the device's exact architecture (no PTX JIT, so
 a toolkit newer than the driver still works); libnvrtc is looked up in the
 NVIDIA wheels (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib), on the loader path,
 and in /usr/local/cuda.
+
+image "ptx" (micro-be-ptx, micro-be-short, or option image=ptx): NVRTC compiles
+for the device's virtual architecture (compute_XY) and the NUL-terminated PTX
+text goes to cuModuleLoadData, so the driver JITs it. This is how a program
+hands the tally agent the PTX that block-level scheduling transforms. An NVRTC
+newer than the driver may write a PTX .version the driver cannot JIT
+(CUDA_ERROR_UNSUPPORTED_PTX_VERSION): a one-line error says so.
 """
 from __future__ import annotations
 
 import ctypes
 import glob
 import os
+import re
 import site
 import sys
 
@@ -41,6 +53,8 @@ CU_STREAM_NON_BLOCKING = 0x1
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 NVRTC_SUCCESS = 0
+CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222
+IMAGE_KINDS = ("cubin", "ptx")
 
 
 def _nvrtc_candidates() -> list[str]:
@@ -105,9 +119,29 @@ def compile_kernel(arch: str, nvrtc: ctypes.CDLL | None = None) -> tuple[bytes, 
         _nvrtc_check(nvrtc, nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
         image = ctypes.create_string_buffer(size.value)
         _nvrtc_check(nvrtc, nvrtc.nvrtcGetPTX(prog, image), "nvrtcGetPTX")
-        return image.raw, "ptx"
+        return ptx_image(image.raw), "ptx"
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def ptx_image(raw: bytes) -> bytes:
+    """PTX text as cuModuleLoadData takes it: the text up to its first NUL, and one NUL."""
+    return raw.split(b"\0", 1)[0] + b"\0"
+
+
+def ptx_version(ptx: bytes) -> str | None:
+    """The `.version X.Y` directive of PTX text, or None."""
+    match = re.search(rb"^\s*\.version\s+(\d+\.\d+)", ptx, re.MULTILINE)
+    return match.group(1).decode() if match else None
+
+
+def unsupported_ptx_message(ptx: bytes, driver_version: int | None) -> str:
+    """The one-line error for CUDA_ERROR_UNSUPPORTED_PTX_VERSION: NVRTC newer than the driver."""
+    version = ptx_version(ptx)
+    driver = f"CUDA {driver_version // 1000}.{driver_version % 1000 // 10}" if driver_version else "its CUDA version"
+    return (f"the driver cannot JIT the micro kernel's PTX (CUDA_ERROR_UNSUPPORTED_PTX_VERSION): NVRTC wrote PTX "
+            f"{'.version ' + version if version else 'of a version'} newer than this driver ({driver}) supports; "
+            f"use an NVRTC (nvidia-cuda-nvrtc wheel) no newer than the driver, or a newer driver")
 
 
 def _nvrtc_check(nvrtc, rc: int, what: str) -> None:
@@ -154,7 +188,9 @@ class Driver:
 class MicroKernels:
     """Context, module, stream and scratch buffer; launches `work` and synchronizes."""
 
-    def __init__(self, high_priority: bool):
+    def __init__(self, high_priority: bool, image: str = "cubin"):
+        if image not in IMAGE_KINDS:
+            raise TallyError(f"micro workloads: image must be one of {', '.join(IMAGE_KINDS)}, not {image!r}")
         drv = self.drv = Driver()
         drv.cuInit(0)
         device = ctypes.c_int()
@@ -167,9 +203,18 @@ class MicroKernels:
         # the primary context: the one the runtime API (and a co-resident PyTorch) would use too
         drv.cuDevicePrimaryCtxRetain(ctypes.byref(self.context), device)
         drv.cuCtxSetCurrent(self.context)
-        image, self.image_kind = compile_kernel(self.arch)
+        if image == "ptx":
+            # the virtual architecture: NVRTC writes PTX, and the driver JITs it at load
+            code, self.image_kind = compile_kernel(f"compute_{major.value}{minor.value}")
+        else:
+            code, self.image_kind = compile_kernel(self.arch)
         self.module = ctypes.c_void_p()
-        drv.cuModuleLoadData(ctypes.byref(self.module), image)
+        rc = drv.lib.cuModuleLoadData(ctypes.byref(self.module), code)
+        if rc == CUDA_ERROR_UNSUPPORTED_PTX_VERSION and self.image_kind == "ptx":
+            version = ctypes.c_int()
+            ok = drv.lib.cuDriverGetVersion(ctypes.byref(version)) == 0
+            raise TallyError(unsupported_ptx_message(code, version.value if ok else None))
+        drv.check(rc, "cuModuleLoadData")
         self.function = ctypes.c_void_p()
         drv.cuModuleGetFunction(ctypes.byref(self.function), self.module, b"work")
         least, greatest = ctypes.c_int(), ctypes.c_int()
@@ -193,9 +238,10 @@ class MicroKernels:
 
 
 class MicroWorkload:
-    def __init__(self, name: str, kernels: int, blocks: int, threads: int, iters: int, high_priority: bool):
+    def __init__(self, name: str, kernels: int, blocks: int, threads: int, iters: int, high_priority: bool,
+                 image: str = "cubin"):
         self.name, self.kernels, self.blocks, self.threads, self.iters = name, kernels, blocks, threads, iters
-        self.gpu = MicroKernels(high_priority)
+        self.gpu = MicroKernels(high_priority, image)
 
     def step(self) -> None:
         for _ in range(self.kernels):
@@ -211,11 +257,24 @@ def micro_hp(spec, variant, options):
     d = spec.details
     return MicroWorkload(spec.name, int(options.get("kernels", d["kernels"])), int(options.get("blocks", d["blocks"])),
                          int(options.get("threads", d["threads"])), int(options.get("iters", d["iters"])),
-                         os.environ.get(HP_STREAM_PRIORITY_ENV) == "high")
+                         os.environ.get(HP_STREAM_PRIORITY_ENV) == "high", str(options.get("image", "cubin")))
 
 
 def micro_be(spec, variant, options):
+    """micro-be, micro-be-ptx and micro-be-short: the spec's details say the shape and the image kind."""
     d = spec.details
     return MicroWorkload(spec.name, int(options.get("kernels", d["kernels_per_step"])),
                          int(options.get("blocks", d["blocks"])), int(options.get("threads", d["threads"])),
-                         int(options.get("iters", d["iters"])), False)
+                         int(options.get("iters", d["iters"])), False, str(options.get("image", d.get("image", "cubin"))))
+
+
+def device_arch(device: int = 0) -> str:
+    """sm_XY of a CUDA device, from the driver (cuDeviceGetAttribute); TallyError without one."""
+    drv = Driver()
+    drv.cuInit(0)
+    handle = ctypes.c_int()
+    drv.cuDeviceGet(ctypes.byref(handle), device)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    drv.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
+    drv.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
+    return f"sm_{major.value}{minor.value}"

@@ -90,6 +90,7 @@ class BenchConfig:
     python: str = sys.executable
     startup_estimate_s: float = 15.0  # per worker start (torch import, model build, warm-up), for the ETA
     mps_factory: Callable | None = None  # tests inject a fake PrivateMps
+    tally_command: list[str] | None = None  # how tally systems call the CLI (default `python -m tally`; tests: a fake)
     # run_matrix reuses worker processes (one build + warm-up per workload per system; see
     # docs/bench.md "How runs are scheduled"); run() / run_pair() and command workloads run one
     # process pair per run
@@ -261,6 +262,14 @@ class Runner:
         self.last_scheduler: dict | None = None  # scheduler counters of the last window (tally systems)
         self.worker_starts: list[tuple[str, str, str]] = []  # (group, role, ref) of reused workers started
         self._baseline_failures: dict[str, str] = {}  # baseline path -> reason (reuse mode)
+        self.last_agent_stats: dict | None = None  # the BE agent's stats file of the last one-shot run
+        self.last_be_handle = None  # the BE worker of the last window (reuse mode)
+        self._worker_stats_dirs: dict[int, Path] = {}  # reused worker pid -> its agent stats dir
+        self._stats_pending: list[tuple[Path, object]] = []  # (run JSON, BE worker handle): stats at its exit
+
+    def _make_system(self, name: str) -> systems_mod.System:
+        return systems_mod.make_system(name, self.config.mps_split_percent, self.config.mps_factory,
+                                       self.config.tally_command)
 
     # ---- paths
     def capacity_path(self, hp: str) -> Path:
@@ -290,13 +299,51 @@ class Runner:
             argv += ["--option", option]
         return argv + extra
 
-    def _spawn_worker(self, system: systems_mod.System, role: str, argv: list[str], log: Path) -> subprocess.Popen:
-        launch = system.launch(role)
-        env = dict(os.environ)
+    def _spawn_worker(self, system: systems_mod.System, role: str, argv: list[str], log: Path,
+                      ref: str | None = None, stats_dir: Path | None = None,
+                      prep_dir: Path | None = None) -> subprocess.Popen:
+        """Start a worker under `system`; a system that prepares per workload (tally-block) does so
+        first, in `prep_dir` (RunFailed with its one-line reason when that fails)."""
+        if ref is not None and system.needs_preparation(role):
+            self._prepare_role(system, role, ref, prep_dir or log.parent / f"blocksched__{_slug(ref)}")
+        if stats_dir is not None:
+            shutil.rmtree(stats_dir, ignore_errors=True)
+            stats_dir.mkdir(parents=True)
+        try:
+            launch = system.launch(role, ref=ref, stats_dir=stats_dir)
+        except TallyError as exc:
+            raise RunFailed(str(exc)) from None
+        env = {k: v for k, v in os.environ.items() if k not in launch.unset}
         env.update(launch.env)
         if role != "hp":
             env.pop(systems_mod.HP_STREAM_PRIORITY_ENV, None)
         return self.processes.spawn(launch.prefix + argv, env, log)
+
+    def _prepare_role(self, system: systems_mod.System, role: str, ref: str, workdir: Path) -> None:
+        """The system's preparation of `role` running `ref` (tally-block: capture run + blocksched prepare);
+        its commands run as the runner's children (own session, killed as a group on timeout or Ctrl-C)."""
+
+        def execute(argv: list[str], env: dict, log: Path, timeout_s: float) -> int:
+            full = dict(os.environ)
+            full.update(env)
+            if role != "hp":
+                full.pop(systems_mod.HP_STREAM_PRIORITY_ENV, None)
+            proc = self.processes.spawn([str(a) for a in argv], full, log)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.processes.stop(proc, self.config.stop_grace_s)
+                raise TallyError(f"{system.name}: `{_command_name(argv)}` did not finish within {timeout_s:g} s: "
+                                 f"{_last_line(log)}") from None
+            self.processes.stop(proc, 0)  # reaped; whatever it left in its group goes too
+            return proc.returncode
+
+        worker_argv = self._worker_argv(ref, role, workdir / f"capture-{role}.json", [])
+        self.say(f"{ref}: preparing for {system.name}")
+        try:
+            system.prepare_role(role, ref, workdir, worker_argv, execute, self.config.start_timeout_s + 120)
+        except TallyError as exc:
+            raise RunFailed(str(exc)) from None
 
     def _wait_ready(self, waiting: dict[str, tuple[subprocess.Popen, Path, Path]], timeout_s: float) -> None:
         """Wait until every worker wrote its ready file; fail fast if one exits."""
@@ -467,7 +514,7 @@ class Runner:
                 return cached
         base = {"key": key.__dict__, "run_id": key.run_id, "created": _dt.datetime.now().isoformat(timespec="seconds"),
                 "duration_s": self.config.duration_s}
-        system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
+        system = self._make_system(key.system)
         base["system"] = system.describe()
         if key.system == "standalone":
             summary = self._standalone_summary(key, base, pool)
@@ -484,6 +531,10 @@ class Runner:
             hp_result, be_result, samples = self._colocated(key, system)
             summary = self._summarize(key, base, hp_result, be_result, hp_alone, be_alone, samples)
             summary["scheduler"] = self.last_scheduler
+            if system.agent_stats:
+                summary.update(agent_fields(self.last_agent_stats, "process"))
+            if isinstance(system, systems_mod.TallyBlock):
+                summary["system"] = system.describe()  # with the plan it ran
             summary["timing"] = {**(self.last_timing or {}),
                                  "hp_build_s": hp_result.get("build_s"), "be_build_s": be_result.get("build_s"),
                                  "hp_warmup_s": (hp_result.get("warmup") or {}).get("seconds"),
@@ -505,6 +556,7 @@ class Runner:
         self.say(f"{key.hp} + {key.be} under {key.system}")
         marks = {"begin": now()}
         self.last_timing = None
+        self.last_agent_stats = None
         with ExitStack() as stack:
             # LIFO: processes die before the system (an MPS quit waits for its clients)
             stack.callback(lambda: marks.setdefault("down", now()))
@@ -512,8 +564,10 @@ class Runner:
             system.start()
             marks["system_up"] = now()
             stack.callback(self.processes.stop_all, self.config.stop_grace_s)
-            be = self._spawn_worker(system, "be", be_argv, raw / "be.log")
-            hp = self._spawn_worker(system, "hp", hp_argv, raw / "hp.log")
+            stats_dir = raw / "agent-stats" if system.agent_stats else None
+            be = self._spawn_worker(system, "be", be_argv, raw / "be.log", ref=key.be, stats_dir=stats_dir,
+                                    prep_dir=raw / "blocksched")
+            hp = self._spawn_worker(system, "hp", hp_argv, raw / "hp.log", ref=key.hp, prep_dir=raw / "blocksched-hp")
             self._wait_ready({"be": (be, raw / "be.ready", raw / "be.log"),
                               "hp": (hp, raw / "hp.ready", raw / "hp.log")}, self.config.start_timeout_s)
             sampler = self._sampler(stack)
@@ -532,6 +586,9 @@ class Runner:
                 raise RunFailed(f"be worker exited (status {be.returncode}) during the run: {_last_line(raw / 'be.log')}")
             self.processes.stop(be, self.config.stop_grace_s)
             samples = list(sampler.samples) if sampler else []
+            if stats_dir is not None:
+                # the agent wrote it at the BE process's exit (tally run execs: the worker's pid)
+                self.last_agent_stats = read_agent_stats(stats_dir, be.pid)
         self.last_timing = run_timing(marks, _ready_time(raw / "hp.ready"), _ready_time(raw / "be.ready"))
         if rc != 0:
             raise RunFailed(f"hp worker failed (status {rc}): {_last_line(raw / 'hp.log')}")
@@ -618,12 +675,14 @@ class Runner:
         hp_loads = {(k.hp, k.load) for k in keys}
         bes = {k.be for k in keys}
         colocated = [k for k in keys if k.system not in ("standalone",)
-                     and systems_mod.make_system(k.system).unavailable_reason() is None]
+                     and self._make_system(k.system).unavailable_reason() is None]
         total = sum(o.startup(hp) + c.capacity_s + o.teardown_s for hp in hps)
         total += sum(o.startup(hp) + c.duration_s + o.tail_s + o.teardown_s for hp, _ in hp_loads)
         total += sum(o.startup(be) + c.duration_s + o.teardown_s for be in bes)
         total += sum(o.system_s(k.system) + max(o.startup(k.hp), o.startup(k.be)) + c.duration_s + o.tail_s
                      + o.teardown_s for k in colocated)
+        total += sum(o.startup(k.be) + 1.0 + o.prepare_s for k in colocated
+                     if self._make_system(k.system).needs_preparation("be"))
         return total
 
     def _plan_reused(self, keys: list[RunKey], o: "Overheads") -> float:
@@ -636,6 +695,8 @@ class Runner:
         for group in groups:
             if group.system != "standalone":
                 total += o.system_s(group.system)
+                if self._make_system(group.system).needs_preparation("be"):
+                    total += sum(o.startup(be) + 1.0 + o.prepare_s for be in dict.fromkeys(k.be for k in group.keys))
             live: list[tuple[str, str]] = []
 
             def need(wanted: list[tuple[str, str]]) -> float:
@@ -711,7 +772,13 @@ class Runner:
     def _open_pool(self, group: "Group", system: systems_mod.System) -> WorkerPool:
         def spawn(role: str, ref: str, control: Path, log: Path) -> subprocess.Popen:
             self.worker_starts.append((group.label, role, ref))
-            return self._spawn_worker(system, role, self._session_argv(ref, role, control), log)
+            stats_dir = control.with_name(control.name + ".agent-stats") if role == "be" and system.agent_stats else None
+            proc = self._spawn_worker(system, role, self._session_argv(ref, role, control), log, ref=ref,
+                                      stats_dir=stats_dir,
+                                      prep_dir=control.parent / f"blocksched__{role}__{_slug(ref)}")
+            if stats_dir is not None:
+                self._worker_stats_dirs[proc.pid] = stats_dir
+            return proc
 
         return WorkerPool(spawn, self.processes.stop, self.out / "raw" / "workers" / system_slug(group.label),
                           group.cap, self.config.start_timeout_s, self.config.stop_grace_s, _last_line)
@@ -742,7 +809,7 @@ class Runner:
         for key in keys:
             done = skip_done and (_read_ok(self.run_path(key)) is not None
                                   or _read_ok(self.out / "runs" / f"{key.legacy_run_id}.json") is not None)
-            system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
+            system = self._make_system(key.system)
             if done or system.unavailable_reason() is not None:
                 immediate.append(key)
             else:
@@ -754,7 +821,7 @@ class Runner:
                 plain.keys.append(key)
                 continue
             if key.system not in groups:
-                system = systems_mod.make_system(key.system, self.config.mps_split_percent, self.config.mps_factory)
+                system = self._make_system(key.system)
                 cap = 1 if isinstance(system, systems_mod.Tally) else max(1, self.config.reuse_cap)
                 groups[key.system] = Group(key.system, key.system, [], cap)
             groups[key.system].keys.append(key)
@@ -789,7 +856,7 @@ class Runner:
         return [by_key[key] for key in keys]
 
     def _run_group(self, group: "Group", finish: Callable[[RunKey, dict, float], None]) -> None:
-        system = systems_mod.make_system(group.system, self.config.mps_split_percent, self.config.mps_factory)
+        system = self._make_system(group.system)
         t0 = now()
         try:
             system.start()
@@ -834,11 +901,32 @@ class Runner:
                     system_start_s = None
                 finish(key, summary, t1)
             pool.close()
+            self._attach_worker_stats()
         except BaseException:
             self.processes.stop_all(self.config.stop_grace_s)  # the clients die before their system
             raise
         finally:
             system.stop()
+
+    def _attach_worker_stats(self) -> None:
+        """Runs of reused BE workers get their agent's stats (written at the worker's exit, so they
+        cover its whole life: every window it ran, with their re-warm-ups)."""
+        pending, self._stats_pending = self._stats_pending, []
+        for run_path, handle in pending:
+            if handle is None or handle.alive():
+                continue
+            stats_dir = self._worker_stats_dirs.get(handle.proc.pid)
+            stats = read_agent_stats(stats_dir, handle.proc.pid) if stats_dir is not None else None
+            if stats is None:
+                continue
+            try:
+                run = json.loads(run_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if run.get("status") != "ok":
+                continue
+            run.update(agent_fields(stats, "worker", handle.windows))
+            _write(run_path, run)
 
     def _failed(self, key: RunKey, system: systems_mod.System, reason: str) -> dict:
         summary = {"key": key.__dict__, "run_id": key.run_id,
@@ -872,6 +960,13 @@ class Runner:
                                  "be_warmup_s": (be_result.get("warmup") or {}).get("seconds")}
             summary["worker_reused"] = {"hp": not started[("hp", key.hp)], "be": not started[("be", key.be)]}
             summary["workers"] = {"hp": hp_result.get("session"), "be": be_result.get("session")}
+            if system.agent_stats:
+                # the agent writes its stats when the BE worker exits (end of the group, or eviction):
+                # _attach_worker_stats fills these in then
+                summary.update(agent_fields(None, "worker"))
+                self._stats_pending.append((self.run_path(key), self.last_be_handle))
+            if isinstance(system, systems_mod.TallyBlock):
+                summary["system"] = system.describe()  # with the plan it ran
         except (RunFailed, TallyError) as exc:
             summary = {**base, "status": "failed", "reason": str(exc)}
         _write(self.run_path(key), summary)
@@ -884,6 +979,7 @@ class Runner:
         marks = {"begin": now()}
         started = self._pool_ensure(pool, [("hp", key.hp), ("be", key.be)])
         hp, be = pool.get("hp", key.hp), pool.get("be", key.be)
+        self.last_be_handle = be
         _write(raw / "workers.json", {"hp": {"pid": hp.proc.pid, "log": str(hp.log)},
                                       "be": {"pid": be.proc.pid, "log": str(be.log)}})
         go_file, stop_file = raw / "go", raw / "be.stop"
@@ -1025,7 +1121,7 @@ DEFAULT_STARTUP_S = {
     "bert-infer": 6.5, "llama-decode": 10.5, "resnet50-train": 16.0, "gpt2-train": 13.0,
 }
 DEFAULT_SYSTEM_START_S = {"time-slicing": 0.1, "mps": 1.2, "mps-priority": 1.2, "mps-split": 1.2,
-                          "tally": 2.2, "tgs": 2.2}
+                          "tally": 2.2, "tgs": 2.2, "tally-block": 2.2}
 
 
 @dataclass
@@ -1039,6 +1135,9 @@ class Overheads:
     # 0.25 s, both roles in parallel), BE stop at the next step boundary
     window_gap_s: float = 0.6
     parallel_start_s: float = 1.0  # each extra worker building at the same time (CPU/GPU contention)
+    # tally-block, per BE workload and group: the capture run (a worker startup + ~1 s of steps) and
+    # `tally blocksched prepare` (a guess; it depends on how many kernels the program loads)
+    prepare_s: float = 30.0
     source: str = "defaults"
 
     def startup(self, ref: str) -> float:
@@ -1117,6 +1216,32 @@ def collect_environment() -> dict:
         except (OSError, subprocess.TimeoutExpired, ValueError):
             pass
     return env
+
+
+def read_agent_stats(stats_dir: Path, pid: int) -> dict | None:
+    """The agent's stats file of process `pid` (written at its exit), or None."""
+    try:
+        data = json.loads((Path(stats_dir) / f"stats-{pid}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def agent_fields(stats: dict | None, scope: str, windows: int | None = None) -> dict:
+    """A run's `agent_stats` (the BE agent's stats file) and `blocksched` (its block-level counters,
+    metrics.blocksched_summary) entries; scope "process": the one-shot BE process of this run,
+    "worker": a reused BE worker's whole life (`windows` windows)."""
+    where = {"scope": scope, **({"windows": windows} if windows is not None else {})}
+    blocksched = metrics.blocksched_summary(stats)
+    return {"agent_stats": {"be": stats, **where} if stats is not None else None,
+            "blocksched": {**blocksched, **where} if blocksched is not None else None}
+
+
+def _command_name(argv: list) -> str:
+    words = [str(a) for a in argv]
+    if "-m" in words and words.index("-m") + 1 < len(words) and words[words.index("-m") + 1] == "tally":
+        words = ["tally"] + words[words.index("-m") + 2:]
+    return " ".join(words[:3])
 
 
 def _fresh_dir(path: Path) -> None:

@@ -13,7 +13,16 @@ each role's process gets (environment variables, a command prefix).
                  controller sets the BE launch rate; docs/scheduling.md)
   tally          `tally up` (daemon, its own MPS), each process under
                  `tally run --priority high|best-effort --`; `tally down` after
-  tally-block    tally with block-level scheduling: declared, unavailable yet
+  tally-block    tally with block-level scheduling: before its BE worker starts,
+                 the BE workload runs briefly under `tally run --save-modules`
+                 (capture), `tally blocksched prepare --modes slice --plan`
+                 transforms the kernels it loaded, and the BE worker runs under
+                 `tally run --priority best-effort --block-level --plan PLAN`
+                 (TallyBlock.prepare_role, called by the runner)
+
+Tally systems give the BE worker `tally run --stats-dir DIR`: the agent writes
+DIR/stats-<pid>.json when the process exits (launch counts and, with block-level
+scheduling, its "blocksched" counters; see tally.bench.metrics.blocksched_summary).
 """
 from __future__ import annotations
 
@@ -41,11 +50,19 @@ class RoleLaunch:
 
     env: dict[str, str] = field(default_factory=dict)
     prefix: list[str] = field(default_factory=list)
+    unset: tuple[str, ...] = ()  # variables of the runner's environment the worker must not get
+
+
+# execute(argv, env, log, timeout_s) -> exit status: runs one preparation command (the runner's: in
+# its own session, killed as a group on timeout or Ctrl-C, env on top of the runner's, output to log);
+# raises TallyError when it does not finish within timeout_s
+Execute = Callable[[list, dict, Path, float], int]
 
 
 class System:
     name = ""
     description = ""
+    agent_stats = False  # the BE worker gets an agent stats dir (tally run --stats-dir)
 
     def unavailable_reason(self) -> str | None:
         """None when the system can run; else why not (reported in outputs as 'not run')."""
@@ -57,8 +74,18 @@ class System:
     def stop(self) -> None:
         """Tear everything down; safe to call more than once and after a failed start."""
 
-    def launch(self, role: str) -> RoleLaunch:
+    def launch(self, role: str, ref: str | None = None, stats_dir: Path | None = None) -> RoleLaunch:
+        """What a worker of `role` running workload `ref` gets; `stats_dir`: where its agent writes
+        stats-<pid>.json (systems with agent_stats)."""
         return RoleLaunch()
+
+    def needs_preparation(self, role: str) -> bool:
+        """Whether a worker of `role` needs prepare_role() before launch() (per workload)."""
+        return False
+
+    def prepare_role(self, role: str, ref: str, workdir: Path, worker_argv: list[str], execute: Execute,
+                     capture_timeout_s: float) -> None:
+        """Prepare what launch(role, ref) needs (after start()); TallyError with a one-line reason."""
 
     def counters(self) -> dict[int, dict] | None:
         """Per-process scheduler counters keyed by pid (systems with a scheduler), else None."""
@@ -131,7 +158,7 @@ class Mps(System):
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
                 self._runtime_dir = None
 
-    def launch(self, role: str) -> RoleLaunch:
+    def launch(self, role: str, ref: str | None = None, stats_dir: Path | None = None) -> RoleLaunch:
         env = dict(self._client_env)
         if role == "hp" and self.hp_high_priority:
             env[HP_STREAM_PRIORITY_ENV] = "high"
@@ -157,6 +184,7 @@ class Tally(System):
 
     name = "tally"
     description = "tally daemon + agent, launch-level scheduling"
+    agent_stats = True
 
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
                  up_args: list[str] | None = None, name: str | None = None):
@@ -218,14 +246,218 @@ class Tally(System):
 
         return clients_by_pid(report)
 
-    def launch(self, role: str) -> RoleLaunch:
+    def launch(self, role: str, ref: str | None = None, stats_dir: Path | None = None) -> RoleLaunch:
         assert self._runtime_dir is not None, "start() first"
         priority = "high" if role == "hp" else "best-effort"
         return RoleLaunch(env={"TALLY_RUNTIME_DIR": str(self._runtime_dir)},
-                          prefix=self.tally_command + ["run", "--priority", priority, "--"])
+                          prefix=self.tally_command + ["run", "--priority", priority] + _stats_args(stats_dir) + ["--"])
 
 
-TALLY_BLOCK_REASON = "unavailable: needs block-level scheduling in the agent (PTX slicing/preemption not wired yet)"
+def _stats_args(stats_dir: Path | None) -> list[str]:
+    return ["--stats-dir", str(stats_dir)] if stats_dir is not None else []
+
+
+def block_level_missing() -> str | None:
+    """Why this installation of tally cannot run tally-block (None when it can): the system needs
+    `tally run --block-level --plan` and `tally blocksched prepare --modes --plan`."""
+    try:
+        from tally.blocksched.cli import blocksched_group
+        from tally.launcher import run_command
+    except ImportError as exc:
+        return f"unavailable: needs block-level scheduling, which cannot be imported: {exc}"
+
+    def options(command) -> set[str]:
+        return {opt for param in getattr(command, "params", []) for opt in getattr(param, "opts", [])}
+
+    missing = []
+    if not {"--block-level", "--plan"} <= options(run_command):
+        missing.append("`tally run --block-level --plan`")
+    if not {"--modes", "--plan"} <= options(blocksched_group.commands.get("prepare")):
+        missing.append("`tally blocksched prepare --modes --plan`")
+    if missing:
+        return f"unavailable: needs block-level scheduling in the CLI (this tally has no {' or '.join(missing)})"
+    return None
+
+
+_ARCH: list[str] = []
+
+
+def gpu_arch() -> str:
+    """sm_XY of GPU 0: from the CUDA driver (device 0 of CUDA_VISIBLE_DEVICES), else nvidia-smi's compute_cap."""
+    if _ARCH:
+        return _ARCH[0]
+    try:
+        from tally.bench.micro import device_arch
+
+        _ARCH.append(device_arch(0))
+        return _ARCH[0]
+    except (TallyError, OSError, AttributeError):
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader", "-i", "0"],
+                                 capture_output=True, text=True, timeout=30)
+            major, _, minor = out.stdout.strip().splitlines()[0].strip().partition(".")
+            if out.returncode == 0 and major.isdigit() and minor.isdigit():
+                _ARCH.append(f"sm_{major}{minor}")
+                return _ARCH[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            pass
+    raise TallyError("tally-block: cannot tell GPU 0's architecture (the CUDA driver did not answer and nvidia-smi "
+                     "has no compute_cap)")
+
+
+def _worker_error(worker_argv: list[str]) -> str | None:
+    """The error a bench worker wrote to its --result file, if it did."""
+    try:
+        result = Path(worker_argv[worker_argv.index("--result") + 1])
+        error = json.loads(result.read_text()).get("error")
+    except (ValueError, IndexError, OSError, AttributeError):
+        return None
+    return str(error).strip().splitlines()[-1][:400] if error else None
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip()[:400] if lines else "no output"
+
+
+class TallyBlock(Tally):
+    """tally with block-level scheduling, end to end through the CLI. Per BE workload, once per
+    system (group), before its worker starts (prepare_role):
+
+      1. capture: the BE worker runs a few steps under
+         `tally run --priority best-effort --save-modules --` with TALLY_CACHE_DIR=<dir>/cache,
+         so the agent saves the code images it loads to <dir>/cache/modules (no HP client needed);
+      2. prepare: `tally blocksched prepare --modules <dir>/cache/modules --compile sm_XY --modes slice
+         --plan <dir>/plan` (report in <dir>/prepare.log, at most prepare_timeout_s);
+      3. the measured BE worker: `tally run --priority best-effort --block-level --plan <dir>/plan
+         --stats-dir ... --` with the same TALLY_CACHE_DIR (transformed kernels, the program's profile).
+
+    A capture or prepare that fails fails the runs of that BE workload with a one-line reason
+    (never a silent launch-level run). HP workers are launched as under `tally`.
+    """
+
+    name = "tally-block"
+    description = ("tally daemon + agent, block-level scheduling: BE kernels captured (tally run --save-modules), "
+                   "prepared (tally blocksched prepare --modes slice) and run as slices (tally run --block-level)")
+
+    def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
+                 prepare_timeout_s: float = 300.0, capture_s: float = 1.0, capture_steps: int = 2,
+                 arch: str | None = None, name: str | None = None):
+        super().__init__(tally_command=tally_command, timeout_s=timeout_s, name=name or "tally-block")
+        self.prepare_timeout_s = prepare_timeout_s
+        self.capture_s = capture_s          # the capture run: warm-up steps, then this many seconds of steps
+        self.capture_steps = capture_steps
+        self.arch = arch
+        self._prepared: dict[str, Path | str] = {}  # BE ref -> its dir (with plan and cache), or why it failed
+        self._kernels: dict[str, int | None] = {}  # BE ref -> kernels in its plan (None: not known)
+
+    def unavailable_reason(self) -> str | None:
+        return block_level_missing()
+
+    def needs_preparation(self, role: str) -> bool:
+        return role == "be"
+
+    def capture_args(self, worker_argv: list[str]) -> list[str]:
+        """The worker's argv for the capture run: a few warm-up steps, then capture_s seconds of steps."""
+        return list(worker_argv) + ["--warmup-steps", str(self.capture_steps), "--warmup-s", "0",
+                                    "--duration", f"{self.capture_s:g}"]
+
+    def prepare_role(self, role: str, ref: str, workdir: Path, worker_argv: list[str], execute: Execute,
+                     capture_timeout_s: float) -> None:
+        if role != "be":
+            return
+        known = self._prepared.get(ref)
+        if isinstance(known, Path):
+            return
+        if isinstance(known, str):
+            raise TallyError(known)  # failed once in this group: the same reason, without a second attempt
+        try:
+            self._prepared[ref] = self._prepare(ref, Path(workdir), worker_argv, execute, capture_timeout_s)
+        except TallyError as exc:
+            self._prepared[ref] = str(exc)
+            raise
+
+    def _cache_env(self, workdir: Path) -> dict[str, str]:
+        assert self._runtime_dir is not None, "start() first"
+        return {"TALLY_RUNTIME_DIR": str(self._runtime_dir), "TALLY_CACHE_DIR": str(workdir / "cache")}
+
+    def _prepare(self, ref: str, workdir: Path, worker_argv: list[str], execute: Execute,
+                 capture_timeout_s: float) -> Path:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        env = self._cache_env(workdir)
+        modules = workdir / "cache" / "modules"
+        capture = self.tally_command + ["run", "--priority", "best-effort", "--save-modules", "--"]
+        log = workdir / "capture.log"
+        # TALLY_MODULE_DIR explicitly: `tally run --save-modules` keeps one the environment already has
+        rc = execute(capture + self.capture_args(worker_argv), {**env, "TALLY_MODULE_DIR": str(modules)}, log,
+                     capture_timeout_s)
+        if rc != 0:
+            raise TallyError(f"tally-block: the capture run of {ref} failed (status {rc}): "
+                             f"{_worker_error(worker_argv) or _last_line(log)}")
+        images = sorted(p for p in modules.iterdir() if p.is_file()) if modules.is_dir() else []
+        if not images:
+            raise TallyError(f"tally-block: the capture run of {ref} saved no code image in {modules} "
+                             "(did the agent run? see capture.log)")
+        arch = self.arch or gpu_arch()
+        plan = workdir / "plan"
+        log = workdir / "prepare.log"
+        argv = self.tally_command + ["blocksched", "prepare", "--modules", str(modules), "--compile", arch,
+                                     "--modes", "slice", "--plan", str(plan)]
+        rc = execute(argv, env, log, self.prepare_timeout_s)
+        if rc != 0:
+            raise TallyError(f"tally-block: `tally blocksched prepare` for {ref} failed (status {rc}): "
+                             f"{_last_line(log)}")
+        if not plan.is_file():
+            raise TallyError(f"tally-block: `tally blocksched prepare` for {ref} wrote no plan ({plan})")
+        kernels = plan_kernels(plan)
+        if kernels == 0:
+            # `tally run --block-level` would run every kernel whole: a launch-level run under this name
+            raise TallyError(f"tally-block: `tally blocksched prepare` put no kernel of {ref} in the plan "
+                             f"(nothing to slice; see {log})")
+        self._kernels[ref] = kernels
+        return workdir
+
+    def plan(self, ref: str) -> Path | None:
+        workdir = self._prepared.get(ref)
+        return workdir / "plan" if isinstance(workdir, Path) else None
+
+    def launch(self, role: str, ref: str | None = None, stats_dir: Path | None = None) -> RoleLaunch:
+        if role != "be":
+            return super().launch(role, ref, stats_dir)
+        workdir = self._prepared.get(ref) if ref is not None else None
+        if not isinstance(workdir, Path):
+            raise TallyError(f"tally-block: BE workload {ref} has no plan (prepare_role first)")
+        # no TALLY_MODULE_DIR: the agent would save every image the measured run loads
+        return RoleLaunch(env=self._cache_env(workdir),
+                          prefix=self.tally_command + ["run", "--priority", "best-effort", "--block-level",
+                                                       "--plan", str(workdir / "plan")]
+                          + _stats_args(stats_dir) + ["--"], unset=("TALLY_MODULE_DIR",))
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["plans"] = {ref: {"plan": str(v / "plan"), "kernels": self._kernels.get(ref)} if isinstance(v, Path)
+                        else {"failed": v} for ref, v in self._prepared.items()}
+        return out
+
+
+def plan_kernels(plan: Path) -> int | None:
+    """Kernels in a block-level plan (tally.blocksched.plan, checking that its cubins exist); None when
+    this tally cannot read plans; TallyError (one line) for a plan that does not read."""
+    try:
+        from tally.blocksched.plan import read_plan
+    except ImportError:
+        return None
+    try:
+        return len(read_plan(plan, check="exists").entries)
+    except TallyError as exc:
+        raise TallyError(f"tally-block: {exc}") from None
 
 
 # `tally up` options a bench system name may set: tally[budget-us=1000;idle-window-us=2000]
@@ -249,9 +481,14 @@ def tally_variant(name: str) -> Tally:
     return Tally(up_args=args, name=name)
 
 
-def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | None = None) -> System:
+def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | None = None,
+                tally_command: list[str] | None = None) -> System:
+    """`tally_command`: how tally systems call the CLI (default `python -m tally`; tests give a fake)."""
     if name.startswith("tally[") and name.endswith("]"):
-        return tally_variant(name)
+        variant = tally_variant(name)
+        if tally_command:
+            variant.tally_command = list(tally_command)
+        return variant
     if name == "standalone":
         return Standalone()
     if name == "time-slicing":
@@ -263,12 +500,12 @@ def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | 
     if name == "mps-split":
         return Mps("mps-split", be_thread_percent=mps_split_percent, mps_factory=mps_factory)
     if name == "tgs":
-        tgs = Tally(up_args=["--policy", "tgs"], name="tgs")
+        tgs = Tally(tally_command=tally_command, up_args=["--policy", "tgs"], name="tgs")
         tgs.description = ("TGS-style adaptive rate control of BE launches (NSDI'23): tally agent + daemon, "
                            "`tally up --policy tgs`")
         return tgs
     if name == "tally":
-        return Tally()
+        return Tally(tally_command=tally_command)
     if name == "tally-block":
-        return Unavailable("tally-block", "tally with block-level scheduling", TALLY_BLOCK_REASON)
+        return TallyBlock(tally_command=tally_command)
     raise TallyError(f"unknown system {name!r} (systems: {', '.join(SYSTEM_NAMES)})")

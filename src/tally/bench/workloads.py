@@ -104,6 +104,16 @@ REGISTRY: dict[str, WorkloadSpec] = {
         WorkloadSpec("micro-be", TRAIN, "4 back-to-back `work` kernels of 2112x256 threads (~1.07 ms each) per step",
                      1, "fp32", ("driver",), f"{_MICRO}:micro_be",
                      {"kernels_per_step": 4, "blocks": 2112, "threads": 256, "iters": 20000}),
+        # micro-be from PTX (the driver JITs it): the agent sees the PTX that block-level scheduling transforms
+        WorkloadSpec("micro-be-ptx", TRAIN, "micro-be loaded from PTX (driver JIT): 4 `work` kernels of 2112x256 "
+                     "threads (~1.07 ms each) per step",
+                     1, "fp32", ("ptx",), f"{_MICRO}:micro_be",
+                     {"kernels_per_step": 4, "blocks": 2112, "threads": 256, "iters": 20000, "image": "ptx"}),
+        # the same work per kernel in 16x the blocks of 1/16 the length: short blocks, fine slices
+        WorkloadSpec("micro-be-short", TRAIN, "micro-be's work per kernel in short blocks, from PTX: 4 `work` kernels "
+                     "of 33792x256 threads, iters 1250 (a block ~1/16 of micro-be's) per step",
+                     1, "fp32", ("ptx",), f"{_MICRO}:micro_be",
+                     {"kernels_per_step": 4, "blocks": 33792, "threads": 256, "iters": 1250, "image": "ptx"}),
         # ---- fakes for CPU tests: sleep instead of computing ----
         WorkloadSpec("fake-infer", INFER, "CPU test fake: a request sleeps service_ms (default 5 ms)",
                      1, "none", ("sleep",), "tally.bench.workloads:fake_factory", {"service_ms": 5.0},
