@@ -12,6 +12,9 @@
 
 #define TALLY_EXPORT __attribute__((visibility("default")))
 
+/* s as a JSON string literal (quoted, escaped). */
+void tally_json_string(FILE *f, const char *s);
+
 /* One warning line per reason class per process, prefixed "tally: warning: ". */
 void tally_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -498,22 +498,11 @@ CUresult tally_blocksched_launch(const struct tally_slice_kernel *sk, unsigned b
 
 struct tally_blocksched_stats *tally_blocksched_stats(void) { return &B.stats; }
 
-static void json_text(FILE *f, const char *s) {
-    fputc('"', f);
-    for (; s && *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
-        else if (c < 0x20) fprintf(f, "\\u%04x", c);
-        else fputc(c, f);
-    }
-    fputc('"', f);
-}
-
 void tally_blocksched_write_stats(FILE *f) {
     if (!B.enabled) return;
     struct tally_blocksched_stats *s = &B.stats;
     fputs(",\"blocksched\":{\"plan\":", f);
-    json_text(f, B.path);
+    tally_json_string(f, B.path);
     fprintf(f, ",\"plan_kernels\":%llu,\"sliced_launches\":%llu,\"slices\":%llu,\"unsliced_launches\":%llu,"
                "\"sliced_est_ns\":%llu,\"unsliced_est_ns\":%llu,\"not_in_plan\":%llu,\"unusable\":%llu,\"kernels\":[",
             (unsigned long long)s->plan_kernels, (unsigned long long)atomic_load(&s->sliced_launches),
@@ -527,13 +516,13 @@ void tally_blocksched_write_stats(FILE *f) {
         if (!sliced && !whole && k->state >= 0) continue; /* never launched */
         fputs(first ? "{\"entry\":" : ",{\"entry\":", f);
         first = 0;
-        json_text(f, k->entry);
+        tally_json_string(f, k->entry);
         fprintf(f, ",\"image\":\"%016llx\",\"sliced_launches\":%llu,\"slices\":%llu,\"whole_launches\":%llu,"
                    "\"usable\":%s,\"reason\":",
                 (unsigned long long)k->image_fnv, (unsigned long long)sliced,
                 (unsigned long long)atomic_load(&k->slices), (unsigned long long)whole,
                 k->state < 0 ? "false" : "true");
-        json_text(f, k->reason);
+        tally_json_string(f, k->reason);
         fputc('}', f);
     }
     fputs("]}", f);

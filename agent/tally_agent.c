@@ -265,7 +265,7 @@ static struct {
     uint64_t kernels_written;
 } trace = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-static void json_string(FILE *f, const char *s) {
+void tally_json_string(FILE *f, const char *s) {
     fputc('"', f);
     for (; s && *s; s++) {
         unsigned char c = (unsigned char)*s;
@@ -298,7 +298,7 @@ static void on_buffer_completed(CUcontext ctx, uint32_t stream_id, uint8_t *buff
             continue;
         const tally_ActivityKernelPrefix *k = record;
         fputs("{\"type\":\"kernel\",\"name\":", trace.out);
-        json_string(trace.out, k->name);
+        tally_json_string(trace.out, k->name);
         fprintf(trace.out,
                 ",\"grid\":[%d,%d,%d],\"block\":[%d,%d,%d],\"static_smem\":%d,\"dynamic_smem\":%d,"
                 "\"registers\":%u,\"device\":%u,\"context\":%u,\"stream\":%u,\"correlation\":%u,"
@@ -418,9 +418,9 @@ static void write_stats(void) {
     if (!f) return;
     fprintf(f, "{\"pid\":%d,\"active\":%s,\"failopen_reason\":", (int)getpid(),
             atomic_load(&active) ? "true" : "false");
-    json_string(f, failopen_reason);
+    tally_json_string(f, failopen_reason);
     fputs(",\"cupti\":", f);
-    json_string(f, cupti.path);
+    tally_json_string(f, cupti.path);
     fprintf(f, ",\"launch_callbacks\":%d,\"kernel_launches\":%llu,\"graph_launches\":%llu,"
                "\"callbacks\":%llu,\"trace_kernels\":%llu",
             n_launch_callbacks, (unsigned long long)kernels, (unsigned long long)graphs,
@@ -436,7 +436,7 @@ static void write_stats(void) {
         if (!n) continue;
         if (!first) fputc(',', f);
         first = 0;
-        json_string(f, callback_name[i]);
+        tally_json_string(f, callback_name[i]);
         fprintf(f, ":%llu", (unsigned long long)n);
     }
     fputc('}', f);
