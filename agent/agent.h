@@ -88,6 +88,10 @@ void tally_profiles_save(const struct tally_profile_entry *learned, size_t n);
 int tally_modules_init(void);
 /* Whether a driver entry point (by CUPTI callback name) loads an image from memory. */
 int tally_modules_is_load(const char *name);
+/* Whether it loads a module from a file (cuModuleLoad). */
+int tally_modules_is_file_load(const char *name);
+/* At the API exit of a load from a file: the same, with the file's bytes. */
+void tally_modules_loaded_file(const void *params, CUresult result);
 /* At the API exit of such a load (is_library: cuLibraryLoadData*, whose
  * handle is a CUlibrary): saves its image if the load succeeded, and tells
  * block-level scheduling which image a module came from. */

@@ -65,9 +65,12 @@ int tally_modules_init(void) {
     return 1;
 }
 
+/* cuModuleLoad(module, fname): PyTorch Inductor's static launcher loads
+ * every torch.compile kernel this way, from the cubin Triton cached. */
+int tally_modules_is_file_load(const char *name) { return name && strcmp(name, "cuModuleLoad") == 0; }
+
 int tally_modules_is_load(const char *name) {
-    /* Loads from a file (cuModuleLoad, cuLibraryLoadFromFile) are not here:
-     * their image is a file the Python side can read itself. Every entry point
+    /* Loads from a file are tally_modules_is_file_load's. Every entry point
      * below has the image as its second parameter, after the output handle. */
     static const char *const loads[] = {
         "cuModuleLoadData", "cuModuleLoadDataEx", "cuModuleLoadFatBinary", "cuLibraryLoadData",
@@ -259,6 +262,34 @@ void tally_modules_loaded(const void *params, CUresult result, int is_library) {
      * functions the runtime gets from them do not map back to a module
      * (cuFuncGetModule fails for them): their kernels are not sliced. */
     if (plan && p->handle_out) tally_blocksched_module_loaded(*(CUmodule *)p->handle_out, start, n);
+}
+
+/* A module loaded from a file: its bytes are the file's, read once more here
+ * (the driver has just read it; a file changed in between is a different
+ * image, matched to nothing). */
+void tally_modules_loaded_file(const void *params, CUresult result) {
+    int plan = tally_blocksched_enabled();
+    if ((!M.enabled && !plan) || result != CUDA_SUCCESS || !params) return;
+    const load_params_prefix *p = params;
+    const char *path = p->image;
+    if (!path) return;
+    if (M.enabled) atomic_fetch_add_explicit(&M.seen, 1, memory_order_relaxed);
+    FILE *f = fopen(path, "rb");
+    struct stat st;
+    unsigned char *bytes = NULL;
+    size_t n = 0;
+    if (f && fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= (off_t)MIN_IMAGE_BYTES &&
+        (uint64_t)st.st_size <= MAX_IMAGE_BYTES && (bytes = malloc((size_t)st.st_size)))
+        n = fread(bytes, 1, (size_t)st.st_size, f);
+    if (f) fclose(f);
+    if (!bytes || n != (size_t)st.st_size) {
+        free(bytes);
+        if (M.enabled) atomic_fetch_add_explicit(&M.failed, 1, memory_order_relaxed);
+        return;
+    }
+    if (M.enabled) save(bytes, n);
+    if (plan && p->handle_out) tally_blocksched_module_loaded(*(CUmodule *)p->handle_out, bytes, n);
+    free(bytes);
 }
 
 /* For tally's Python side and the tests: out = {images seen, written,

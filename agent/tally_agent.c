@@ -166,7 +166,7 @@ static uint8_t param_layout_of[MAX_CBID];
 static uint8_t per_thread_stream[MAX_CBID]; /* _ptsz: a NULL stream means the per-thread stream */
 static const char *callback_name[MAX_CBID];
 static _Atomic uint64_t launches_by_cbid[MAX_CBID];
-enum module_event { MODULE_NONE = 0, MODULE_LOAD, LIBRARY_LOAD, MODULE_UNLOAD };
+enum module_event { MODULE_NONE = 0, MODULE_LOAD, MODULE_LOAD_FILE, LIBRARY_LOAD, MODULE_UNLOAD };
 static uint8_t module_event_of[MAX_CBID]; /* see modules.c and blocksched.c */
 static uint8_t rewrite_of[MAX_CBID];      /* TALLY_REWRITE_*: launches block-level scheduling may rewrite */
 static int n_launch_callbacks;
@@ -365,7 +365,9 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
     if (module_event_of[cbid]) {
         if (d->callbackSite != CUPTI_API_EXIT) return;
         CUresult r = d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS;
-        if (module_event_of[cbid] == MODULE_UNLOAD) {
+        if (module_event_of[cbid] == MODULE_LOAD_FILE) {
+            tally_modules_loaded_file(d->functionParams, r);
+        } else if (module_event_of[cbid] == MODULE_UNLOAD) {
             /* cuModuleUnload's only parameter is the module */
             if (r == CUDA_SUCCESS && d->functionParams) tally_blocksched_module_unloaded(*(CUmodule const *)d->functionParams);
         } else {
@@ -538,6 +540,11 @@ static void initialize(void) {
         if ((save_modules || plan) && tally_modules_is_load(name)) {
             if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
                 module_event_of[cbid] = strncmp(name, "cuLibrary", 9) == 0 ? LIBRARY_LOAD : MODULE_LOAD;
+            continue;
+        }
+        if ((save_modules || plan) && tally_modules_is_file_load(name)) {
+            if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
+                module_event_of[cbid] = MODULE_LOAD_FILE;
             continue;
         }
         if (plan && strcmp(name, "cuModuleUnload") == 0) {

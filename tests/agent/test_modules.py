@@ -22,7 +22,8 @@ import pytest
 from test_agent import assert_app_completed, driver_cbid_table
 
 LOAD_APIS = {"data": "cuModuleLoadData", "data_ex": "cuModuleLoadDataEx",
-             "fatbin": "cuModuleLoadFatBinary", "library": "cuLibraryLoadData"}
+             "fatbin": "cuModuleLoadFatBinary", "library": "cuLibraryLoadData",
+             "file": "cuModuleLoad"}  # from a file: how PyTorch Inductor loads torch.compile kernels
 WARNING_TAIL = "kernels of this program keep launch-level scheduling"
 
 
@@ -199,6 +200,17 @@ def test_concurrent_loads_leave_one_complete_file(run_app, module_env, tmp_path)
     assert saved(d) == {image_name(cubin): cubin}  # and no temporary file left behind
     seen, written, present, failed = module_stats(r)
     assert seen == 8 and failed == 0 and written >= 1 and written + present == 8
+
+
+def test_a_cubin_loaded_from_a_file_is_saved_whole(run_app, module_env, tmp_path):
+    d, env = module_env
+    cubin = elf64_cubin(3000)
+    src = write_image(tmp_path, "add.cubin", cubin)
+    r = run_app(f"load:file:{src}", f"load:file:{tmp_path / 'missing.cubin'}", "module_stats", env=env)
+    assert_app_completed(r)
+    assert r.values["load0"] == "0" and r.values["load1"] != "0"
+    assert saved(d) == {image_name(cubin): cubin}
+    assert module_stats(r) == (1, 1, 0, 0)
 
 
 def test_failed_loads_are_not_saved(run_app, module_env, tmp_path):

@@ -106,6 +106,7 @@ CUresult cuLaunchHostFunc(CUstream, CUhostFn, void *);
 CUresult cuLaunchHostFunc_ptsz(CUstream, CUhostFn, void *);
 CUresult cuModuleLoadData(CUmodule *, const void *);
 CUresult cuModuleUnload(CUmodule);
+CUresult cuModuleLoad(CUmodule *, const char *);
 CUresult cuModuleLoadDataEx(CUmodule *, const void *, unsigned int, CUjit_option *, void **);
 CUresult cuModuleLoadFatBinary(CUmodule *, const void *);
 CUresult cuLibraryLoadData(CUlibrary *, const void *, CUjit_option *, void **, unsigned int, CUlibraryOption *,
@@ -435,6 +436,7 @@ static CUresult load_image(const struct load_step *l) {
     CUlibrary lib = NULL;
     CUresult r;
     if (!strcmp(l->api, "data")) r = cuModuleLoadData(&m, l->image);
+    else if (!strcmp(l->api, "file")) r = cuModuleLoad(&m, l->image);
     else if (!strcmp(l->api, "data_ex")) r = cuModuleLoadDataEx(&m, l->image, 0, NULL, NULL);
     else if (!strcmp(l->api, "fatbin")) r = cuModuleLoadFatBinary(&m, l->image);
     else if (!strcmp(l->api, "library")) r = cuLibraryLoadData(&lib, l->image, NULL, NULL, 0, NULL, NULL, 0);
@@ -450,6 +452,10 @@ static CUresult load_image(const struct load_step *l) {
 static int parse_load(const char *arg, struct load_step *l) {
     char path[4096], opts[16] = "";
     if (sscanf(arg, "%15[^:]:%4095[^:]:%15s", l->api, path, opts) < 2) return 0;
+    if (!strcmp(l->api, "file")) { /* cuModuleLoad takes the path */
+        l->image = strdup(path);
+        return 1;
+    }
     l->image = guarded_copy(path, strchr(opts, 'n') != NULL);
     if (strchr(opts, 'w')) {
         struct fatbin_wrapper *w = calloc(1, sizeof *w);

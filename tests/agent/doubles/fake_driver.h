@@ -34,6 +34,7 @@ typedef struct { char bytes[16]; } CUuuid;
 #define CUDA_ERROR_INVALID_VALUE 1
 #define CUDA_ERROR_OUT_OF_MEMORY 2
 #define CUDA_ERROR_NOT_INITIALIZED 3
+#define CUDA_ERROR_FILE_NOT_FOUND 301
 #define CUDA_ERROR_NOT_FOUND 500
 #define CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED 712
 #define CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED 713
@@ -133,6 +134,7 @@ typedef struct {
 } cuModuleLoadDataEx_params;
 typedef struct { CUmodule *module; const void *fatCubin; } cuModuleLoadFatBinary_params;
 typedef struct { CUmodule hmod; } cuModuleUnload_params;
+typedef struct { CUmodule *module; const char *fname; } cuModuleLoad_params;
 typedef struct {
     CUlibrary *library;
     const void *code;
@@ -149,6 +151,7 @@ enum {
     FAKE_CBID_cuInit = 1,
     FAKE_CBID_cuDriverGetVersion = 2,
     FAKE_CBID_cuCtxSynchronize = 17,
+    FAKE_CBID_cuModuleLoad = 18,
     FAKE_CBID_cuModuleLoadData = 19,
     FAKE_CBID_cuModuleLoadDataEx = 20,
     FAKE_CBID_cuModuleLoadFatBinary = 21,
