@@ -18,7 +18,7 @@ from tally.blocksched import plan as planmod
 from tally.blocksched.cache import KernelCache
 from tally.blocksched.cli import blocksched_group
 from tally.blocksched.plan import HEADER, PlanEntry, plan_text, read_plan
-from tally.blocksched.prepare import image_name, module_globals, prepare
+from tally.blocksched.prepare import image_name, module_globals, prepare, referenced_globals
 from tally.errors import TallyError
 from tally.files import fnv1a64
 from tally.ptx.parse import parse
@@ -50,8 +50,13 @@ def with_target(text: str, target: str) -> str:
     return re.sub(r"^\.target\s+\S+", f".target {target}", text, count=1, flags=re.M)
 
 
-def with_global(text: str) -> str:
-    return text.replace(".address_size 64", ".address_size 64\n\n.global .align 4 .u32 counter = 7;", 1)
+def with_global(text: str, used: bool = True) -> str:
+    """PTX with a module-scope variable `counter`, which saxpy reads (unless used=False)."""
+    text = text.replace(".address_size 64", ".address_size 64\n\n.global .align 4 .u32 counter = 7;", 1)
+    if used:
+        text = text.replace("ld.param.u32 \t%r2, [saxpy_param_3];",
+                            "ld.param.u32 \t%r2, [saxpy_param_3];\n\tld.global.u32 \t%r2, [counter];", 1)
+    return text
 
 
 def many_entries(n: int) -> str:
@@ -268,12 +273,13 @@ def test_prepare_writes_the_plan_and_its_cubins(tmp_path, fake_ptxas):
         assert f"{fnv1a64(Path(e.cubin).read_bytes()):016x}" == e.cubin_fnv
     excluded = {(k.image, k.entry): k.reason for k in report.plan_kernels if not k.included}
     assert "grid-wide sync" in excluded[(refused, "grid_sync")] and excluded[(refused, "grid_sync")].startswith("slice: ")
-    for name in ("saxpy", "add_2d"):
+    for name in ("saxpy", "add_2d"):  # saxpy reads `counter`: its whole module is left out
         assert "module-scope .global/.const variable(s) (counter)" in excluded[(globals_, name)]
-    assert "(_$_str)" in excluded[(gelu, "elementwise_gelu")]
-    assert not any(e.image in (globals_, gelu) for e in plan.entries)
+    assert not any(e.image == globals_ for e in plan.entries)
+    # Triton's `_$_str`, which no instruction uses, keeps nothing out
+    assert (gelu, "elementwise_gelu") in by_kernel
     lines = report.lines()
-    assert any(line.startswith(f"{globals_} ptx image: saxpy: not in the plan: its module declares") for line in lines)
+    assert any(line.startswith(f"{globals_} ptx image: saxpy: not in the plan: its module's code uses") for line in lines)
     assert f"plan {plan_path}: {len(plan.entries)} kernel(s), {len(excluded)} left out" in lines[-1]
     data = json.loads(json.dumps(report.to_dict()))
     assert data["plan"] == str(plan_path) and data["summary"]["plan_kernels"] == len(plan.entries)
@@ -285,6 +291,20 @@ def test_prepare_writes_the_plan_and_its_cubins(tmp_path, fake_ptxas):
     again = prepare(d, KernelCache(tmp_path / "k"), modes=["slice"], triton_dirs=[], compile_arch="sm_90",
                     plan_path=plan_path)
     assert again.all_cache_hits and len(fake_ptxas()) == calls and plan_path.read_bytes() == before
+
+
+def test_referenced_globals():
+    assert referenced_globals(parse(with_global(PTX, used=False)), ["counter"]) == []
+    assert referenced_globals(parse(with_global(PTX)), ["counter"]) == ["counter"]
+    assert referenced_globals(parse(TRITON_GLOBALS), ["_$_str"]) == []
+    # another variable's initializer counts as a use; a longer name that starts alike does not
+    text = with_global(PTX, used=False).replace(
+        ".global .align 4 .u32 counter = 7;",
+        ".global .align 4 .u32 counter = 7;\n.global .align 8 .u64 where = generic(counter);\n"
+        ".global .align 4 .u32 counter2;", 1)
+    names = module_globals(parse(text))
+    assert names == ["counter", "where", "counter2"]
+    assert referenced_globals(parse(text), names) == ["counter"]
 
 
 def test_module_globals():

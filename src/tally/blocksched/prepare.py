@@ -373,7 +373,7 @@ class _Run:
             module = parse(text)
             report.entries = [f.name for f in module.entries]
             report.target = module_target(text)
-            report.globals = module_globals(module)
+            report.globals = referenced_globals(module, module_globals(module))
             # what makes ptxas.assemble build relocatable code (-c), which cuModuleLoadData does not load
             report.externs = list(dict.fromkeys(re.findall(r"^\s*\.extern\s+\.func\s*(?:\([^)]*\)\s*)?([\w$]+)",
                                                            text, re.M)))
@@ -475,7 +475,7 @@ class _Run:
                 k.reason = f"slice: {slice_outcome.refused[f.name]}"
             elif report.globals:
                 shown = ", ".join(report.globals[:3]) + (", ..." if len(report.globals) > 3 else "")
-                k.reason = (f"its module declares {len(report.globals)} module-scope .global/.const "
+                k.reason = (f"its module's code uses {len(report.globals)} module-scope .global/.const "
                             f"variable(s) ({shown}): a second copy of the module would not share their values")
             elif report.externs:
                 k.reason = (f"its module declares external functions ({', '.join(report.externs[:3])}): "
@@ -566,19 +566,47 @@ def module_globals(module) -> list[str]:
 
     found = []
     for item in module.items:
-        if item.kind != "other":
-            continue
-        text = strip_comments(module.text[item.start:item.end])
-        tokens = text.split()
-        while tokens and tokens[0] in (".visible", ".extern", ".weak", ".common"):
-            tokens.pop(0)
-        if not tokens or tokens[0] not in (".global", ".const"):
-            continue
-        head = text.split("=", 1)[0].rstrip().rstrip(";")
-        head = re.sub(r"(\s*\[[^\]]*\])+\s*$", "", head)
-        name = re.search(r"([A-Za-z_$%][\w$]*)\s*$", head)
-        found.append(name.group(1) if name else tokens[0])
+        if item.kind == "other":
+            name = _declared_variable(strip_comments(module.text[item.start:item.end]))
+            if name:
+                found.append(name)
     return found
+
+
+def _declared_variable(text: str) -> str | None:
+    """The name a module-scope `.global`/`.const` declaration declares, or None for other text."""
+    tokens = text.split()
+    while tokens and tokens[0] in (".visible", ".extern", ".weak", ".common"):
+        tokens.pop(0)
+    if not tokens or tokens[0] not in (".global", ".const"):
+        return None
+    head = text.split("=", 1)[0].rstrip().rstrip(";")
+    head = re.sub(r"(\s*\[[^\]]*\])+\s*$", "", head)
+    name = re.search(r"([A-Za-z_$%][\w$]*)\s*$", head)
+    return name.group(1) if name else tokens[0]
+
+
+def referenced_globals(module, names: list[str]) -> list[str]:
+    """Those of `names` (module-scope variables) that anything else in the module mentions: a
+    function body, or another variable's initializer. A variable nothing mentions cannot
+    change what the module's kernels compute, whatever its copy holds (Triton's libdevice
+    kernels carry such a one, `_$_str` = "__CUDA_FTZ", left over from __nvvm_reflect)."""
+    from tally.ptx.parse import strip_comments
+
+    if not names:
+        return []
+    found = set()
+    for item in module.items:
+        text = strip_comments(module.text[item.start:item.end])
+        for name in names:
+            if name in found or name not in text:
+                continue
+            uses = re.findall(rf"(?<![\w$%.]){re.escape(name)}(?![\w$])", text)
+            # the variable's own declaration mentions it once
+            declares = item.kind == "other" and _declared_variable(text) == name
+            if len(uses) > (1 if declares else 0):
+                found.add(name)
+    return [n for n in names if n in found]
 
 
 def transform_all(module, mode: str) -> tuple[_Outcome, str]:
