@@ -58,6 +58,9 @@ for prog in ${MC_PROGRAMS:-cupy triton compile eager}; do
         --modes slice --plan "$out/plan-$prog" --json \
         > "$out/prepare-$prog.json" 2> "$out/prepare-$prog.err"
     echo "  prepare rc=$? in $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
+    # which cubins Triton and Inductor cached (an ELF image is matched to its PTX by these)
+    find "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" -name '*.cubin' -printf '%s %p\n' 2>/dev/null | sort \
+        > "$out/cached-cubins-$prog.txt"
     python3 - "$out/prepare-$prog.json" <<'PY'
 import collections, json, sys
 try:
