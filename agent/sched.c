@@ -227,6 +227,7 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
         __atomic_store_n(&s->slo_p99_ns, S.slo_p99_ns, __ATOMIC_RELAXED);
         __atomic_store_n(&s->busy_start_ns, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&s->busy_periods, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->sliced_launches, 0, __ATOMIC_RELAXED);
         memset(tally_sb_slo_at(h, i), 0, TALLY_SB_SLO_SIZE); /* request latencies of a previous owner */
         memset(s->comm, 0, sizeof s->comm);
         FILE *f = fopen("/proc/self/comm", "r");
@@ -800,6 +801,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     *a.args = args;
     struct tally_blocksched_stats *st = tally_blocksched_stats();
     atomic_fetch_add_explicit(&st->sliced_launches, 1, memory_order_relaxed);
+    if (S.slot) __atomic_fetch_add(&S.slot->sliced_launches, 1, __ATOMIC_RELAXED); /* for tally status */
     atomic_fetch_add_explicit(&st->slices, n, memory_order_relaxed);
     atomic_fetch_add_explicit(&st->sliced_est_ns, est_sum, memory_order_relaxed);
     tally_blocksched_count(&sk, n, NULL);

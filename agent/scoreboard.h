@@ -146,7 +146,7 @@ struct tally_sb_slot {
     uint64_t slo_p99_ns;                     /* @96  agent: HP: the p99 latency target (TALLY_SLO_P99_MS), set at claim; 0 = none */
     uint64_t busy_start_ns;                  /* @104 agent: HP: CLOCK_MONOTONIC ns of the first launch of the current busy period (the SLO proxy) */
     uint64_t busy_periods;                   /* @112 agent: HP: busy periods started (a launch with nothing in flight after > idle_window_ns without launches) */
-    uint8_t _pad120[8];
+    uint64_t sliced_launches;                /* @120 agent: BE: launches run as slices of a transformed kernel (block-level scheduling) */
     struct tally_sb_lane lanes[TALLY_SB_MAX_LANES]; /* @128 agent/gpu: per-stream sequence numbers */
 };
 _Static_assert(sizeof(struct tally_sb_slot) == 384, "tally_sb_slot size");
@@ -166,6 +166,7 @@ _Static_assert(offsetof(struct tally_sb_slot, pid_start_ticks) == 88, "tally_sb_
 _Static_assert(offsetof(struct tally_sb_slot, slo_p99_ns) == 96, "tally_sb_slot.slo_p99_ns offset");
 _Static_assert(offsetof(struct tally_sb_slot, busy_start_ns) == 104, "tally_sb_slot.busy_start_ns offset");
 _Static_assert(offsetof(struct tally_sb_slot, busy_periods) == 112, "tally_sb_slot.busy_periods offset");
+_Static_assert(offsetof(struct tally_sb_slot, sliced_launches) == 120, "tally_sb_slot.sliced_launches offset");
 _Static_assert(offsetof(struct tally_sb_slot, lanes) == 128, "tally_sb_slot.lanes offset");
 
 /* SLO mode's state, at the start of the SLO area (monitoring: read by status and metrics, not by agents). */

@@ -243,6 +243,8 @@ SLOT = _struct("tally_sb_slot", 384, "One client process.", [
      "HP: CLOCK_MONOTONIC ns of the first launch of the current busy period (the SLO proxy)"),
     (112, "busy_periods", "u64", 1, "agent",
      "HP: busy periods started (a launch with nothing in flight after > idle_window_ns without launches)"),
+    (120, "sliced_launches", "u64", 1, "agent",
+     "BE: launches run as slices of a transformed kernel (block-level scheduling)"),
     # lines 2-5
     (128, "lanes", "tally_sb_lane", MAX_LANES, "agent/gpu", "per-stream sequence numbers"),
 ])

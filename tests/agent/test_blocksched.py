@@ -265,3 +265,18 @@ def test_an_unloaded_module_is_forgotten(daemon, run_app, tmp_path):
     i = names.index(ENTRY)
     assert names[i:i + 2] == [ENTRY, ENTRY]
     assert len(slices_of(recs[:i], (64, 1, 1))) == 3 and len(slices_of(recs[i + 2:], (64, 1, 1))) == 4
+
+
+def test_the_scoreboard_counts_sliced_launches_for_tally_status(daemon, spawn_app, tmp_path):
+    from test_sched import inspect_while_alive
+
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    throttle_be(daemon.sb, 500_000)
+    (client, _), r = inspect_while_alive(
+        daemon, spawn_app, tmp_path,
+        [f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:3:64:1:128:200:kernel", "sync", "records"],
+        "best-effort", env={"TALLY_BLOCKSCHED_PLAN": str(write_plan(tmp_path))})
+    completed_ok(r)
+    sliced = len(slices_of(records(r), (64, 1, 1)))
+    assert sliced >= 1 and client["sliced_launches"] == sliced == r.stats()["blocksched"]["sliced_launches"]

@@ -57,14 +57,15 @@ def test_status_shows_clients_and_json(tally_env):
         slot = board.claim_slot(os.getpid(), sb.PRIORITY_HIGH, comm="pytest")
         board.slot_set(slot, "launches", 1234)
         board.slot_set(slot, "held_ns", 2_500_000)
+        board.slot_set(slot, "sliced_launches", 77)
         import json
         result = tally_env.tally("status", "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
         assert report["daemon"]["pid"] == state["pid"]
         clients = report["gpus"][1]["clients"]
-        assert [(c["pid"], c["priority"], c["launches"], c["held_ms"]) for c in clients] == [
-            (os.getpid(), "high", 1234, 2.5)]
+        assert [(c["pid"], c["priority"], c["launches"], c["held_ms"], c["sliced_launches"]) for c in clients] == [
+            (os.getpid(), "high", 1234, 2.5, 77)]
         assert "pytest" in clients[0]["command"] or "python" in clients[0]["command"]
         assert report["gpus"][0]["clients"] == []
         table = tally_env.tally("status", env={"COLUMNS": "200"})

@@ -158,7 +158,7 @@ def be_rate(be_result: dict, window: tuple[float, float] | None = None) -> float
     return rate_in_window(steps, float(start), window)
 
 
-SCHEDULER_COUNTERS = ("launches", "graph_launches", "held_ms", "held_launches", "long_kernels")
+SCHEDULER_COUNTERS = ("launches", "graph_launches", "held_ms", "held_launches", "long_kernels", "sliced_launches")
 
 
 def scheduler_delta(before: dict | None, after: dict | None, pids: dict[str, int]) -> dict | None:

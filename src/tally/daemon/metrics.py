@@ -24,6 +24,8 @@ CLIENT_METRICS = [
     (CounterMetricFamily, "tally_client_held_launches", "BE launches that were held", "held_launches", 1),
     (CounterMetricFamily, "tally_client_long_kernels", "BE kernels admitted alone (estimate over the budget)",
      "long_kernels", 1),
+    (CounterMetricFamily, "tally_client_sliced_launches", "BE launches run as slices (block-level scheduling)",
+     "sliced_launches", 1),
     (GaugeMetricFamily, "tally_client_in_flight", "Launches not yet completed", "in_flight", 1),
     (GaugeMetricFamily, "tally_client_failopen", "Nonzero if the agent failed open", "failopen", 1),
     (GaugeMetricFamily, "tally_client_slo_p99_target_seconds", "HP p99 latency target (0 = none)", "slo_p99_ns",
