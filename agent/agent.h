@@ -17,6 +17,8 @@ void tally_json_string(FILE *f, const char *s);
 
 /* One warning line per reason class per process, prefixed "tally: warning: ". */
 void tally_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The same, for a part of the agent with its own one warning (*flag). */
+void tally_warn_once(atomic_int *flag, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static inline uint64_t tally_now_ns(void) {
     struct timespec ts;

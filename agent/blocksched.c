@@ -103,16 +103,7 @@ int tally_blocksched_internal(void) { return in_internal_call; }
 
 int tally_blocksched_enabled(void) { return B.enabled; }
 
-static void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void warn(const char *fmt, ...) {
-    if (atomic_exchange(&B.warned, 1)) return;
-    char line[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "tally: warning: block-level scheduling: %s\n", line);
-}
+#define warn(fmt, ...) tally_warn_once(&B.warned, "block-level scheduling: " fmt, ##__VA_ARGS__)
 
 /* ------------------------------------------------------------- the plan */
 

@@ -52,15 +52,26 @@ enum param_layout {
 
 static atomic_int warned;
 
+static void vwarn_once(atomic_int *flag, const char *fmt, va_list ap) {
+    if (atomic_exchange(flag, 1)) return;
+    char line[1024];
+    vsnprintf(line, sizeof line, fmt, ap);
+    fprintf(stderr, "tally: warning: %s\n", line);
+}
+
 /* One warning per process: the user needs to know tally is off, once. */
 void tally_warn(const char *fmt, ...) {
-    if (atomic_exchange(&warned, 1)) return;
-    char line[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
+    vwarn_once(&warned, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "tally: warning: %s\n", line);
+}
+
+void tally_warn_once(atomic_int *flag, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vwarn_once(flag, fmt, ap);
+    va_end(ap);
 }
 
 #define warn_failopen(fmt, ...) tally_warn(fmt "; the program runs without tally", ##__VA_ARGS__)
