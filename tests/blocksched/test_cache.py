@@ -294,3 +294,19 @@ def test_real_ptxas_assembles_a_transformed_kernel(cache):
     cubin, hit = kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", cache, binary)
     assert cubin[:4] == b"\x7fELF" and not hit
     assert kc.compiled_module(PTX, "saxpy", "preemptible", "sm_90", cache, binary) == (cubin, True)
+
+
+def test_compiled_module_assembles_triton_sm_90a_ptx_for_sm_90a(cache):
+    from tally.ptx import ptxas as ptxas_mod
+
+    try:
+        binary = ptxas_mod.find_ptxas()
+    except Exception:  # noqa: BLE001
+        pytest.skip("no ptxas")
+    triton = (Path(__file__).parents[1] / "ptx" / "corpus" / "triton" / "sum_rows.ptx").read_text()
+    assert ".target sm_90a" in triton
+    cubin, _ = kc.compiled_module(triton, "sum_rows", "slice", "sm_90", cache, binary)
+    assert cubin[:4] == b"\x7fELF" and b"sum_rows__tally_slice" in cubin
+    # PTX for a newer GPU than asked for is refused, with the reason, and ptxas is not run
+    with pytest.raises(KernelRefused, match="newer than sm_80"):
+        kc.compiled_module(triton, "sum_rows", "slice", "sm_80", cache, binary)

@@ -332,7 +332,12 @@ def compiled_module(ptx_text: str, entry: str, mode: str, arch: str = "sm_90", c
             raise KernelRefused(hit.reason or "refused", True)
         return hit.payload, True
     text, _ = transformed_module(ptx_text, entry, mode, cache)
-    result = ptxas_mod.assemble(text, arch, binary, keep_cubin=True)
+    # Triton's sm_90a PTX is assembled for sm_90a on an sm_90 GPU; PTX for a newer GPU is refused
+    target_arch, why = ptxas_mod.assembly_arch(ptxas_mod.module_target(ptx_text), arch)
+    if target_arch is None:
+        cache.put(request, "refused", reason=why)
+        raise KernelRefused(why, False)
+    result = ptxas_mod.assemble(text, target_arch, binary, keep_cubin=True)
     if not result.ok:
         first = next((line for line in result.errors.splitlines() if line.strip()), "no output")
         reason = f"ptxas rejected the transformed module: {first[:300]}"
