@@ -112,6 +112,7 @@ static __thread struct {
     uint64_t est_ns;
     uint32_t profile;
     uint32_t units;        /* see struct inflight */
+    int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
     uintptr_t ptds_key;    /* this thread's per-thread default stream's lane key; 0 until first used */
 } pending;
@@ -649,10 +650,11 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         }
         now = tally_now_ns();
     }
-    if (held_since) {
-        __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
-        __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
-    }
+    /* held_launches and long_kernels count the program's launches (the caller adds them up:
+     * a launch run as slices waits at the gate once per slice); held time adds up as it is. */
+    if (held_since) __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
+    pending.held = held_since != 0;
+    pending.alone = d == TALLY_GATE_ADMIT_ALONE;
     if (stuck) {
         char why[160];
         snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
@@ -661,7 +663,6 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         pending.track = 0;
         return;
     }
-    if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
     if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
         fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run ungated\n");
     /* Track only while an HP client exists: with none, BE pays nothing. */
@@ -769,14 +770,21 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     for (int i = 0; i < 4; i++) args[sk.nparams + i] = &appended[i];
     appended[0] = *a.grid[0], appended[1] = *a.grid[1], appended[2] = *a.grid[2];
     uint64_t est_sum = 0;
+    int any_held = 0, any_alone = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t offset = i * per_slice, blocks = total - offset < per_slice ? total - offset : per_slice;
         appended[3] = (uint32_t)offset;
         /* Slices are timed per wave: every slice of this kernel and block shape teaches one estimate. */
         uint32_t units = (uint32_t)((blocks + sk.wave_blocks - 1) / sk.wave_blocks);
-        if (atomic_load(&S.state) == JOINED) be_wait_at_gate(&slice, now, wave_ns, units);
-        else pending.track = 0; /* the gate gave up on an earlier slice: the rest run ungated */
+        if (atomic_load(&S.state) == JOINED) {
+            be_wait_at_gate(&slice, now, wave_ns, units);
+        } else { /* the gate gave up on an earlier slice: the rest run ungated */
+            pending.track = 0;
+            pending.held = pending.alone = 0;
+        }
         est_sum += pending.est_ns;
+        any_held |= pending.held;
+        any_alone |= pending.alone;
         if (i + 1 == n) break;
         CUresult r = tally_blocksched_launch(&sk, (unsigned)blocks, a.block, a.smem, a.stream, args);
         if (r != CUDA_SUCCESS) {
@@ -801,7 +809,11 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     *a.args = args;
     struct tally_blocksched_stats *st = tally_blocksched_stats();
     atomic_fetch_add_explicit(&st->sliced_launches, 1, memory_order_relaxed);
-    if (S.slot) __atomic_fetch_add(&S.slot->sliced_launches, 1, __ATOMIC_RELAXED); /* for tally status */
+    if (S.slot) { /* for tally status */
+        __atomic_fetch_add(&S.slot->sliced_launches, 1, __ATOMIC_RELAXED);
+        if (any_held) __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
+        if (any_alone) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
+    }
     atomic_fetch_add_explicit(&st->slices, n, memory_order_relaxed);
     atomic_fetch_add_explicit(&st->sliced_est_ns, est_sum, memory_order_relaxed);
     tally_blocksched_count(&sk, n, NULL);
@@ -862,6 +874,8 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
         __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY && be_launch_sliced(launch, now))
         return;
     be_wait_at_gate(launch, now, 0, 1);
+    if (pending.held) __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
+    if (pending.alone) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
     if (tally_blocksched_enabled() && pending.track) {
         struct tally_blocksched_stats *st = tally_blocksched_stats();
         atomic_fetch_add_explicit(&st->unsliced_launches, 1, memory_order_relaxed);

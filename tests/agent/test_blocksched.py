@@ -287,3 +287,23 @@ def test_the_scoreboard_counts_sliced_launches_for_tally_status(daemon, spawn_ap
     completed_ok(r)
     sliced = len(slices_of(records(r), (64, 1, 1)))
     assert sliced >= 1 and client["sliced_launches"] == sliced == r.stats()["blocksched"]["sliced_launches"]
+
+
+def test_slices_count_once_per_launch_in_the_gate_counters(daemon, spawn_app, tmp_path):
+    """A wave longer than the budget: every one-wave slice is admitted alone and waits for
+    the one before it, but long_kernels and held_launches count the program's launches."""
+    from test_sched import inspect_while_alive
+
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    throttle_be(daemon.sb, 100_000)
+    (client, _), r = inspect_while_alive(
+        daemon, spawn_app, tmp_path,
+        [f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:3:64:1:128:300:kernel", "sync", "records"],
+        "best-effort", env={"TALLY_BLOCKSCHED_PLAN": str(write_plan(tmp_path))})
+    completed_ok(r)
+    launches = slices_of(records(r), (64, 1, 1))
+    assert [len(launch) for launch in launches] == [8, 8, 8]  # one wave a slice: a wave exceeds the budget
+    # (at most one each per launch; whether a slice is "alone" depends on its learned estimate)
+    assert client["long_kernels"] <= 3 and 1 <= client["held_launches"] <= 3
+    assert client["launches"] == 3 and client["sliced_launches"] == 3
