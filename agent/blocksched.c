@@ -47,6 +47,8 @@
 #define MODULE_SLOTS 4096   /* loaded modules whose image is in the plan */
 #define FUNCTION_SLOTS 8192 /* CUfunctions resolved to a plan kernel (or to none) */
 #define CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT 16
+#define CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES 8
+#define CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT 9
 #define SLICE_SUFFIX "__tally_slice"
 
 struct cubin {
@@ -89,6 +91,8 @@ static struct {
         CUresult (*func_get_module)(CUmodule *, CUfunction);
         CUresult (*func_get_param_info)(CUfunction, size_t, size_t *, size_t *); /* CUDA >= 12.4 */
         CUresult (*occupancy)(int *, CUfunction, int, size_t);
+        CUresult (*func_get_attribute)(int *, int, CUfunction);
+        CUresult (*func_set_attribute)(CUfunction, int, int);
         CUresult (*ctx_get_device)(CUdevice *);
         CUresult (*device_get_attribute)(int *, int, CUdevice);
         CUresult (*launch_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -211,6 +215,8 @@ int tally_blocksched_init(void) {
     SYM(func_get_module, "cuFuncGetModule");
     SYM(func_get_param_info, "cuFuncGetParamInfo");
     SYM(occupancy, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+    SYM(func_get_attribute, "cuFuncGetAttribute");
+    SYM(func_set_attribute, "cuFuncSetAttribute");
     SYM(ctx_get_device, "cuCtxGetDevice");
     SYM(device_get_attribute, "cuDeviceGetAttribute");
     SYM(launch_kernel, "cuLaunchKernel");
@@ -402,6 +408,22 @@ static int prepare_kernel(struct plan_kernel *k, CUfunction original) {
     return 1;
 }
 
+/* Under B.lock. Dynamic shared memory over 48 KiB needs the program's
+ * cuFuncSetAttribute on the function it launches (Triton does it for its
+ * large tiles); the slice kernel is another CUfunction and needs the same, or
+ * its launches fail. The carveout preference is mirrored too (speed only). */
+static void mirror_attributes(CUfunction original, CUfunction slice) {
+    static const int attributes[] = {CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                     CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT};
+    if (!B.drv.func_get_attribute || !B.drv.func_set_attribute) return;
+    for (size_t i = 0; i < sizeof attributes / sizeof attributes[0]; i++) {
+        int want = 0, have = 0;
+        if (B.drv.func_get_attribute(&want, attributes[i], original) == CUDA_SUCCESS &&
+            B.drv.func_get_attribute(&have, attributes[i], slice) == CUDA_SUCCESS && want != have)
+            B.drv.func_set_attribute(slice, attributes[i], want);
+    }
+}
+
 int tally_blocksched_lookup(CUfunction f, const char *symbol, unsigned block_threads, unsigned smem,
                             struct tally_slice_kernel *out) {
     if (!B.enabled || !f) return 0;
@@ -433,6 +455,7 @@ int tally_blocksched_lookup(CUfunction f, const char *symbol, unsigned block_thr
         }
         int blocks = 0;
         in_internal_call = 1;
+        mirror_attributes(f, k->slice);
         CUresult r = B.drv.occupancy(&blocks, k->slice, (int)block_threads, smem);
         in_internal_call = 0;
         k->occ_threads = block_threads;

@@ -307,3 +307,14 @@ def test_slices_count_once_per_launch_in_the_gate_counters(daemon, spawn_app, tm
     # (at most one each per launch; whether a slice is "alone" depends on its learned estimate)
     assert client["long_kernels"] <= 3 and 1 <= client["held_launches"] <= 3
     assert client["launches"] == 3 and client["sliced_launches"] == 3
+
+
+def test_a_raised_shared_memory_limit_is_carried_over_to_the_slice_kernel(daemon, run_app, tmp_path):
+    """Over 48 KiB of dynamic shared memory needs cuFuncSetAttribute on the launched function
+    (Triton's large tiles); the slice kernel must get the same, or its launches fail."""
+    r = run_be(daemon, run_app, tmp_path, ["pksmem:100000", "pklaunch:2:64:1:128:200:kernel"],
+               write_plan(tmp_path), budget_ns=500_000)
+    completed_ok(r)
+    recs = records(r)
+    assert recs[0]["name"] == ENTRY + "__tally_slice" and slices_of(recs, (64, 1, 1))
+    assert r.stderr == ""

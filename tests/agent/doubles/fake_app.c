@@ -107,6 +107,7 @@ CUresult cuLaunchHostFunc_ptsz(CUstream, CUhostFn, void *);
 CUresult cuModuleLoadData(CUmodule *, const void *);
 CUresult cuModuleUnload(CUmodule);
 CUresult cuModuleLoad(CUmodule *, const char *);
+CUresult cuFuncSetAttribute(CUfunction, int, int);
 CUresult cuModuleLoadDataEx(CUmodule *, const void *, unsigned int, CUjit_option *, void **);
 CUresult cuModuleLoadFatBinary(CUmodule *, const void *);
 CUresult cuLibraryLoadData(CUlibrary *, const void *, CUjit_option *, void **, unsigned int, CUlibraryOption *,
@@ -502,13 +503,14 @@ static void module_stats(void) {
 static CUfunction pk;
 static void *pk_pointer = &pk;
 static int pk_int = 7;
+static unsigned pk_smem; /* dynamic shared memory of pk's launches (pksmem:BYTES raises its limit to that) */
 static void *pk_params[2] = {&pk_pointer, &pk_int};
 
 static void pk_launch(long n, unsigned gx, unsigned gy, unsigned bx, unsigned wave_us, const char *how) {
     fake_cuda_set_wave_duration_us(wave_us);
     for (long i = 0; i < n; i++) {
         CUresult r;
-        if (!strcmp(how, "kernel")) r = cuLaunchKernel(pk, gx, gy, 1, bx, 1, 1, 0, stream, pk_params, NULL);
+        if (!strcmp(how, "kernel")) r = cuLaunchKernel(pk, gx, gy, 1, bx, 1, 1, pk_smem, stream, pk_params, NULL);
         else if (!strcmp(how, "ptsz")) r = cuLaunchKernel_ptsz(pk, gx, gy, 1, bx, 1, 1, 0, NULL, pk_params, NULL);
         else if (!strcmp(how, "extra")) {
             void *extra[] = {NULL};
@@ -690,6 +692,9 @@ int main(int argc, char **argv) {
             char how[16];
             if (sscanf(arg + 9, "%ld:%u:%u:%u:%u:%15s", &n, &gx, &gy, &bx, &wave_us, how) != 6) return 96;
             pk_launch(n, gx, gy, bx, wave_us, how);
+        } else if (strncmp(arg, "pksmem:", 7) == 0) {
+            pk_smem = (unsigned)atol(arg + 7);
+            check(cuFuncSetAttribute(pk, 8 /* MAX_DYNAMIC_SHARED_SIZE_BYTES */, (int)pk_smem), "cuFuncSetAttribute");
         } else if (strcmp(arg, "pkunload") == 0) {
             check(cuModuleUnload(last_module), "cuModuleUnload");
         } else if (strcmp(arg, "records") == 0) {

@@ -574,6 +574,7 @@ EXPORT CUresult cuModuleGetFunction(CUfunction *out, CUmodule mod, const char *n
     f->static_smem = 256 * (int)(strlen(name) % 5);
     f->block[0] = f->block[1] = f->block[2] = 1;
     f->module = mod;
+    f->max_dynamic_smem = 48 << 10;
     size_t n = strlen(name), k = strlen("__tally_slice");
     f->nparams = env_int("FAKE_CUDA_PARAM_COUNT", 2) + (n > k && strcmp(name + n - k, "__tally_slice") == 0 ? 4 : 0);
     *out = f;
@@ -734,9 +735,30 @@ EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, s
 EXPORT CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int *blocks, CUfunction f, int block_threads,
                                                             size_t smem) {
     CHECK_INIT();
-    (void)smem;
     if (!blocks || !f || block_threads <= 0) return CUDA_ERROR_INVALID_VALUE;
-    *blocks = env_int("FAKE_CUDA_OCCUPANCY", 2);
+    *blocks = smem > (size_t)f->max_dynamic_smem ? 0 : env_int("FAKE_CUDA_OCCUPANCY", 2);
+    return CUDA_SUCCESS;
+}
+
+/* Only the dynamic shared memory limit (8) and the carveout (9) are known. */
+EXPORT CUresult cuFuncGetAttribute(int *value, int attribute, CUfunction f) {
+    CHECK_INIT();
+    if (!value || !f) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute == 8) *value = f->max_dynamic_smem;
+    else if (attribute == 9) *value = -1;
+    else return CUDA_ERROR_INVALID_VALUE;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
+    CHECK_INIT();
+    if (!f) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute == 8) {
+        if (value < 0 || value > 227 << 10) return CUDA_ERROR_INVALID_VALUE;
+        f->max_dynamic_smem = value;
+    } else if (attribute != 9) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     return CUDA_SUCCESS;
 }
 
@@ -789,6 +811,7 @@ static CUresult launch_kernel(uint32_t cbid, const char *name, int ptsz, CUfunct
     f = p.f, gx = p.gridDimX, gy = p.gridDimY, gz = p.gridDimZ, bx = p.blockDimX, by = p.blockDimY, bz = p.blockDimZ;
     smem = p.sharedMemBytes, s = p.hStream;
     if (!f || !gx || !gy || !gz || !bx || !by || !bz) return leave(&c, CUDA_ERROR_INVALID_VALUE);
+    if (smem > (unsigned)f->max_dynamic_smem) return leave(&c, CUDA_ERROR_INVALID_VALUE); /* as the real driver */
     record_launch(f, gx, gy, gz, p.kernelParams);
     run_kernel(&c, gpu_key(s, ptsz), f, gx, gy, gz, bx, by, bz, smem, stream_id(s, ptsz), 0, 0, 0, 0);
     return leave(&c, CUDA_SUCCESS);

@@ -48,6 +48,7 @@ struct CUfunc_st {
     unsigned block[3]; /* cuFuncSetBlockShape, for the legacy cuLaunch* */
     CUmodule module;   /* cuFuncGetModule; NULL for functions of no module */
     int nparams;       /* cuFuncGetParamInfo: parameters of 8 bytes, and 4 of 4 bytes for __tally_slice entries */
+    int max_dynamic_smem; /* CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: 48 KiB until raised */
 };
 struct CUstream_st {
     uint32_t id;
