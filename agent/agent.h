@@ -120,6 +120,8 @@ struct tally_slice_kernel {
 /* Reads TALLY_BLOCKSCHED_PLAN; 1 when a plan is in effect. */
 int tally_blocksched_init(void);
 int tally_blocksched_enabled(void);
+/* TALLY_BLOCKSCHED_FLOOR (default 0.5): slices slower than this share of the whole kernel's speed are not used. */
+double tally_blocksched_floor(void);
 /* Nonzero inside a driver call the agent makes itself: callbacks ignore it. */
 int tally_blocksched_internal(void);
 void tally_blocksched_module_loaded(CUmodule module, const void *image, uint64_t n);

@@ -84,6 +84,7 @@ static struct {
     struct { CUfunction f; struct plan_kernel *k; } functions[FUNCTION_SLOTS];
     size_t n_functions;
     int sm_count;
+    double floor; /* TALLY_BLOCKSCHED_FLOOR: the least share of the whole kernel's speed slices must keep */
     atomic_int warned;
     struct {
         CUresult (*module_load_data)(CUmodule *, const void *);
@@ -106,6 +107,8 @@ static __thread int in_internal_call; /* a driver call of ours: the callbacks le
 int tally_blocksched_internal(void) { return in_internal_call; }
 
 int tally_blocksched_enabled(void) { return B.enabled; }
+
+double tally_blocksched_floor(void) { return B.floor; }
 
 #define warn(fmt, ...) tally_warn_once(&B.warned, "block-level scheduling: " fmt, ##__VA_ARGS__)
 
@@ -225,6 +228,14 @@ int tally_blocksched_init(void) {
         !B.drv.ctx_get_device || !B.drv.device_get_attribute || !B.drv.launch_kernel) {
         warn("libcuda lacks a call slicing needs (cuFuncGetModule: CUDA >= 11); kernels run whole");
         return 0;
+    }
+    B.floor = 0.5;
+    const char *floor = getenv("TALLY_BLOCKSCHED_FLOOR");
+    if (floor && *floor) {
+        char *end = NULL;
+        double v = strtod(floor, &end);
+        if (end && !*end && v >= 0 && v <= 1) B.floor = v;
+        else warn("TALLY_BLOCKSCHED_FLOOR=%s is not a number from 0 to 1; the floor stays %.2f", floor, B.floor);
     }
     B.stats.plan_kernels = B.n_kernels;
     B.enabled = 1;

@@ -750,15 +750,26 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     slice.kernel = (uintptr_t)sk.slice;
     slice.symbol = NULL; /* slices are learned in this process only */
     slice.grid_threads = sk.wave_blocks * block_threads;
-    uint64_t wave_ns = 0;
+    uint64_t wave_ns = 0, whole_wave_ns = 0;
     pthread_mutex_lock(&S.profile_lock);
     uint32_t whole = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
     uint32_t one_wave = profile_index(slice.kernel, slice.grid_threads, NULL);
+    if (whole < PROFILE_SLOTS && S.profiles[whole].samples && S.profiles[whole].est_ns)
+        whole_wave_ns = S.profiles[whole].est_ns / waves;
     if (one_wave < PROFILE_SLOTS && S.profiles[one_wave].samples && S.profiles[one_wave].est_ns)
         wave_ns = S.profiles[one_wave].est_ns; /* measured as slices: includes what slicing costs */
-    else if (whole < PROFILE_SLOTS && S.profiles[whole].samples && S.profiles[whole].est_ns)
-        wave_ns = S.profiles[whole].est_ns / waves;
+    else
+        wave_ns = whole_wave_ns;
     pthread_mutex_unlock(&S.profile_lock);
+    /* Both known: slices that keep less than the floor of the whole kernel's speed are not
+     * worth their bound (docs/blocksched.md, "The choice"); the kernel runs whole. */
+    if (whole_wave_ns && wave_ns && (double)whole_wave_ns < tally_blocksched_floor() * (double)wave_ns) {
+        char why[96];
+        snprintf(why, sizeof why, "slices keep %.2fx of its speed, under the floor %.2fx",
+                 (double)whole_wave_ns / (double)wave_ns, tally_blocksched_floor());
+        tally_blocksched_count(&sk, 1, why);
+        goto whole;
+    }
     uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
     uint64_t per_slice = (wave_ns && budget / wave_ns ? budget / wave_ns : 1) * sk.wave_blocks;
     if (per_slice >= total) {

@@ -116,8 +116,9 @@ def test_a_known_kernel_time_sizes_the_slices_from_the_first_launch(daemon, run_
     name = ENTRY.encode()
     # 64 blocks of 128 threads: 2.4 ms whole, 8 waves of 0.3 ms; budget 1 ms: 3 waves a slice
     profile.write_text(f"tally-profiles 1 1\n{fnv1a64(name):016x} {64 * 128} 2400000 5 {ENTRY}\n")
+    # (floor 0: slices timed slow on a busy machine must not make it run whole here)
     r = run_be(daemon, run_app, tmp_path, ["pklaunch:3:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
-               env={"TALLY_PROFILE_FILE": str(profile)})
+               env={"TALLY_PROFILE_FILE": str(profile), "TALLY_BLOCKSCHED_FLOOR": "0"})
     completed_ok(r)
     launches = slices_of(records(r), (64, 1, 1))
     assert len(launches) == 3
@@ -318,3 +319,27 @@ def test_a_raised_shared_memory_limit_is_carried_over_to_the_slice_kernel(daemon
     recs = records(r)
     assert recs[0]["name"] == ENTRY + "__tally_slice" and slices_of(recs, (64, 1, 1))
     assert r.stderr == ""
+
+
+@pytest.mark.parametrize("floor,whole_later", [(None, True), ("0.1", False)])
+def test_slices_much_slower_than_the_kernel_run_it_whole(daemon, run_app, tmp_path, floor, whole_later):
+    """The whole kernel's time is known (seeded) and its slices turn out 4x slower per wave:
+    under the floor (default 0.5) the kernel runs whole, with the reason; a floor of 0.1
+    accepts them."""
+    profile = tmp_path / "profile"
+    # 64 blocks = 8 waves of 0.3 ms: 2.4 ms whole; budget 1 ms: the first launch is 3-wave slices
+    profile.write_text(f"tally-profiles 1 1\n{fnv1a64(ENTRY.encode()):016x} {64 * 128} 2400000 5 {ENTRY}\n")
+    env = {"TALLY_PROFILE_FILE": str(profile), "FAKE_CUDA_SLICE_SLOWDOWN": "4"}
+    if floor:
+        env["TALLY_BLOCKSCHED_FLOOR"] = floor
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:4:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
+               env=env)
+    completed_ok(r)
+    recs = records(r)
+    assert recs[0]["name"] == ENTRY + "__tally_slice"
+    (kernel,) = r.stats()["blocksched"]["kernels"]
+    if whole_later:
+        assert recs[-1]["name"] == ENTRY and kernel["whole_launches"] >= 1
+        assert "under the floor 0.50x" in kernel["reason"]
+    else:
+        assert kernel["whole_launches"] == 0 and kernel["sliced_launches"] == 4

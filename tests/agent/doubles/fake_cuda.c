@@ -26,7 +26,8 @@
  * *__tally_slice, four u32 ones (cuFuncGetParamInfo). The GPU has
  * FAKE_CUDA_SM_COUNT SMs (default 4) and fits FAKE_CUDA_OCCUPANCY blocks
  * (default 2) per SM. With fake_cuda_set_wave_duration_us, a kernel lasts
- * that long per wave of SMs x occupancy blocks. Every kernel launch is
+ * that long per wave of SMs x occupancy blocks (a slice entry
+ * FAKE_CUDA_SLICE_SLOWDOWN times as long, default 1). Every kernel launch is
  * recorded (fake_cuda_launch_record), reading the launch's arguments from the
  * parameter block after API enter, as the real driver does: a tool may have
  * rewritten them.
@@ -127,12 +128,16 @@ static uint32_t stream_id(CUstream s, int per_thread_default) {
     return s->id;
 }
 
-static void gpu_launch(uint64_t key, uint64_t blocks);
+static void gpu_launch(uint64_t key, uint64_t blocks, int slice);
+static int is_slice(const char *name) {
+    size_t n = strlen(name), k = strlen("__tally_slice");
+    return n > k && strcmp(name + n - k, "__tally_slice") == 0;
+}
 
 static void run_kernel(api_call *c, uint64_t gpu_stream_key, CUfunction f, unsigned gx, unsigned gy,
                        unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, uint32_t stream,
                        uint32_t device, uint8_t launch_type, uint32_t graph_id, uint64_t node_id) {
-    gpu_launch(gpu_stream_key, (uint64_t)gx * gy * gz);
+    gpu_launch(gpu_stream_key, (uint64_t)gx * gy * gz, is_slice(f->name));
     if (!c->tool) return;
     fake_kernel_exec k = {
         .name = f->name, .registers = f->registers, .static_smem = f->static_smem,
@@ -307,11 +312,12 @@ static void gpu_enqueue(gpu_stream *q, work *w) {
 }
 
 /* One kernel of a launch. A kernel on a capturing stream is recorded, not run. */
-static void gpu_launch(uint64_t key, uint64_t blocks) {
+static void gpu_launch(uint64_t key, uint64_t blocks, int slice) {
     uint64_t duration = kernel_duration_ns;
     if (wave_duration_ns) {
         uint64_t wave = (uint64_t)env_int("FAKE_CUDA_SM_COUNT", 4) * (uint64_t)env_int("FAKE_CUDA_OCCUPANCY", 2);
         duration = (blocks + wave - 1) / wave * wave_duration_ns;
+        if (slice) duration *= (uint64_t)env_int("FAKE_CUDA_SLICE_SLOWDOWN", 1);
     }
     pthread_mutex_lock(&gpu.lock);
     gpu_stream *q = gpu_stream_of(key);
