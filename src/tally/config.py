@@ -31,7 +31,18 @@ Schema (every key optional; docs/operations.md has the reference)::
     [client]
     memory_limit = "8G"         # default of `tally run --memory-limit`
 
-The user file's `[policy]`, `[daemon]` and `[client]` values override the
+    [slo]                       # SLO mode's controller (docs/operations.md, "SLO mode")
+    interval_ms = 100.0         # > 0: how often it acts
+    window_ms = 1000.0          # > 0: p99 over at most this much history
+    min_samples = 10            # >= 1: latencies needed to judge a client
+    margin = 0.9                # 0 < m <= 1: p99 below margin x SLO leaves room to increase
+    increase_us = 100.0         # >= 0: additive increase of the BE budget per interval
+    decrease = 0.5              # 0 < d < 1: multiplicative decrease on a violation
+    min_budget_us = 10.0        # > 0
+    max_budget_us = 20000.0     # >= min_budget_us
+    quantile = 0.99             # 0 < q < 1
+
+The user file's `[policy]`, `[daemon]`, `[client]` and `[slo]` values override the
 system file's (they are defaults, and the CLI overrides both). `[access]` may
 only tighten: a user file's high-priority lists restrict further (both files'
 rules must allow a user), and it may turn group sharing off (`group = ""`) but
@@ -95,6 +106,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "client": {
         "memory_limit": Key("size"),
     },
+    "slo": {
+        "interval_ms": Key("number", 0, MAX_MS, exclusive_minimum=True),
+        "window_ms": Key("number", 0, MAX_MS, exclusive_minimum=True),
+        "min_samples": Key("int", 1, 1_000_000),
+        "margin": Key("number", 0, 1, exclusive_minimum=True),
+        "increase_us": Key("number", 0, MAX_US),
+        "decrease": Key("number", 0, 0.999, exclusive_minimum=True),
+        "min_budget_us": Key("number", 0, MAX_US, exclusive_minimum=True),
+        "max_budget_us": Key("number", 0, MAX_US, exclusive_minimum=True),
+        "quantile": Key("number", 0, 0.9999, exclusive_minimum=True),
+    },
+}
+
+# tally.daemon.slo.SloParams field for each [slo] key, and the factor from the key's unit
+SLO_PARAMS = {
+    "interval_ms": ("interval_ns", 1e6), "window_ms": ("window_ns", 1e6), "min_samples": ("min_samples", None),
+    "margin": ("margin", None), "increase_us": ("increase_ns", 1e3), "decrease": ("decrease", None),
+    "min_budget_us": ("min_budget_ns", 1e3), "max_budget_us": ("max_budget_ns", 1e3), "quantile": ("quantile", None),
 }
 
 # `tally up` option name for each [policy]/[daemon] key
@@ -154,6 +183,21 @@ class Config:
     @property
     def memory_limit(self) -> str | None:
         return self.get("client", "memory_limit")
+
+    def slo_params(self) -> dict:
+        """[slo] as tally.daemon.slo.SloParams overrides (nanoseconds); a budget range that is
+        empty is a one-line error naming the file(s)."""
+        out = {}
+        for key, (name, scale) in SLO_PARAMS.items():
+            if ("slo", key) in self.values:
+                value = self.values[("slo", key)]
+                out[name] = int(round(value * scale)) if scale else value
+        low, high = self.values.get(("slo", "min_budget_us")), self.values.get(("slo", "max_budget_us"))
+        if low is not None and high is not None and low > high:
+            where = sorted({self.origin[("slo", "min_budget_us")], self.origin[("slo", "max_budget_us")]})
+            raise TallyError(f"{' and '.join(where)}: slo.min_budget_us ({low:g}) is larger than "
+                             f"slo.max_budget_us ({high:g})")
+        return out
 
     @property
     def restricts_high_priority(self) -> bool:

@@ -200,3 +200,46 @@ def test_memory_limits_in_mps_syntax(spec, count, expected):
 def test_bad_memory_limits(spec, count, message):
     with pytest.raises(TallyError, match=message):
         cfgmod.mps_memory_limit(spec, count)
+
+
+def test_slo_section_sets_the_controller(isolated_config):
+    from tally.daemon.slo import SloParams
+
+    system, user = isolated_config
+    write(system, "[slo]\nincrease_us = 50\nmin_budget_us = 20\nmax_budget_us = 5000\nmargin = 0.8\n")
+    write(user, "[slo]\ninterval_ms = 50\nmin_samples = 20\n")
+    params = cfgmod.load().slo_params()
+    assert params == {"interval_ns": 50_000_000, "min_samples": 20, "margin": 0.8, "increase_ns": 50_000,
+                      "min_budget_ns": 20_000, "max_budget_ns": 5_000_000}
+    assert SloParams(**params).increase_ns == 50_000  # exactly the daemon's parameter names
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[slo]\nmargin = 1.5\n", "slo.margin"),
+    ("[slo]\ndecrease = 0\n", "slo.decrease"),
+    ("[slo]\nmin_samples = 2.5\n", "slo.min_samples"),
+    ("[slo]\nwindow = 3\n", "unknown key slo.window"),
+])
+def test_bad_slo_values_are_one_line_errors(isolated_config, text, message):
+    system, _ = isolated_config
+    write(system, text)
+    with pytest.raises(TallyError) as exc:
+        cfgmod.load()
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_empty_slo_budget_range_is_an_error_naming_both_files(isolated_config):
+    system, user = isolated_config
+    write(system, "[slo]\nmax_budget_us = 100\n")
+    write(user, "[slo]\nmin_budget_us = 500\n")
+    with pytest.raises(TallyError) as exc:
+        cfgmod.load().slo_params()
+    assert str(system) in str(exc.value) and str(user) in str(exc.value) and "larger than" in str(exc.value)
+
+
+def test_tally_up_passes_the_slo_section_to_the_daemon(isolated_config):
+    from tally.daemon.control import options_from_config
+
+    system, _ = isolated_config
+    write(system, "[slo]\nincrease_us = 25\n")
+    assert options_from_config().slo == {"increase_ns": 25_000}

@@ -33,6 +33,11 @@ VALUES = {
     ("access", "high_priority_groups"): st.lists(names, max_size=4),
     ("access", "group"): names,
     ("client", "memory_limit"): st.one_of(sizes, per_device),
+    ("slo", "interval_ms"): st.floats(min_value=0.001, max_value=1e6),
+    ("slo", "min_samples"): st.integers(1, 1000),
+    ("slo", "margin"): st.floats(min_value=0.01, max_value=1.0),
+    ("slo", "decrease"): st.floats(min_value=0.01, max_value=0.99),
+    ("slo", "increase_us"): finite,
 }
 
 

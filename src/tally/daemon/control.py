@@ -42,6 +42,7 @@ class UpOptions:
     # files with this group, and demote high-priority clients the rules deny
     group: str | None = None
     high_priority_rules: list = field(default_factory=list)
+    slo: dict = field(default_factory=dict)  # [slo]: SloParams overrides
 
 
 def options_from_config(cli: dict | None = None, given: set[str] | None = None) -> UpOptions:
@@ -56,6 +57,7 @@ def options_from_config(cli: dict | None = None, given: set[str] | None = None) 
             continue
         values[name] = value
     values["group"] = cfg.group
+    values["slo"] = cfg.slo_params()
     values["high_priority_rules"] = [{"source": r.source, "users": r.users, "groups": r.groups}
                                      for r in cfg.rules]
     return UpOptions(**values)
@@ -140,6 +142,7 @@ def build_config(opts: UpOptions) -> DaemonConfig:
         params=asdict(params),
         metrics_port=opts.metrics_port,
         log_format=opts.log_format,
+        slo=dict(opts.slo),
     )
 
 
