@@ -275,17 +275,23 @@ def test_an_unloaded_module_is_forgotten(daemon, run_app, tmp_path):
     assert r.stats()["blocksched"]["not_in_plan"] >= 2
 
 
-def test_the_scoreboard_counts_sliced_launches_for_tally_status(daemon, spawn_app, tmp_path):
+def be_client_counters(daemon, spawn_app, tmp_path, launch: str, budget_ns: int):
+    """Runs the planned kernel's launches (`launch`: a pklaunch step) and returns (the client's
+    scoreboard counters as they were before exit, the finished run)."""
     from test_sched import inspect_while_alive
 
     image = tmp_path / "k.ptx"
     image.write_bytes(PTX)
-    throttle_be(daemon.sb, 500_000)
+    throttle_be(daemon.sb, budget_ns)
     (client, _), r = inspect_while_alive(
-        daemon, spawn_app, tmp_path,
-        [f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:3:64:1:128:200:kernel", "sync", "records"],
+        daemon, spawn_app, tmp_path, [f"load:data:{image}", f"pkfunc:{ENTRY}", launch, "sync", "records"],
         "best-effort", env={"TALLY_BLOCKSCHED_PLAN": str(write_plan(tmp_path))})
     completed_ok(r)
+    return client, r
+
+
+def test_the_scoreboard_counts_sliced_launches_for_tally_status(daemon, spawn_app, tmp_path):
+    client, r = be_client_counters(daemon, spawn_app, tmp_path, "pklaunch:3:64:1:128:200:kernel", 500_000)
     sliced = len(slices_of(records(r), (64, 1, 1)))
     assert sliced >= 1 and client["sliced_launches"] == sliced == r.stats()["blocksched"]["sliced_launches"]
 
@@ -293,16 +299,7 @@ def test_the_scoreboard_counts_sliced_launches_for_tally_status(daemon, spawn_ap
 def test_slices_count_once_per_launch_in_the_gate_counters(daemon, spawn_app, tmp_path):
     """A wave longer than the budget: every one-wave slice is admitted alone and waits for
     the one before it, but long_kernels and held_launches count the program's launches."""
-    from test_sched import inspect_while_alive
-
-    image = tmp_path / "k.ptx"
-    image.write_bytes(PTX)
-    throttle_be(daemon.sb, 100_000)
-    (client, _), r = inspect_while_alive(
-        daemon, spawn_app, tmp_path,
-        [f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:3:64:1:128:300:kernel", "sync", "records"],
-        "best-effort", env={"TALLY_BLOCKSCHED_PLAN": str(write_plan(tmp_path))})
-    completed_ok(r)
+    client, r = be_client_counters(daemon, spawn_app, tmp_path, "pklaunch:3:64:1:128:300:kernel", 100_000)
     launches = slices_of(records(r), (64, 1, 1))
     assert [len(launch) for launch in launches] == [8, 8, 8]  # one wave a slice: a wave exceeds the budget
     # (at most one each per launch; whether a slice is "alone" depends on its learned estimate)
