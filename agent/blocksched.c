@@ -261,49 +261,53 @@ static void forget_functions(void) {
     B.n_functions = 0;
 }
 
+/* The module table is open-addressed and kept without holes (a removal
+ * re-inserts the rest of its cluster), so a lookup stops at the first empty
+ * slot. All three under B.lock. */
+static int module_slot(CUmodule module) {
+    for (uint32_t probe = 0, i = slot_of((uintptr_t)module, MODULE_SLOTS); probe < MODULE_SLOTS && B.modules[i].module;
+         probe++, i = (i + 1) % MODULE_SLOTS)
+        if (B.modules[i].module == module) return (int)i;
+    return -1;
+}
+
+static void module_insert(CUmodule module, uint64_t fnv) {
+    uint32_t probe = 0, i = slot_of((uintptr_t)module, MODULE_SLOTS);
+    while (probe < MODULE_SLOTS && B.modules[i].module) probe++, i = (i + 1) % MODULE_SLOTS;
+    if (probe == MODULE_SLOTS) return; /* full: this module's kernels run whole */
+    B.modules[i].module = module;
+    B.modules[i].fnv = fnv;
+}
+
+static void module_remove(uint32_t i) {
+    B.modules[i].module = NULL;
+    for (uint32_t j = (i + 1) % MODULE_SLOTS; B.modules[j].module; j = (j + 1) % MODULE_SLOTS) {
+        CUmodule m = B.modules[j].module;
+        B.modules[j].module = NULL;
+        module_insert(m, B.modules[j].fnv);
+    }
+}
+
 void tally_blocksched_module_loaded(CUmodule module, const void *image, uint64_t n) {
     if (!B.enabled || !module) return;
     uint64_t fnv = tally_fnv1a64(image, n);
     pthread_mutex_lock(&B.lock);
     /* A handle the driver reuses: whatever was resolved through it is stale. */
-    for (uint32_t probe = 0, i = slot_of((uintptr_t)module, MODULE_SLOTS); probe < MODULE_SLOTS;
-         probe++, i = (i + 1) % MODULE_SLOTS)
-        if (B.modules[i].module == module) {
-            B.modules[i].module = NULL;
-            forget_functions();
-            break;
-        }
-    if (plan_has_image(fnv)) {
-        uint32_t probe = 0, i = slot_of((uintptr_t)module, MODULE_SLOTS);
-        while (probe < MODULE_SLOTS && B.modules[i].module) probe++, i = (i + 1) % MODULE_SLOTS;
-        if (probe < MODULE_SLOTS) {
-            B.modules[i].module = module;
-            B.modules[i].fnv = fnv;
-        }
+    int i = module_slot(module);
+    if (i >= 0) {
+        module_remove((uint32_t)i);
+        forget_functions();
     }
+    if (plan_has_image(fnv)) module_insert(module, fnv);
     pthread_mutex_unlock(&B.lock);
 }
 
 void tally_blocksched_module_unloaded(CUmodule module) {
     if (!B.enabled || !module) return;
     pthread_mutex_lock(&B.lock);
-    for (uint32_t probe = 0, i = slot_of((uintptr_t)module, MODULE_SLOTS); probe < MODULE_SLOTS;
-         probe++, i = (i + 1) % MODULE_SLOTS)
-        if (B.modules[i].module == module) {
-            /* Open addressing: re-insert the rest of the cluster instead of leaving a hole. */
-            B.modules[i].module = NULL;
-            for (uint32_t j = (i + 1) % MODULE_SLOTS; B.modules[j].module; j = (j + 1) % MODULE_SLOTS) {
-                CUmodule m = B.modules[j].module;
-                uint64_t f = B.modules[j].fnv;
-                B.modules[j].module = NULL;
-                uint32_t k = slot_of((uintptr_t)m, MODULE_SLOTS);
-                while (B.modules[k].module) k = (k + 1) % MODULE_SLOTS;
-                B.modules[k].module = m;
-                B.modules[k].fnv = f;
-            }
-            break;
-        }
-    forget_functions();
+    int i = module_slot(module);
+    if (i >= 0) module_remove((uint32_t)i);
+    forget_functions(); /* also functions resolved to no plan kernel: their handles may be reused */
     pthread_mutex_unlock(&B.lock);
 }
 
@@ -315,16 +319,9 @@ static struct plan_kernel *resolve(CUfunction f, const char *symbol) {
     CUresult r = B.drv.func_get_module(&module, f);
     in_internal_call = 0;
     if (r != CUDA_SUCCESS || !module) return NULL;
-    uint64_t fnv = 0;
-    int found = 0;
-    for (uint32_t probe = 0, i = slot_of((uintptr_t)module, MODULE_SLOTS); probe < MODULE_SLOTS && B.modules[i].module;
-         probe++, i = (i + 1) % MODULE_SLOTS)
-        if (B.modules[i].module == module) {
-            fnv = B.modules[i].fnv;
-            found = 1;
-            break;
-        }
-    if (!found) return NULL;
+    int slot = module_slot(module);
+    if (slot < 0) return NULL;
+    uint64_t fnv = B.modules[slot].fnv;
     for (size_t i = 0; i < B.n_kernels; i++)
         if (B.kernels[i].image_fnv == fnv && strcmp(B.kernels[i].entry, symbol) == 0) return &B.kernels[i];
     return NULL;
