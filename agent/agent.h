@@ -92,6 +92,8 @@ int tally_modules_init(void);
 int tally_modules_is_load(const char *name);
 /* Whether it loads a module from a file (cuModuleLoad). */
 int tally_modules_is_file_load(const char *name);
+/* A regular file's bytes (malloc'd, *n of them) if it has min..max; else NULL with errno set. */
+void *tally_read_file(const char *path, uint64_t min, uint64_t max, size_t *n);
 /* At the API exit of a load from a file: the same, with the file's bytes. */
 void tally_modules_loaded_file(const void *params, CUresult result);
 /* At the API exit of such a load (is_library: cuLibraryLoadData*, whose

@@ -37,7 +37,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "agent.h"
 
@@ -341,21 +340,10 @@ static void unusable(struct plan_kernel *k, const char *fmt, ...) {
 static int load_cubin(struct cubin *c, char *why, size_t why_len) {
     if (c->state) return c->state > 0;
     c->state = -1;
-    FILE *f = fopen(c->path, "rb");
-    if (!f) {
-        snprintf(why, why_len, "cannot read %s (%s)", c->path, strerror(errno));
-        return 0;
-    }
-    struct stat st;
-    unsigned char *bytes = NULL;
     size_t n = 0;
-    if (fstat(fileno(f), &st) == 0 && st.st_size > 0 && (uint64_t)st.st_size <= MAX_CUBIN_BYTES &&
-        (bytes = malloc((size_t)st.st_size)))
-        n = fread(bytes, 1, (size_t)st.st_size, f);
-    fclose(f);
-    if (!bytes || n != (size_t)st.st_size) {
-        free(bytes);
-        snprintf(why, why_len, "cannot read %s", c->path);
+    unsigned char *bytes = tally_read_file(c->path, 1, MAX_CUBIN_BYTES, &n);
+    if (!bytes) {
+        snprintf(why, why_len, "cannot read %s (%s)", c->path, strerror(errno));
         return 0;
     }
     if (tally_fnv1a64((const char *)bytes, n) != c->fnv) {

@@ -264,6 +264,33 @@ void tally_modules_loaded(const void *params, CUresult result, int is_library) {
     if (plan && p->handle_out) tally_blocksched_module_loaded(*(CUmodule *)p->handle_out, start, n);
 }
 
+void *tally_read_file(const char *path, uint64_t min, uint64_t max, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL; /* errno: fopen's */
+    struct stat st;
+    unsigned char *bytes = NULL;
+    int err = EINVAL; /* not a regular file, or a size out of range */
+    if (fstat(fileno(f), &st) != 0) {
+        err = errno;
+    } else if (S_ISREG(st.st_mode) && (uint64_t)st.st_size >= min && (uint64_t)st.st_size <= max) {
+        bytes = malloc(st.st_size ? (size_t)st.st_size : 1);
+        if (!bytes) {
+            err = ENOMEM;
+        } else if (fread(bytes, 1, (size_t)st.st_size, f) != (size_t)st.st_size) {
+            err = EIO;
+            free(bytes);
+            bytes = NULL;
+        }
+    }
+    fclose(f);
+    if (!bytes) {
+        errno = err;
+        return NULL;
+    }
+    *n = (size_t)st.st_size;
+    return bytes;
+}
+
 /* A module loaded from a file: its bytes are the file's, read once more here
  * (the driver has just read it; a file changed in between is a different
  * image, matched to nothing). */
@@ -274,16 +301,9 @@ void tally_modules_loaded_file(const void *params, CUresult result) {
     const char *path = p->image;
     if (!path) return;
     if (M.enabled) atomic_fetch_add_explicit(&M.seen, 1, memory_order_relaxed);
-    FILE *f = fopen(path, "rb");
-    struct stat st;
-    unsigned char *bytes = NULL;
     size_t n = 0;
-    if (f && fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size >= (off_t)MIN_IMAGE_BYTES &&
-        (uint64_t)st.st_size <= MAX_IMAGE_BYTES && (bytes = malloc((size_t)st.st_size)))
-        n = fread(bytes, 1, (size_t)st.st_size, f);
-    if (f) fclose(f);
-    if (!bytes || n != (size_t)st.st_size) {
-        free(bytes);
+    unsigned char *bytes = tally_read_file(path, MIN_IMAGE_BYTES, MAX_IMAGE_BYTES, &n);
+    if (!bytes) {
         if (M.enabled) atomic_fetch_add_explicit(&M.failed, 1, memory_order_relaxed);
         return;
     }
