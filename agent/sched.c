@@ -675,41 +675,58 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
 
 /* ------------------------------------------------------------ slicing */
 
-/* The parts of a kernel launch slicing reads and rewrites, wherever the entry
- * point keeps them. */
+/* The parts of a kernel launch slicing reads, wherever the entry point keeps them. */
 struct kernel_args {
-    CUfunction *f;
-    unsigned *grid[3];   /* where the entry point keeps x, y and z */
+    CUfunction f;
+    unsigned grid[3];
     unsigned block[3];
     unsigned smem;
-    CUstream stream;
-    void ***args;        /* kernelParams */
+    void **args;         /* kernelParams */
     void **extra;
 };
 
-static int kernel_args_of(const struct tally_launch *launch, struct kernel_args *a, tally_CUlaunchConfig *config_copy) {
+static int kernel_args_of(const struct tally_launch *launch, struct kernel_args *a) {
     if (launch->rewrite == TALLY_REWRITE_KERNEL) {
-        tally_cuLaunchKernel_params *p = launch->params;
-        *a = (struct kernel_args){&p->f, {&p->gridDimX, &p->gridDimY, &p->gridDimZ},
-                                  {p->blockDimX, p->blockDimY, p->blockDimZ}, p->sharedMemBytes, launch->stream,
-                                  &p->kernelParams, p->extra};
+        const tally_cuLaunchKernel_params *p = launch->params;
+        *a = (struct kernel_args){p->f, {p->gridDimX, p->gridDimY, p->gridDimZ},
+                                  {p->blockDimX, p->blockDimY, p->blockDimZ}, p->sharedMemBytes, p->kernelParams,
+                                  p->extra};
         return 1;
     }
     if (launch->rewrite == TALLY_REWRITE_KERNEL_EX) {
-        tally_cuLaunchKernelEx_params *p = launch->params;
+        const tally_cuLaunchKernelEx_params *p = launch->params;
+        const tally_CUlaunchConfig *c = p->config;
         /* Launch attributes (clusters, programmatic serialization...) change
          * what a grid means: such launches run whole. */
-        if (!p->config || p->config->numAttrs != 0) return 0;
-        /* The configuration is the program's memory: rewrite a copy. */
-        *config_copy = *p->config;
-        p->config = config_copy;
-        tally_CUlaunchConfig *c = config_copy;
-        *a = (struct kernel_args){&p->f, {&c->gridDimX, &c->gridDimY, &c->gridDimZ},
-                                  {c->blockDimX, c->blockDimY, c->blockDimZ}, c->sharedMemBytes, launch->stream,
-                                  &p->kernelParams, p->extra};
+        if (!c || c->numAttrs != 0) return 0;
+        *a = (struct kernel_args){p->f, {c->gridDimX, c->gridDimY, c->gridDimZ},
+                                  {c->blockDimX, c->blockDimY, c->blockDimZ}, c->sharedMemBytes, p->kernelParams,
+                                  p->extra};
         return 1;
     }
     return 0;
+}
+
+/* Turns the program's launch, in the callback's parameter block (which the
+ * driver reads after API enter), into a 1-D launch of `blocks` blocks of f. */
+static void rewrite_launch(const struct tally_launch *launch, CUfunction f, unsigned blocks, void **args) {
+    static __thread tally_CUlaunchConfig config_copy;
+    if (launch->rewrite == TALLY_REWRITE_KERNEL) {
+        tally_cuLaunchKernel_params *p = launch->params;
+        p->f = f;
+        p->gridDimX = blocks;
+        p->gridDimY = p->gridDimZ = 1;
+        p->kernelParams = args;
+    } else {
+        tally_cuLaunchKernelEx_params *p = launch->params;
+        /* The configuration is the program's memory: point the block at a changed copy. */
+        config_copy = *p->config;
+        config_copy.gridDimX = blocks;
+        config_copy.gridDimY = config_copy.gridDimZ = 1;
+        p->config = &config_copy;
+        p->f = f;
+        p->kernelParams = args;
+    }
 }
 
 /* A best-effort launch of a kernel the plan has a slice kernel for, run as
@@ -725,23 +742,20 @@ static int kernel_args_of(const struct tally_launch *launch, struct kernel_args 
  * at once) as fit in the turnaround budget, at least one. A kernel that
  * fits in one slice runs whole. Returns 1 when the launch was handled here. */
 static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
-    static __thread tally_CUlaunchConfig config_copy;
     static __thread void *args[TALLY_BLOCKSCHED_MAX_PARAMS + 4];
     static __thread uint32_t appended[4];
-    const tally_CUlaunchConfig *program_config = NULL; /* restored when the launch runs whole */
-    if (launch->rewrite == TALLY_REWRITE_KERNEL_EX) program_config = ((tally_cuLaunchKernelEx_params *)launch->params)->config;
     struct kernel_args a;
-    if (!kernel_args_of(launch, &a, &config_copy)) return 0;
+    if (!kernel_args_of(launch, &a)) return 0;
     struct tally_slice_kernel sk;
     unsigned block_threads = a.block[0] * a.block[1] * a.block[2];
     /* Arguments in `extra` are one opaque buffer the appended ones cannot join. */
-    if (a.extra || !tally_blocksched_lookup(*a.f, launch->symbol, block_threads, a.smem, &sk)) goto whole;
-    if (sk.nparams && !*a.args) goto whole;
-    uint64_t total = (uint64_t)*a.grid[0] * *a.grid[1] * *a.grid[2];
+    if (a.extra || !tally_blocksched_lookup(a.f, launch->symbol, block_threads, a.smem, &sk)) return 0;
+    if (sk.nparams && !a.args) return 0;
+    uint64_t total = (uint64_t)a.grid[0] * a.grid[1] * a.grid[2];
     uint64_t waves = (total + sk.wave_blocks - 1) / sk.wave_blocks;
     if (waves <= 1 || total >= 0xFFFFFFFFull) {
         tally_blocksched_count(&sk, 1, waves <= 1 ? "one wave or less" : "grid too large");
-        goto whole;
+        return 0;
     }
     /* A wave's time: from earlier slices of this kernel (timed per wave),
      * else from the whole kernel's estimate (timed when it ran whole, or
@@ -768,18 +782,18 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         snprintf(why, sizeof why, "slices keep %.2fx of its speed, under the floor %.2fx",
                  (double)whole_wave_ns / (double)wave_ns, tally_blocksched_floor());
         tally_blocksched_count(&sk, 1, why);
-        goto whole;
+        return 0;
     }
     uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
     uint64_t per_slice = (wave_ns && budget / wave_ns ? budget / wave_ns : 1) * sk.wave_blocks;
     if (per_slice >= total) {
         tally_blocksched_count(&sk, 1, "fits in one slice");
-        goto whole;
+        return 0;
     }
     uint64_t n = (total + per_slice - 1) / per_slice;
-    for (uint32_t i = 0; i < sk.nparams; i++) args[i] = (*a.args)[i];
+    for (uint32_t i = 0; i < sk.nparams; i++) args[i] = a.args[i];
     for (int i = 0; i < 4; i++) args[sk.nparams + i] = &appended[i];
-    appended[0] = *a.grid[0], appended[1] = *a.grid[1], appended[2] = *a.grid[2];
+    appended[0] = a.grid[0], appended[1] = a.grid[1], appended[2] = a.grid[2];
     uint64_t est_sum = 0;
     int any_held = 0, any_alone = 0;
     for (uint64_t i = 0; i < n; i++) {
@@ -797,12 +811,12 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         any_held |= pending.held;
         any_alone |= pending.alone;
         if (i + 1 == n) break;
-        CUresult r = tally_blocksched_launch(&sk, (unsigned)blocks, a.block, a.smem, a.stream, args);
+        CUresult r = tally_blocksched_launch(&sk, (unsigned)blocks, a.block, a.smem, launch->stream, args);
         if (r != CUDA_SUCCESS) {
             pending.track = 0;
             if (i == 0) { /* nothing ran yet: the original kernel runs, as if never planned */
                 tally_blocksched_disable(&sk, "a slice launch failed");
-                goto whole;
+                return 0;
             }
             /* Slices ran already: the rest of the grid must run, as one slice (below). */
             tally_blocksched_disable(&sk, "a slice launch failed; the rest of that launch ran as one slice");
@@ -814,10 +828,8 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         now = tally_now_ns();
     }
     /* The program's launch becomes the last slice (appended[3]: its offset). */
-    *a.f = sk.slice;
-    *a.grid[0] = (unsigned)(total - appended[3] < per_slice ? total - appended[3] : per_slice);
-    *a.grid[1] = *a.grid[2] = 1;
-    *a.args = args;
+    rewrite_launch(launch, sk.slice, (unsigned)(total - appended[3] < per_slice ? total - appended[3] : per_slice),
+                   args);
     struct tally_blocksched_stats *st = tally_blocksched_stats();
     atomic_fetch_add_explicit(&st->sliced_launches, 1, memory_order_relaxed);
     if (S.slot) { /* for tally status */
@@ -829,9 +841,6 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     atomic_fetch_add_explicit(&st->sliced_est_ns, est_sum, memory_order_relaxed);
     tally_blocksched_count(&sk, n, NULL);
     return 1;
-whole:
-    if (program_config) ((tally_cuLaunchKernelEx_params *)launch->params)->config = program_config;
-    return 0;
 }
 
 /* The daemon's access rules let this user run only best effort, and it has

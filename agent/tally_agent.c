@@ -512,6 +512,15 @@ static void run_chained_injection(void) {
     else fprintf(stderr, "tally: warning: chained injection %s could not be loaded\n", path);
 }
 
+/* Which module event a driver entry point is, when images are saved or a plan is in effect. */
+static int module_event(const char *name, int save_modules, int plan) {
+    if ((save_modules || plan) && tally_modules_is_load(name))
+        return strncmp(name, "cuLibrary", 9) == 0 ? LIBRARY_LOAD : MODULE_LOAD;
+    if ((save_modules || plan) && tally_modules_is_file_load(name)) return MODULE_LOAD_FILE;
+    if (plan && strcmp(name, "cuModuleUnload") == 0) return MODULE_UNLOAD;
+    return MODULE_NONE;
+}
+
 static void fail_open(const char *reason) {
     snprintf(failopen_reason, sizeof failopen_reason, "%s", reason);
     warn_failopen("%s", reason);
@@ -548,19 +557,10 @@ static void initialize(void) {
         const char *name = NULL;
         if (cupti.get_callback_name(CUPTI_CB_DOMAIN_DRIVER_API, cbid, &name) != CUPTI_SUCCESS || !name)
             continue;
-        if ((save_modules || plan) && tally_modules_is_load(name)) {
+        int event = module_event(name, save_modules, plan);
+        if (event != MODULE_NONE) {
             if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
-                module_event_of[cbid] = strncmp(name, "cuLibrary", 9) == 0 ? LIBRARY_LOAD : MODULE_LOAD;
-            continue;
-        }
-        if ((save_modules || plan) && tally_modules_is_file_load(name)) {
-            if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
-                module_event_of[cbid] = MODULE_LOAD_FILE;
-            continue;
-        }
-        if (plan && strcmp(name, "cuModuleUnload") == 0) {
-            if (cupti.enable_callback(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API, cbid) == CUPTI_SUCCESS)
-                module_event_of[cbid] = MODULE_UNLOAD;
+                module_event_of[cbid] = (uint8_t)event;
             continue;
         }
         int kind = classify_launch(name);
