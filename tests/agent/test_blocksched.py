@@ -318,18 +318,18 @@ def test_a_raised_shared_memory_limit_is_carried_over_to_the_slice_kernel(daemon
     assert r.stderr == ""
 
 
-@pytest.mark.parametrize("floor,whole_later", [(None, True), ("0.1", False)])
+@pytest.mark.parametrize("floor,whole_later", [(None, True), ("0.01", False)])
 def test_slices_much_slower_than_the_kernel_run_it_whole(daemon, run_app, tmp_path, floor, whole_later):
     """The whole kernel's time is known (seeded) and its slices turn out 4x slower per wave:
-    under the floor (default 0.5) the kernel runs whole, with the reason; a floor of 0.1
-    accepts them."""
+    under the floor (default 0.5) the kernel runs whole, with the reason; a floor of 0.01
+    accepts them (0.1 was too close to what a busy machine's timing can make of 0.25)."""
     profile = tmp_path / "profile"
     # 64 blocks = 8 waves of 0.3 ms: 2.4 ms whole; budget 1 ms: the first launch is 3-wave slices
     profile.write_text(f"tally-profiles 1 1\n{fnv1a64(ENTRY.encode()):016x} {64 * 128} 2400000 5 {ENTRY}\n")
     env = {"TALLY_PROFILE_FILE": str(profile), "FAKE_CUDA_SLICE_SLOWDOWN": "4"}
     if floor:
         env["TALLY_BLOCKSCHED_FLOOR"] = floor
-    r = run_be(daemon, run_app, tmp_path, ["pklaunch:4:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:6:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
                env=env)
     completed_ok(r)
     recs = records(r)
@@ -339,4 +339,4 @@ def test_slices_much_slower_than_the_kernel_run_it_whole(daemon, run_app, tmp_pa
         assert recs[-1]["name"] == ENTRY and kernel["whole_launches"] >= 1
         assert "under the floor 0.50x" in kernel["reason"]
     else:
-        assert kernel["whole_launches"] == 0 and kernel["sliced_launches"] == 4
+        assert kernel["whole_launches"] == 0 and kernel["sliced_launches"] == 6
