@@ -47,6 +47,19 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def json_head(data: bytes, what: str, limit: int | None = None) -> tuple[object, bytes, bytes]:
+    """(value, its bytes, the rest) of `data` = one strict-JSON line + payload; the line may be at
+    most `limit` bytes. ValueError("no <what> line" / "<what> is not JSON") otherwise."""
+    newline = data.find(b"\n", 0, limit)
+    if newline < 0:
+        raise ValueError(f"no {what} line")
+    try:
+        value = strict_json(data[:newline])
+    except (ValueError, RecursionError):
+        raise ValueError(f"{what} is not JSON") from None
+    return value, data[:newline], data[newline + 1:]
+
+
 def strict_json(data: bytes):
     """JSON bytes -> value; NaN/Infinity, duplicate keys, non-UTF-8 raise ValueError."""
     def pairs(items):

@@ -218,20 +218,14 @@ class KernelCache:
 
 
 def _verify(data: bytes, request: Request) -> Cached:
-    newline = data.find(b"\n", 0, MAX_HEADER_BYTES)
-    if newline < 0:
-        raise ValueError("no header line")
-    try:
-        header = _files.strict_json(data[:newline])
-    except (ValueError, RecursionError):
-        raise ValueError("header is not JSON") from None
+    header, header_bytes, payload = _files.json_head(data, "header", MAX_HEADER_BYTES)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("not a kernel cache entry")
     if header.get("version") != VERSION:
         raise ValueError(f"entry format version {header.get('version')!r}, this tally uses {VERSION}")
     if set(header) != _HEADER_KEYS:
         raise ValueError("header fields")
-    if _files.canonical_json(header) != data[:newline]:
+    if _files.canonical_json(header) != header_bytes:
         raise ValueError("header is not canonical")
     expected = {"key": request.key, "entry": request.entry, "mode": request.mode, "artifact": request.artifact,
                 "ptx_version": request.ptx_version, "source_sha256": request.source_sha256}
@@ -247,7 +241,6 @@ def _verify(data: bytes, request: Request) -> Cached:
             raise ValueError("a refusal without a reason")
     else:
         raise ValueError("status")
-    payload = data[newline + 1:]
     if type(header["payload_bytes"]) is not int or header["payload_bytes"] != len(payload):
         raise ValueError("payload length (truncated or extended)")
     if header["payload_sha256"] != _files.sha256_hex(payload):

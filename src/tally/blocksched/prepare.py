@@ -691,13 +691,7 @@ def _payload(outcome: _Outcome, data: bytes) -> bytes:
 
 
 def _unpayload(payload: bytes, entries: list[str]) -> tuple[_Outcome, bytes]:
-    newline = payload.find(b"\n")
-    if newline < 0:
-        raise ValueError("no outcome line")
-    try:
-        head = _files.strict_json(payload[:newline])
-    except (ValueError, RecursionError):
-        raise ValueError("outcome is not JSON") from None
+    head, _, data = _files.json_head(payload, "outcome")
     if not isinstance(head, dict) or set(head) != {"format", "version", "ok", "refused"} \
             or head["format"] != _PAYLOAD_FORMAT or head["version"] != 1:
         raise ValueError("not a module outcome")
@@ -707,7 +701,6 @@ def _unpayload(payload: bytes, entries: list[str]) -> tuple[_Outcome, bytes]:
         raise ValueError("outcome fields")
     if len(set(ok)) != len(ok) or set(ok) & set(refused) or set(ok) | set(refused) != set(entries):
         raise ValueError("its entries are not the module's")
-    data = payload[newline + 1:]
     if ok and not data:
         raise ValueError("ok entries without code")
     return _Outcome(list(ok), dict(refused)), data
