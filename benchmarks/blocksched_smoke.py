@@ -62,13 +62,10 @@ def context():
     drv.cuInit(0)
     dev = ctypes.c_int()
     drv.cuDeviceGet(ctypes.byref(dev), 0)
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    drv.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)
-    drv.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)
     ctx = ctypes.c_void_p()
     drv.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
     drv.cuCtxSetCurrent(ctx)
-    return drv, f"sm_{major.value}{minor.value}"
+    return drv, drv.arch(dev)
 
 
 def prepare(out: Path) -> None:

@@ -142,6 +142,7 @@ class _FakeDriver:
     """micro.Driver without a GPU: every call succeeds; compute capability 9.0."""
 
     load_rc = 0
+    arch = micro.Driver.arch  # the real one, over the fake calls below
 
     def __init__(self):
         self.lib = _FakeDriverLib(self.load_rc)

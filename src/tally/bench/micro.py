@@ -176,6 +176,13 @@ class Driver:
             self.lib.cuGetErrorString(rc, ctypes.byref(text))
             raise TallyError(f"{what} failed: {text.value.decode() if text.value else rc}")
 
+    def arch(self, device: ctypes.c_int) -> str:
+        """sm_XY of a device handle (cuDeviceGet's)."""
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device)
+        self.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device)
+        return f"sm_{major.value}{minor.value}"
+
     def __getattr__(self, name):
         function = getattr(self.lib, name)
 
@@ -195,17 +202,14 @@ class MicroKernels:
         drv.cuInit(0)
         device = ctypes.c_int()
         drv.cuDeviceGet(ctypes.byref(device), 0)
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        drv.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device)
-        drv.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device)
-        self.arch = f"sm_{major.value}{minor.value}"
+        self.arch = drv.arch(device)
         self.context = ctypes.c_void_p()
         # the primary context: the one the runtime API (and a co-resident PyTorch) would use too
         drv.cuDevicePrimaryCtxRetain(ctypes.byref(self.context), device)
         drv.cuCtxSetCurrent(self.context)
         if image == "ptx":
             # the virtual architecture: NVRTC writes PTX, and the driver JITs it at load
-            code, self.image_kind = compile_kernel(f"compute_{major.value}{minor.value}")
+            code, self.image_kind = compile_kernel("compute_" + self.arch[len("sm_"):])
         else:
             code, self.image_kind = compile_kernel(self.arch)
         self.module = ctypes.c_void_p()
@@ -274,7 +278,4 @@ def device_arch(device: int = 0) -> str:
     drv.cuInit(0)
     handle = ctypes.c_int()
     drv.cuDeviceGet(ctypes.byref(handle), device)
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    drv.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
-    drv.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
-    return f"sm_{major.value}{minor.value}"
+    return drv.arch(handle)

@@ -26,6 +26,7 @@ scheduling, its "blocksched" counters; see tally.bench.metrics.blocksched_summar
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -279,18 +280,13 @@ def block_level_missing() -> str | None:
     return None
 
 
-_ARCH: list[str] = []
-
-
+@functools.lru_cache(maxsize=1)
 def gpu_arch() -> str:
     """sm_XY of GPU 0: from the CUDA driver (device 0 of CUDA_VISIBLE_DEVICES), else nvidia-smi's compute_cap."""
-    if _ARCH:
-        return _ARCH[0]
     try:
         from tally.bench.micro import device_arch
 
-        _ARCH.append(device_arch(0))
-        return _ARCH[0]
+        return device_arch(0)
     except (TallyError, OSError, AttributeError):
         pass
     smi = shutil.which("nvidia-smi")
@@ -300,8 +296,7 @@ def gpu_arch() -> str:
                                  capture_output=True, text=True, timeout=30)
             major, _, minor = out.stdout.strip().splitlines()[0].strip().partition(".")
             if out.returncode == 0 and major.isdigit() and minor.isdigit():
-                _ARCH.append(f"sm_{major}{minor}")
-                return _ARCH[0]
+                return f"sm_{major}{minor}"
         except (OSError, subprocess.TimeoutExpired, IndexError):
             pass
     raise TallyError("tally-block: cannot tell GPU 0's architecture (the CUDA driver did not answer and nvidia-smi "
