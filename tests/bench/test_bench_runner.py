@@ -269,7 +269,10 @@ def test_tally_variants_pass_their_policy_to_tally_up():
     assert variant.name == "tally[budget-us=1000;idle-window-us=2000]"
     assert variant.up_args == ["--budget-us", "1000", "--idle-window-us", "2000"]
     assert systems.make_system("tally").up_args == []
-    for bad in ("tally[budget=1]", "tally[budget-us=fast]", "tally[budget-us]"):
+    block = systems.make_system("tally-block[budget-us=25]")
+    assert isinstance(block, systems.TallyBlock) and block.name == "tally-block[budget-us=25]"
+    assert block.up_args == ["--budget-us", "25"] and block.needs_preparation("be")
+    for bad in ("tally[budget=1]", "tally[budget-us=fast]", "tally[budget-us]", "tally-block[unthrottle=1]"):
         with pytest.raises(TallyError):
             systems.make_system(bad)
 

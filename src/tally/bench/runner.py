@@ -1146,7 +1146,7 @@ class Overheads:
     def system_s(self, name: str) -> float:
         if name in self.system_start_s:
             return self.system_start_s[name]
-        base = "tally" if name.startswith("tally[") else name
+        base = name.partition("[")[0]
         return self.system_start_s.get(base, 1.0)
 
     @classmethod

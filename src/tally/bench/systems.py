@@ -343,8 +343,9 @@ class TallyBlock(Tally):
 
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
                  prepare_timeout_s: float = 300.0, capture_s: float = 1.0, capture_steps: int = 2,
-                 arch: str | None = None, name: str | None = None):
-        super().__init__(tally_command=tally_command, timeout_s=timeout_s, name=name or "tally-block")
+                 arch: str | None = None, name: str | None = None, up_args: list[str] | None = None):
+        super().__init__(tally_command=tally_command, timeout_s=timeout_s, up_args=up_args,
+                         name=name or "tally-block")
         self.prepare_timeout_s = prepare_timeout_s
         self.capture_s = capture_s          # the capture run: warm-up steps, then this many seconds of steps
         self.capture_steps = capture_steps
@@ -455,14 +456,15 @@ def plan_kernels(plan: Path) -> int | None:
         raise TallyError(f"tally-block: {exc}") from None
 
 
-# `tally up` options a bench system name may set: tally[budget-us=1000;idle-window-us=2000]
-# (';' because system lists are comma-separated)
+# `tally up` options a bench system name may set: tally[budget-us=1000;idle-window-us=2000],
+# tally-block[budget-us=25] (';' because system lists are comma-separated)
 TALLY_TUNABLES = ("idle-window-us", "budget-us", "unthrottle-ms")
 
 
 def tally_variant(name: str) -> Tally:
-    """A tally system with policy parameters in its name, so each variant is its own run."""
-    settings = name[len("tally["):-1]
+    """A tally or tally-block system with policy parameters in its name, so each variant is its own run."""
+    base, _, rest = name.partition("[")
+    settings = rest[:-1]
     args: list[str] = []
     for item in filter(None, settings.split(";")):
         key, sep, value = item.partition("=")
@@ -473,13 +475,13 @@ def tally_variant(name: str) -> Tally:
         except ValueError:
             raise TallyError(f"system {name!r}: {key} needs a number, not {value!r}") from None
         args += [f"--{key}", value]
-    return Tally(up_args=args, name=name)
+    return TallyBlock(up_args=args, name=name) if base == "tally-block" else Tally(up_args=args, name=name)
 
 
 def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | None = None,
                 tally_command: list[str] | None = None) -> System:
     """`tally_command`: how tally systems call the CLI (default `python -m tally`; tests give a fake)."""
-    if name.startswith("tally[") and name.endswith("]"):
+    if name.startswith(("tally[", "tally-block[")) and name.endswith("]"):
         variant = tally_variant(name)
         if tally_command:
             variant.tally_command = list(tally_command)
