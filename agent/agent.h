@@ -131,8 +131,13 @@ void tally_blocksched_module_unloaded(CUmodule module);
 /* 1 and *out filled when f (launched with this block shape) has a usable slice kernel. */
 int tally_blocksched_lookup(CUfunction f, const char *symbol, unsigned block_threads, unsigned smem,
                             struct tally_slice_kernel *out);
-/* One launch of a plan kernel ran as `slices` slices (1: whole, for whole_reason). */
-void tally_blocksched_count(struct tally_slice_kernel *sk, uint64_t slices, const char *whole_reason);
+/* One launch of a plan kernel ran whole, for this reason (the stats file keeps the last one). */
+void tally_blocksched_whole(struct tally_slice_kernel *sk, const char *reason);
+/* One launch of a plan kernel ran as `slices` slices of `waves` waves each, sized from a wave
+ * estimate of wave_ns (0: unknown) and the turnaround budget: the configuration `tally blocksched
+ * show` reports with the reason for it. */
+void tally_blocksched_sliced(struct tally_slice_kernel *sk, uint64_t slices, uint64_t waves, uint64_t wave_ns,
+                             uint64_t budget_ns);
 /* The kernel goes back to running whole for the rest of the process. */
 void tally_blocksched_disable(struct tally_slice_kernel *sk, const char *why);
 /* A slice launch of the agent's own (1-D grid of `blocks`), which the callbacks let through. */

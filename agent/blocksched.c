@@ -68,6 +68,8 @@ struct plan_kernel {
     int occ_blocks;
     /* what happened to its launches, for the stats file */
     _Atomic uint64_t sliced_launches, slices, whole_launches;
+    /* the last sliced launch's configuration and what it was sized from */
+    _Atomic uint64_t waves_per_slice, wave_ns, budget_ns, wave_blocks;
     char reason[160]; /* why it is unusable, or why its last launch ran whole */
 };
 
@@ -475,20 +477,27 @@ int tally_blocksched_lookup(CUfunction f, const char *symbol, unsigned block_thr
     return ok;
 }
 
-void tally_blocksched_count(struct tally_slice_kernel *sk, uint64_t slices, const char *whole_reason) {
+void tally_blocksched_whole(struct tally_slice_kernel *sk, const char *reason) {
     struct plan_kernel *k = sk->kernel;
     if (!k) return;
-    if (slices > 1) {
-        atomic_fetch_add_explicit(&k->sliced_launches, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&k->slices, slices, memory_order_relaxed);
-    } else {
-        atomic_fetch_add_explicit(&k->whole_launches, 1, memory_order_relaxed);
-        if (whole_reason) {
-            pthread_mutex_lock(&B.lock);
-            snprintf(k->reason, sizeof k->reason, "%s", whole_reason);
-            pthread_mutex_unlock(&B.lock);
-        }
-    }
+    atomic_fetch_add_explicit(&k->whole_launches, 1, memory_order_relaxed);
+    pthread_mutex_lock(&B.lock);
+    snprintf(k->reason, sizeof k->reason, "%s", reason);
+    pthread_mutex_unlock(&B.lock);
+}
+
+void tally_blocksched_sliced(struct tally_slice_kernel *sk, uint64_t slices, uint64_t waves, uint64_t wave_ns,
+                             uint64_t budget_ns) {
+    struct plan_kernel *k = sk->kernel;
+    if (!k) return;
+    atomic_fetch_add_explicit(&k->sliced_launches, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&k->slices, slices, memory_order_relaxed);
+    /* Relaxed and one at a time: a reader may pair one launch's waves with another's estimate,
+     * which is harmless for a report of the recent configuration. */
+    atomic_store_explicit(&k->waves_per_slice, waves, memory_order_relaxed);
+    atomic_store_explicit(&k->wave_ns, wave_ns, memory_order_relaxed);
+    atomic_store_explicit(&k->budget_ns, budget_ns, memory_order_relaxed);
+    atomic_store_explicit(&k->wave_blocks, sk->wave_blocks, memory_order_relaxed);
 }
 
 void tally_blocksched_disable(struct tally_slice_kernel *sk, const char *why) {
@@ -528,10 +537,13 @@ void tally_blocksched_write_stats(FILE *f) {
         first = 0;
         tally_json_string(f, k->entry);
         fprintf(f, ",\"image\":\"%016llx\",\"sliced_launches\":%llu,\"slices\":%llu,\"whole_launches\":%llu,"
+                   "\"waves_per_slice\":%llu,\"wave_blocks\":%llu,\"wave_ns\":%llu,\"budget_ns\":%llu,"
                    "\"usable\":%s,\"reason\":",
                 (unsigned long long)k->image_fnv, (unsigned long long)sliced,
                 (unsigned long long)atomic_load(&k->slices), (unsigned long long)whole,
-                k->state < 0 ? "false" : "true");
+                (unsigned long long)atomic_load(&k->waves_per_slice),
+                (unsigned long long)atomic_load(&k->wave_blocks), (unsigned long long)atomic_load(&k->wave_ns),
+                (unsigned long long)atomic_load(&k->budget_ns), k->state < 0 ? "false" : "true");
         tally_json_string(f, k->reason);
         fputc('}', f);
     }

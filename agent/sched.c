@@ -754,7 +754,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     uint64_t total = (uint64_t)a.grid[0] * a.grid[1] * a.grid[2];
     uint64_t waves = (total + sk.wave_blocks - 1) / sk.wave_blocks;
     if (waves <= 1 || total >= 0xFFFFFFFFull) {
-        tally_blocksched_count(&sk, 1, waves <= 1 ? "one wave or less" : "grid too large");
+        tally_blocksched_whole(&sk, waves <= 1 ? "one wave or less" : "grid too large");
         return 0;
     }
     /* A wave's time: from earlier slices of this kernel (timed per wave),
@@ -781,16 +781,16 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         char why[96];
         snprintf(why, sizeof why, "slices keep %.2fx of its speed, under the floor %.2fx",
                  (double)whole_wave_ns / (double)wave_ns, tally_blocksched_floor());
-        tally_blocksched_count(&sk, 1, why);
+        tally_blocksched_whole(&sk, why);
         return 0;
     }
     uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
     uint64_t per_slice = (wave_ns && budget / wave_ns ? budget / wave_ns : 1) * sk.wave_blocks;
     if (per_slice >= total) {
-        tally_blocksched_count(&sk, 1, "fits in one slice");
+        tally_blocksched_whole(&sk, "fits in one slice");
         return 0;
     }
-    uint64_t n = (total + per_slice - 1) / per_slice;
+    uint64_t n = (total + per_slice - 1) / per_slice, waves_per_slice = per_slice / sk.wave_blocks;
     for (uint32_t i = 0; i < sk.nparams; i++) args[i] = a.args[i];
     for (int i = 0; i < 4; i++) args[sk.nparams + i] = &appended[i];
     appended[0] = a.grid[0], appended[1] = a.grid[1], appended[2] = a.grid[2];
@@ -839,7 +839,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     }
     atomic_fetch_add_explicit(&st->slices, n, memory_order_relaxed);
     atomic_fetch_add_explicit(&st->sliced_est_ns, est_sum, memory_order_relaxed);
-    tally_blocksched_count(&sk, n, NULL);
+    tally_blocksched_sliced(&sk, n, waves_per_slice, wave_ns, budget);
     return 1;
 }
 

@@ -198,6 +198,13 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
             from tally.profiles import profile_path  # kernel duration estimates persist per program
 
             env["TALLY_PROFILE_FILE"] = str(profile_path(command, env.get("PATH")))
+    if block_level and not stats_dir and "TALLY_STATS_DIR" not in env:
+        # what the agent did with the plan, for `tally blocksched show -- COMMAND` (the last run's)
+        from tally.blocksched import live
+
+        directory = live.live_dir(command, env.get("PATH"))
+        live.start_run(directory)
+        env["TALLY_STATS_DIR"] = str(directory)
     if stats_dir:
         try:
             os.makedirs(stats_dir, exist_ok=True)

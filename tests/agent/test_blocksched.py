@@ -9,11 +9,13 @@ fixed time per wave of SMs x occupancy blocks (4 x 2 here).
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from tally.blocksched import live
 from test_modules import PTX, fnv1a64
 from test_sched import MS, completed_ok, throttle_be
 
@@ -107,6 +109,11 @@ def test_planned_kernel_runs_as_gated_slices_covering_its_grid(daemon, run_app, 
     (kernel,) = stats["kernels"]
     assert kernel["entry"] == ENTRY and kernel["usable"] and kernel["sliced_launches"] == len(launches)
     assert kernel["whole_launches"] == len(whole)
+    # the last sliced launch's configuration, as `tally blocksched show` reports it
+    assert kernel["wave_blocks"] == WAVE and kernel["budget_ns"] == 440_000
+    assert kernel["waves_per_slice"] * WAVE == launches[-1][0]["grid"][0]
+    (shown,) = live.parse(json.dumps(r.stats()).encode(), "stats")  # what `tally blocksched show` reads
+    assert shown.sliced_launches == len(launches) and shown.describe().startswith("sliced ")
 
 
 def test_a_known_kernel_time_sizes_the_slices_from_the_first_launch(daemon, run_app, tmp_path):
@@ -125,6 +132,9 @@ def test_a_known_kernel_time_sizes_the_slices_from_the_first_launch(daemon, run_
     assert [rec["grid"][0] for rec in launches[0]] == [24, 24, 16]
     # later launches go by the slices' own timing (which errs long): fewer waves, never more
     assert all(rec["grid"][0] in (8, 16, 24) for launch in launches[1:] for rec in launch[:-1])
+    (kernel,) = r.stats()["blocksched"]["kernels"]
+    assert kernel["waves_per_slice"] * WAVE == launches[-1][0]["grid"][0] and kernel["budget_ns"] == MS
+    assert kernel["wave_ns"] > 0 and kernel["waves_per_slice"] == max(1, MS // kernel["wave_ns"])
 
 
 def test_a_module_loaded_from_a_file_is_matched_by_its_bytes(daemon, run_app, tmp_path):

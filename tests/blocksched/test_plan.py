@@ -546,6 +546,27 @@ def test_run_block_level_hands_the_plan_to_the_agent(tmp_path, run_env):
     assert result.exit_code == 0 and "TALLY_BLOCKSCHED_PLAN" not in env
 
 
+def test_run_block_level_keeps_the_last_runs_stats_for_show(tmp_path, run_env):
+    from tally.blocksched import live
+
+    write_plan(tmp_path / "cache" / "blocksched" / "plan", tmp_path)
+    directory = live.live_dir(["/bin/true"])
+    directory.mkdir(parents=True)
+    (directory / "stats-1.json").write_text("{}")  # an earlier run's
+    (directory / "keep.txt").write_text("not ours")
+    result, env = run_env("--priority", "best-effort", "--block-level")
+    assert result.exit_code == 0, result.output
+    assert env["TALLY_STATS_DIR"] == str(directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["keep.txt"]
+    # --stats-dir wins, and the live directory is left alone
+    (directory / "stats-2.json").write_text("{}")
+    result, env = run_env("--priority", "best-effort", "--block-level", "--stats-dir", str(tmp_path / "s"))
+    assert result.exit_code == 0 and env["TALLY_STATS_DIR"] == str(tmp_path / "s")
+    assert (directory / "stats-2.json").exists()
+    result, env = run_env("--priority", "best-effort")
+    assert "TALLY_STATS_DIR" not in env
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--block-level"], "--block-level needs --priority best-effort"),
     (["--priority", "high", "--block-level"], "--block-level needs --priority best-effort"),

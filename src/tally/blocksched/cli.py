@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from tally.blocksched import decisions
+from tally.blocksched import decisions, live
 from tally.blocksched.candidates import enumerate_candidates
 from tally.blocksched.choose import DEFAULT_BOUND_NS, DEFAULT_FLOOR, Policy, choose, evaluate, fmt_ns
 from tally.errors import TallyError
@@ -54,13 +54,42 @@ def format_entry(entry: decisions.Entry, decision=None) -> str:
 @blocksched_group.command("show", context_settings=_CMD)
 @click.option("--file", "file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A block scheduling file, instead of the one of a command.")
+@click.option("--live", "live_path", type=click.Path(path_type=Path), default=None,
+              help="The stats file or --stats-dir of a `tally run --block-level` run, instead of the "
+                   "command's last run.")
 @click.option("--bound-us", type=float, default=None, help="Re-choose under this turnaround bound (microseconds).")
 @click.option("--floor", type=float, default=None, help="Re-choose with this speed floor (0 < floor <= 1).")
 @click.option("-v", "--verbose", is_flag=True, help="Also list every measured candidate.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def show_command(file, bound_us, floor, verbose, command):
-    """Per kernel of COMMAND's block scheduling file: the configuration chosen and why."""
-    path = command_file(command, file, decisions.decisions_path)
+def show_command(file, live_path, bound_us, floor, verbose, command):
+    """Per kernel of COMMAND: the configuration chosen and why.
+
+    Two records, each shown when it exists: the block scheduling file (measured candidates and
+    the offline choice), and what the agent did in the program's last `tally run --block-level`
+    (sliced or whole, the slice size and what it was sized from, or why it ran whole).
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    path = None
+    if file is not None or command or live_path is None:
+        path = command_file(command, file, decisions.decisions_path)
+    if live_path is not None and not live_path.exists():
+        raise TallyError(f"no stats file or directory {live_path}")
+    if file is None and command:  # the command's records: each shown when it exists
+        derived_live = live.live_dir(list(command)) if live_path is None else None
+        if not path.exists() and (derived_live is None or not derived_live.exists()) and live_path is None:
+            raise TallyError(f"no block scheduling records for this program (neither {path} nor "
+                             f"{derived_live}): run it with `tally run --priority best-effort --block-level`")
+        path = path if path.exists() else None
+        if derived_live is not None and derived_live.exists():
+            live_path = derived_live
+    if path is not None:
+        _show_decisions(path, bound_us, floor, verbose)
+    if live_path is not None:
+        _show_live(live_path)
+
+
+def _show_decisions(path: Path, bound_us, floor, verbose) -> None:
     entries = decisions.read(path, missing_ok=False)
     rechoose = bound_us is not None or floor is not None
     policy = None
@@ -78,6 +107,18 @@ def show_command(file, bound_us, floor, verbose, command):
             bound = (policy or decision).bound_ns if (policy or decision) else DEFAULT_BOUND_NS
             for row in evaluate(e.record):
                 click.echo(f"    {row.summary(e.record.grid, bound)}")
+
+
+def _show_live(path: Path) -> None:
+    from tally.trace import demangle
+
+    kernels, processes = live.read(path)
+    click.echo(f"{path}: last block-level run, {processes} process(es) with a plan, "
+               f"{len(kernels)} planned kernel(s) launched")
+    for k in kernels:
+        name = demangle(k.entry)
+        name = name if len(name) <= 60 else name[:57] + "..."
+        click.echo(f"{name}: {k.describe()}")
 
 
 @blocksched_group.command("candidates")
