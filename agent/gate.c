@@ -27,6 +27,27 @@ int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns) {
     return now_ns <= beat || now_ns - beat <= load64(&h->daemon_timeout_ns);
 }
 
+/* How long HP has been idle at now_ns, given it has nothing in flight: from
+ * its last launch or the last moment its work was seen in flight. */
+static uint64_t hp_idle_ns(const struct tally_sb_header *h, uint64_t now_ns) {
+    uint64_t last = load64(&h->hp_last_launch_ns);
+    uint64_t busy = load64(&h->hp_last_busy_ns);
+    if (busy > last) last = busy;
+    return now_ns > last ? now_ns - last : 0;
+}
+
+static uint64_t bound_when_idle(const struct tally_sb_header *h, uint64_t idle_ns) {
+    uint64_t budget = load64(&h->turnaround_budget_ns);
+    if (idle_ns >= load64(&h->unthrottle_after_ns) && budget < TALLY_GATE_IDLE_DEPTH_NS)
+        budget = TALLY_GATE_IDLE_DEPTH_NS;
+    return budget;
+}
+
+uint64_t tally_gate_bound_ns(const struct tally_sb_header *h, uint64_t now_ns) {
+    if (tally_gate_hp_inflight(h)) return load64(&h->turnaround_budget_ns);
+    return bound_when_idle(h, hp_idle_ns(h, now_ns));
+}
+
 enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint64_t now_ns,
                                            uint64_t be_remaining_ns, uint64_t be_inflight, uint64_t kernel_est_ns) {
     if (load32(&h->policy) != TALLY_SB_POLICY_TALLY) return TALLY_GATE_UNGATED;
@@ -40,14 +61,10 @@ enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint
         if (load64(busy) < now_ns) __atomic_store_n(busy, now_ns, __ATOMIC_RELAXED);
         return TALLY_GATE_WAIT_HP;
     }
-    uint64_t last = load64(&h->hp_last_launch_ns);
-    uint64_t busy = load64(&h->hp_last_busy_ns);
-    if (busy > last) last = busy;
-    uint64_t idle = now_ns > last ? now_ns - last : 0;
+    uint64_t idle = hp_idle_ns(h, now_ns);
     if (idle < load64(&h->idle_window_ns)) return TALLY_GATE_WAIT_HP;
     int unthrottled = idle >= load64(&h->unthrottle_after_ns);
-    uint64_t budget = load64(&h->turnaround_budget_ns);
-    if (unthrottled && budget < TALLY_GATE_IDLE_DEPTH_NS) budget = TALLY_GATE_IDLE_DEPTH_NS;
+    uint64_t budget = bound_when_idle(h, idle);
     if (be_remaining_ns + kernel_est_ns <= budget)
         return unthrottled ? TALLY_GATE_ADMIT_IDLE : TALLY_GATE_ADMIT;
     if (be_inflight == 0) return TALLY_GATE_ADMIT_ALONE;

@@ -65,6 +65,12 @@ int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns);
 enum tally_gate_decision tally_gate_decide(const struct tally_sb_header *h, uint64_t now_ns,
                                            uint64_t be_remaining_ns, uint64_t be_inflight, uint64_t kernel_est_ns);
 
+/* The bound on BE work in flight that tally_gate_decide applies at now_ns
+ * while HP is not busy: the turnaround budget, or the idle depth once HP has
+ * been idle for unthrottle_after_ns. Slicing sizes its slices by it, so a
+ * kernel is not cut into budget-sized pieces while nobody waits for the GPU. */
+uint64_t tally_gate_bound_ns(const struct tally_sb_header *h, uint64_t now_ns);
+
 /* Policy tgs: whether a BE launch at now_ns may go; takes a token (advances
  * the bucket) when it may. With a wait, *wait_ns (if not NULL) is how long
  * until the next token. Pure apart from the bucket it is given. */

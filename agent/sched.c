@@ -784,10 +784,12 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         tally_blocksched_whole(&sk, why);
         return 0;
     }
-    uint64_t budget = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED);
+    uint64_t budget = tally_gate_bound_ns(S.sb, now);
     uint64_t per_slice = (wave_ns && budget / wave_ns ? budget / wave_ns : 1) * sk.wave_blocks;
     if (per_slice >= total) {
-        tally_blocksched_whole(&sk, "fits in one slice");
+        char why[64];
+        snprintf(why, sizeof why, "fits in one slice of the %llu us bound", (unsigned long long)(budget / 1000));
+        tally_blocksched_whole(&sk, why);
         return 0;
     }
     uint64_t n = (total + per_slice - 1) / per_slice, waves_per_slice = per_slice / sk.wave_blocks;

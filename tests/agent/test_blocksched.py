@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 from tally.blocksched import live
+from tally.scoreboard import PolicyParams
 from test_modules import PTX, fnv1a64
 from test_sched import MS, completed_ok, throttle_be
 
@@ -137,6 +139,33 @@ def test_a_known_kernel_time_sizes_the_slices_from_the_first_launch(daemon, run_
     assert kernel["wave_ns"] > 0 and kernel["waves_per_slice"] == max(1, MS // kernel["wave_ns"])
 
 
+def test_after_long_hp_idleness_slices_are_sized_by_the_idle_depth(daemon, run_app, tmp_path):
+    """HP idle for unthrottle_after: the gate bounds BE by the idle depth (2 ms), and so does
+    slicing: a 2.4 ms kernel runs as 6-wave slices (not the 3 of a 1 ms budget), and a 1.2 ms one
+    runs whole."""
+    profile = tmp_path / "profile"
+    name = ENTRY.encode()
+    profile.write_text(f"tally-profiles 1 2\n{fnv1a64(name):016x} {64 * 128} 2400000 5 {ENTRY}\n"
+                       f"{fnv1a64(name):016x} {32 * 128} 1200000 5 {ENTRY}\n")
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    daemon.sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=MS, unthrottle_after_ns=MS,
+                                      daemon_timeout_ns=60 * 10**9))
+    daemon.sb.hp_active = 1
+    daemon.sb.hp_last_launch_ns = time.monotonic_ns() - 10**9  # an HP client, idle for a second
+    r = run_app(f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:1:64:1:128:300:kernel",
+                "pklaunch:1:32:1:128:300:kernel", "sync", "records",
+                env=daemon.env("best-effort", TALLY_BLOCKSCHED_PLAN=str(write_plan(tmp_path)),
+                               TALLY_PROFILE_FILE=str(profile), TALLY_BLOCKSCHED_FLOOR="0"))
+    completed_ok(r)
+    recs = records(r)
+    (launch,) = slices_of(recs, (64, 1, 1))
+    assert [rec["grid"][0] for rec in launch] == [48, 16]
+    assert [rec["grid"] for rec in recs if rec["name"] == ENTRY] == [(32, 1, 1)]
+    (kernel,) = r.stats()["blocksched"]["kernels"]
+    assert kernel["budget_ns"] == 2 * MS and kernel["reason"] == "fits in one slice of the 2000 us bound"
+
+
 def test_a_module_loaded_from_a_file_is_matched_by_its_bytes(daemon, run_app, tmp_path):
     """cuModuleLoad(path), as PyTorch Inductor loads torch.compile's kernels."""
     r = run_be(daemon, run_app, tmp_path, ["pklaunch:2:64:1:128:200:kernel"], write_plan(tmp_path), api="file",
@@ -172,7 +201,7 @@ def test_a_kernel_that_fits_in_one_slice_runs_whole(daemon, run_app, tmp_path):
     completed_ok(r)
     assert [rec["name"] for rec in records(r)] == [ENTRY] * 4
     (kernel,) = r.stats()["blocksched"]["kernels"]
-    assert kernel["reason"] == "fits in one slice" and kernel["whole_launches"] == 4
+    assert kernel["reason"].startswith("fits in one slice of the ") and kernel["whole_launches"] == 4
 
 
 def test_a_grid_of_one_wave_runs_whole(daemon, run_app, tmp_path):

@@ -38,6 +38,8 @@ def gate(tmp_path_factory):
     g.tally_gate_decide.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
                                     ctypes.c_uint64]
     g.tally_gate_decision_name.restype = ctypes.c_char_p
+    g.tally_gate_bound_ns.restype = ctypes.c_uint64
+    g.tally_gate_bound_ns.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
     g.tally_gate_decide_rate.restype = ctypes.c_int
     g.tally_gate_decide_rate.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(Bucket),
                                          ctypes.POINTER(ctypes.c_uint64)]
@@ -160,6 +162,21 @@ def test_long_hp_idle_unthrottles_to_the_idle_depth(gate, board):
     now = clock.at(100_000 * US)
     assert decide(gate, board, now, inflight=1_500 * US, est=500 * US) == ADMIT_IDLE
     assert decide(gate, board, now, inflight=1_500 * US, est=501 * US) == WAIT_BUDGET
+
+
+def test_the_bound_slices_are_sized_by_follows_the_gate(gate, board):
+    """Slicing sizes slices by the bound the gate applies: the budget while HP is busy or was
+    recently, the idle depth once HP has been idle for unthrottle_after."""
+    clock = Clock(board)
+    i = add_hp(board, 0, clock, launched=2, completed=1)
+    assert gate.tally_gate_bound_ns(board._address(0), clock.at(200_000 * US)) == 100 * US  # HP in flight
+    board.set_lane_completed(i, 3, 2)
+    board.hp_last_busy_ns = 0
+    assert gate.tally_gate_bound_ns(board._address(0), clock.at(99_999 * US)) == 100 * US
+    assert gate.tally_gate_bound_ns(board._address(0), clock.at(100_000 * US)) == 2_000 * US
+    # the bound agrees with the decision: a 2 ms slice is admitted then, not before
+    assert decide(gate, board, clock.at(100_000 * US), est=2_000 * US) == ADMIT_IDLE
+    assert decide(gate, board, clock.at(99_999 * US), est=2_000 * US, launches=1) == WAIT_BUDGET
 
 
 def test_only_active_high_priority_slots_count(gate, board):
