@@ -21,5 +21,6 @@ tally run --priority best-effort --stats-dir "$out/stats-whole" -- \
 TALLY_BLOCKSCHED_PLAN=$out/s/plan tally run --priority best-effort --stats-dir "$out/stats-sliced" -- \
     python3 benchmarks/blocksched_smoke.py be "$out/s" sliced || rc=1
 kill $hp 2>/dev/null; wait $hp 2>/dev/null
+python3 -m tally blocksched show --live "$out/stats-sliced"
 cat "$out"/stats-sliced/*.json 2>/dev/null | python3 -c "import json,sys; [print(json.dumps(json.loads(l).get('blocksched'))) for l in sys.stdin if l.strip()]"
 exit $rc

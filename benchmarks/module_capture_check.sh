@@ -88,6 +88,7 @@ for prog in ${MC_PROGRAMS:-cupy triton compile eager}; do
     timeout -s ABRT 150 python3 -m tally run --priority best-effort --block-level --plan "$out/plan-$prog" \
         --stats-dir "$out/stats-$prog" -- python3 /tmp/mc_$prog.py > "$out/live-$prog.log" 2>&1
     echo "$prog live rc=$? $(grep -c ' ok$' "$out/live-$prog.log") ok line(s)"
+    python3 -m tally blocksched show --live "$out/stats-$prog" 2>&1 | head -12
     cat "$out"/stats-$prog/*.json 2>/dev/null | python3 -c "
 import json, sys
 for line in sys.stdin:
