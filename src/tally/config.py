@@ -11,7 +11,7 @@ Two files, both optional, read in this order:
 Schema (every key optional; docs/operations.md has the reference)::
 
     [policy]
-    policy = "tally"            # tally | passthrough
+    policy = "tally"            # tally | passthrough | tgs
     idle_window_us = 100.0      # >= 0
     budget_us = 100.0           # >= 0
     unthrottle_ms = 100.0       # >= 0

@@ -33,7 +33,8 @@ DEFAULTS = control.UpOptions()  # one set of defaults for `tally up` and UpOptio
 @click.option("--budget-us", type=float, default=DEFAULTS.budget_us, show_default=True,
               help="Turnaround budget: largest estimated BE kernel admitted while HP may need the GPU.")
 @click.option("--unthrottle-ms", type=float, default=DEFAULTS.unthrottle_ms, show_default=True,
-              help="After HP has been idle this long, BE runs ungated.")
+              help="After HP has been idle this long, BE work in flight is bounded by the 2 ms idle depth "
+                   "instead of the budget.")
 @click.option("--daemon-timeout-ms", type=float, default=DEFAULTS.daemon_timeout_ms, show_default=True,
               help="Agents fail open when the daemon's heartbeat is older than this.")
 @click.option("--metrics-port", type=int, default=DEFAULTS.metrics_port, show_default=True,
