@@ -107,7 +107,9 @@ void tally_modules_loaded(const void *params, CUresult result, int is_library);
 struct tally_blocksched_stats {
     uint64_t plan_kernels;
     _Atomic uint64_t sliced_launches, slices, unsliced_launches;
-    _Atomic uint64_t sliced_est_ns, unsliced_est_ns; /* estimated GPU time of BE launches gated while HP was present */
+    /* estimated GPU time of BE launches admitted under the turnaround budget (HP present, not idle
+     * past unthrottle_after) that ran sliced / whole */
+    _Atomic uint64_t sliced_est_ns, unsliced_est_ns;
     _Atomic uint64_t not_in_plan, unusable;          /* lookups that found no usable slice kernel */
 };
 

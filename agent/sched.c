@@ -113,6 +113,7 @@ static __thread struct {
     uint32_t profile;
     uint32_t units;        /* see struct inflight */
     int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
+    int idle;              /* be_wait_at_gate: admitted under the idle depth (HP idle for unthrottle_after) */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
     uintptr_t ptds_key;    /* this thread's per-thread default stream's lane key; 0 until first used */
 } pending;
@@ -655,6 +656,7 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
     if (held_since) __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
     pending.held = held_since != 0;
     pending.alone = d == TALLY_GATE_ADMIT_ALONE;
+    pending.idle = d == TALLY_GATE_ADMIT_IDLE;
     if (stuck) {
         char why[160];
         snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
@@ -807,9 +809,9 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
             be_wait_at_gate(&slice, now, wave_ns, units);
         } else { /* the gate gave up on an earlier slice: the rest run ungated */
             pending.track = 0;
-            pending.held = pending.alone = 0;
+            pending.held = pending.alone = pending.idle = 0;
         }
-        est_sum += pending.est_ns;
+        if (!pending.idle) est_sum += pending.est_ns; /* the sliced share counts throttled time only */
         any_held |= pending.held;
         any_alone |= pending.alone;
         if (i + 1 == n) break;
@@ -898,7 +900,9 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     be_wait_at_gate(launch, now, 0, 1);
     if (pending.held) __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
     if (pending.alone) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
-    if (tally_blocksched_enabled() && pending.track) {
+    /* The sliced share's denominator: planned or not, BE time admitted under the budget (while
+     * HP is idle past unthrottle_after, kernels run whole on purpose: nobody waits for them). */
+    if (tally_blocksched_enabled() && pending.track && !pending.idle) {
         struct tally_blocksched_stats *st = tally_blocksched_stats();
         atomic_fetch_add_explicit(&st->unsliced_launches, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&st->unsliced_est_ns, pending.est_ns, memory_order_relaxed);

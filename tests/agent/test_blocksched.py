@@ -164,6 +164,10 @@ def test_after_long_hp_idleness_slices_are_sized_by_the_idle_depth(daemon, run_a
     assert [rec["grid"] for rec in recs if rec["name"] == ENTRY] == [(32, 1, 1)]
     (kernel,) = r.stats()["blocksched"]["kernels"]
     assert kernel["budget_ns"] == 2 * MS and kernel["reason"] == "fits in one slice of the 2000 us bound"
+    # the sliced share counts time admitted under the budget only: none here
+    st = r.stats()["blocksched"]
+    assert st["sliced_launches"] == 1 and st["sliced_est_ns"] == 0
+    assert st["unsliced_launches"] == 0 and st["unsliced_est_ns"] == 0
 
 
 def test_a_module_loaded_from_a_file_is_matched_by_its_bytes(daemon, run_app, tmp_path):

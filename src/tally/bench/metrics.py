@@ -18,8 +18,8 @@
   alone because their estimate exceeded the budget / BE launches.
 * BE transformed fraction (tally systems, from the BE agent's stats file):
   sliced_est_ns / (sliced_est_ns + unsliced_est_ns), the agent's estimated GPU
-  time of BE launches gated while an HP client was present that ran as
-  block-level slices; counted over the BE process's life (a reused worker's
+  time of BE launches admitted under the turnaround budget (an HP client present
+  and not idle past unthrottle_after) that ran as block-level slices; counted over the BE process's life (a reused worker's
   covers every window it ran).
 """
 from __future__ import annotations
@@ -189,7 +189,7 @@ BLOCKSCHED_COUNTS = ("plan_kernels", "sliced_launches", "slices", "unsliced_laun
 def blocksched_summary(stats: dict | None) -> dict | None:
     """The block-level counters of an agent stats file (its "blocksched" object), with the BE
     transformed fraction = sliced_est_ns / (sliced_est_ns + unsliced_est_ns): the share of the
-    estimated GPU time of BE launches gated while an HP client was present that ran as slices
+    estimated GPU time of BE launches admitted under the turnaround budget that ran as slices
     (None when there was none). None when the stats have no "blocksched" object."""
     block = stats.get("blocksched") if isinstance(stats, dict) else None
     if not isinstance(block, dict):
