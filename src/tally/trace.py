@@ -242,26 +242,32 @@ def summarize(records: Iterable[dict]) -> TraceSummary:
 
 
 def block_level(summary: TraceSummary) -> dict[str, str]:
-    """Per kernel name: the block-level configuration chosen for it (tally.blocksched's
-    decisions file of the traced program), when that file exists; {} otherwise. A kernel
-    launched with several grids has one decision each: then only their number is given."""
+    """Per kernel name: the block-level configuration chosen for it and why, from the traced
+    program's records (tally.blocksched): its decisions file (the offline choice) and what the
+    agent did in its last `tally run --block-level` (the live directory); {} when it has
+    neither. A kernel with offline decisions for several grids has only their number given."""
     if not summary.command:
         return {}
-    from tally.blocksched import decisions
+    from tally.blocksched import decisions, live
 
     entries = decisions.load(decisions.decisions_path(summary.command))
     by_name: dict[str, list] = defaultdict(list)
     for entry in entries:
         by_name[entry.record.name].append(entry.decision)
+    directory = live.live_dir(summary.command)
+    ran = {k.entry: k for k in live.read(directory)[0]} if directory.is_dir() else {}
     out = {}
     for ks in summary.kernels.values():
+        parts = []
         chosen = by_name.get(ks.mangled)
-        if not chosen:
-            continue
-        if len(chosen) == 1:
-            out[ks.name] = chosen[0].reason if chosen[0] else "no decision yet"
-        else:
-            out[ks.name] = f"{len(chosen)} configurations, one per grid (tally blocksched show)"
+        if chosen and len(chosen) == 1:
+            parts.append(chosen[0].reason if chosen[0] else "no decision yet")
+        elif chosen:
+            parts.append(f"{len(chosen)} configurations, one per grid (tally blocksched show)")
+        if ks.mangled in ran:
+            parts.append(f"last block-level run: {ran[ks.mangled].describe()}")
+        if parts:
+            out[ks.name] = " | ".join(parts)
     return out
 
 

@@ -156,3 +156,13 @@ def test_summary_shows_the_block_level_choice_of_the_traced_program(tmp_path, mo
                                        "COLUMNS": "250"})
     assert r.returncode == 0, r.stderr
     assert "block level" in r.stdout and "original: kernel time 5 us" in r.stdout
+    # what the agent did in the program's last block-level run joins the offline choice
+    from tally.blocksched import live
+
+    directory = live.live_dir(command)
+    live.start_run(directory)
+    (directory / "stats-9.json").write_text(json.dumps({"blocksched": {"kernels": [
+        {"entry": "other", "image": "00000000000000aa", "sliced_launches": 0, "slices": 0, "whole_launches": 3,
+         "usable": True, "reason": "one wave or less"}]}}))
+    assert trace.block_level(s) == {demangled: "original: kernel time 5 us <= 100 us",
+                                    "other": "last block-level run: 3 whole: one wave or less"}
