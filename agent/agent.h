@@ -116,6 +116,7 @@ struct tally_blocksched_stats {
 /* What a launch of a plan kernel runs instead, per slice. */
 struct tally_slice_kernel {
     CUfunction slice;     /* <entry>__tally_slice */
+    const char *slice_symbol; /* its name: slices' per-wave times persist in the profile file under it */
     uint32_t nparams;     /* the original's; the slice takes these and 4 u32 */
     uint64_t wave_blocks; /* blocks of this shape resident on the whole GPU at once */
     struct plan_kernel *kernel;

@@ -64,6 +64,7 @@ struct plan_kernel {
     struct cubin *cubin;
     int state;        /* 0: not resolved yet; 1: slice function ready; -1: unusable */
     CUfunction slice;
+    char *slice_symbol; /* <entry>__tally_slice, once resolved */
     unsigned occ_threads, occ_smem; /* the block shape occ_blocks was computed for */
     int occ_blocks;
     /* what happened to its launches, for the stats file */
@@ -382,6 +383,7 @@ static int prepare_kernel(struct plan_kernel *k, CUfunction original) {
         unusable(k, "the cubin has no entry %s (CUresult %d)", name, r);
         return 0;
     }
+    if (!k->slice_symbol) k->slice_symbol = strdup(name); /* NULL (out of memory): learned in-process only */
     /* The plan's parameter count came from the PTX; where the driver can say
      * how many the loaded original and the slice take, they must agree, since
      * the slice's arguments are built as the original's followed by four. */
@@ -467,6 +469,7 @@ int tally_blocksched_lookup(CUfunction f, const char *symbol, unsigned block_thr
     }
     if (ok) {
         out->slice = k->slice;
+        out->slice_symbol = k->slice_symbol;
         out->nparams = k->nparams;
         out->wave_blocks = (uint64_t)B.sm_count * (uint64_t)k->occ_blocks;
         out->kernel = k;

@@ -764,12 +764,14 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
      * seeded from the profile file); unknown, the slices are one wave each. */
     struct tally_launch slice = *launch;
     slice.kernel = (uintptr_t)sk.slice;
-    slice.symbol = NULL; /* slices are learned in this process only */
+    /* Under its own name, so a wave's time persists in the profile file like a kernel's:
+     * the next run sizes its slices (and applies the floor) from its first launch. */
+    slice.symbol = sk.slice_symbol;
     slice.grid_threads = sk.wave_blocks * block_threads;
     uint64_t wave_ns = 0, whole_wave_ns = 0;
     pthread_mutex_lock(&S.profile_lock);
     uint32_t whole = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
-    uint32_t one_wave = profile_index(slice.kernel, slice.grid_threads, NULL);
+    uint32_t one_wave = profile_index(slice.kernel, slice.grid_threads, slice.symbol);
     if (whole < PROFILE_SLOTS && S.profiles[whole].samples && S.profiles[whole].est_ns)
         whole_wave_ns = S.profiles[whole].est_ns / waves;
     if (one_wave < PROFILE_SLOTS && S.profiles[one_wave].samples && S.profiles[one_wave].est_ns)
