@@ -19,8 +19,8 @@
 * BE transformed fraction (tally systems, from the BE agent's stats file):
   sliced_est_ns / (sliced_est_ns + unsliced_est_ns), the agent's estimated GPU
   time of BE launches admitted under the turnaround budget (an HP client present
-  and not idle past unthrottle_after) that ran as block-level slices; counted over the BE process's life (a reused worker's
-  covers every window it ran).
+  and not idle past unthrottle_after) that ran as block-level slices; counted
+  over the BE process's life (a reused worker's covers every window it ran).
 """
 from __future__ import annotations
 

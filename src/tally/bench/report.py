@@ -246,8 +246,8 @@ def write_report(out_dir: str | Path) -> Path:
         "Latency = arrival to completion (queueing included); service = start to completion. "
         "p99 overhead = p99 shared / p99 standalone - 1. HP/BE norm. = throughput / standalone throughput; "
         "system tput = HP norm. + BE norm. BE sliced % = share of the estimated GPU time of BE launches admitted "
-        "under the turnaround budget (HP present, not idle past unthrottle) that ran as block-level slices (agent stats; '-' without them), with the sliced "
-        "launch count. Systems marked 'not run' were not measured: no numbers are shown for them.",
+        "under the turnaround budget (HP present, not idle past unthrottle) that ran as block-level slices "
+        "(agent stats; '-' without them), with the sliced launch count. Systems marked 'not run' were not measured: no numbers are shown for them.",
         "",
         "## Results",
         "",
