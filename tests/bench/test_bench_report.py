@@ -111,6 +111,15 @@ def test_table_shows_the_be_transformed_fraction_when_the_agent_reported_it():
     rows = {(r.split("|")[3].strip(), r.split("|")[4].strip()): [c.strip() for c in r.split("|")]
             for r in table.splitlines()[2:]}
     assert rows[("0.5", "tally-block")][column] == "81.2 (1200)"
+    window = header.index(" BE sliced launches % (window) ")
+    assert rows[("0.5", "tally-block")][window] == "-"  # no scoreboard counters in this run
+    block["scheduler"] = {"be": {"launches": 400, "sliced_launches": 300}}
+    idle["scheduler"] = {"be": {"launches": 400, "sliced_launches": 0}}
+    plain["scheduler"] = {"be": {"launches": 400, "sliced_launches": 0}}
+    windowed = {(r.split("|")[3].strip(), r.split("|")[4].strip()): [c.strip() for c in r.split("|")]
+                for r in report.markdown_table([block, idle, plain]).splitlines()[2:]}
+    assert windowed[("0.5", "tally-block")][window] == "75.0" and windowed[("0.5", "tally")][window] == "0.0"
+    assert windowed[("0.25", "tally")][window] == "-"  # no plan: nothing could be sliced
     assert rows[("0.5", "tally")][column] == "- (0)"
     assert rows[("0.25", "tally")][column] == "-" and rows[("0.5", "mps")][column] == "-"
     assert rows[("0.75", "tally-block")][column] == "-"

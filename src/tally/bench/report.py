@@ -58,6 +58,18 @@ def _alone_share(run: dict) -> str:
     return "-" if share is None else f"{share * 100:.1f}"
 
 
+def _sliced_in_window(run: dict) -> str:
+    """Share of BE launches in the measured window that ran as slices (scoreboard counters), for
+    runs whose BE agent had a block-level plan; '-' elsewhere."""
+    if not isinstance(run.get("blocksched"), dict):
+        return "-"
+    be = (run.get("scheduler") or {}).get("be") or {}
+    launches, sliced = be.get("launches"), be.get("sliced_launches")
+    if not isinstance(launches, (int, float)) or not isinstance(sliced, (int, float)) or launches <= 0:
+        return "-"
+    return f"{sliced / launches * 100:.1f}"
+
+
 def _sliced(run: dict) -> str:
     """BE transformed fraction (% of the gated BE launches' estimated time run as slices) and the
     sliced launch count, from the BE agent's "blocksched" stats; '-' without them."""
@@ -72,7 +84,7 @@ def _sliced(run: dict) -> str:
 def markdown_table(runs: list[dict]) -> str:
     header = ("| HP | BE | load | system | HP p50 ms | HP p90 ms | HP p99 ms | HP max ms | p99 overhead "
               "| service p99 ms | HP norm. | BE norm. | system tput | GPU util % | BE alone % "
-              "| BE sliced % (launches) | status |")
+              "| BE sliced launches % (window) | BE sliced % (launches) | status |")
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     ordered = sorted(runs, key=lambda r: (r["key"]["hp"], r["key"]["be"], r["key"]["load"],
                                           _system_order(r["key"]["system"])))
@@ -88,11 +100,11 @@ def markdown_table(runs: list[dict]) -> str:
                       "(reference)" if key["system"] == "standalone" else _pct(run.get("p99_overhead")),
                       _fmt(svc["p99_ms"]), _fmt(run.get("hp_normalized")), _fmt(run.get("be_normalized")),
                       _fmt(run.get("system_throughput")), _fmt(run.get("gpu_util_percent"), ".0f"),
-                      _alone_share(run), _sliced(run), status]
+                      _alone_share(run), _sliced_in_window(run), _sliced(run), status]
         else:
             word = "not run" if run.get("status") == "unavailable" else run.get("status", "failed")
             reason = str(run.get("reason", "")).replace("|", "/")
-            cells += ["-"] * 12 + [f"{word}: {reason}"]
+            cells += ["-"] * (header.count("|") - 2 - len(cells)) + [f"{word}: {reason}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -245,9 +257,12 @@ def write_report(out_dir: str | Path) -> Path:
         f"{len(runs)} runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
         "Latency = arrival to completion (queueing included); service = start to completion. "
         "p99 overhead = p99 shared / p99 standalone - 1. HP/BE norm. = throughput / standalone throughput; "
-        "system tput = HP norm. + BE norm. BE sliced % = share of the estimated GPU time of BE launches admitted "
+        "system tput = HP norm. + BE norm. BE sliced launches % (window) = share of the BE program's "
+        "launches in the measured window that ran as block-level slices (scoreboard counters). "
+        "BE sliced % = share of the estimated GPU time of BE launches admitted "
         "under the turnaround budget (HP present, not idle past unthrottle) that ran as block-level slices "
-        "(agent stats; '-' without them), with the sliced launch count. Systems marked 'not run' were not measured: no numbers are shown for them.",
+        "(agent stats over the BE process's life; '-' without them), with the sliced launch count. "
+        "Systems marked 'not run' were not measured: no numbers are shown for them.",
         "",
         "## Results",
         "",
