@@ -203,8 +203,11 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
         from tally.blocksched import live
 
         directory = live.live_dir(command, env.get("PATH"))
-        live.start_run(directory)
-        env["TALLY_STATS_DIR"] = str(directory)
+        try:
+            live.start_run(directory)
+            env["TALLY_STATS_DIR"] = str(directory)
+        except TallyError as exc:  # a report of the run, not worth failing the run for
+            click.echo(f"tally: warning: {exc}; `tally blocksched show` will not have this run", err=True)
     if stats_dir:
         try:
             os.makedirs(stats_dir, exist_ok=True)

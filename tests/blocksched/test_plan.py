@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -565,6 +566,12 @@ def test_run_block_level_keeps_the_last_runs_stats_for_show(tmp_path, run_env):
     assert (directory / "stats-2.json").exists()
     result, env = run_env("--priority", "best-effort")
     assert "TALLY_STATS_DIR" not in env
+    # a live directory that cannot be made is a warning: the run goes on without it
+    shutil.rmtree(directory.parent)
+    directory.parent.write_text("a file where the live directories go")
+    result, env = run_env("--priority", "best-effort", "--block-level")
+    assert result.exit_code == 0 and "TALLY_STATS_DIR" not in env and "TALLY_BLOCKSCHED_PLAN" in env
+    assert "tally: warning: cannot prepare the block-level stats directory" in result.output
 
 
 @pytest.mark.parametrize("args, fragment", [
