@@ -155,7 +155,7 @@ def test_a_saved_wave_time_sizes_the_first_launchs_slices(daemon, run_app, tmp_p
 
 def test_a_run_saves_its_wave_time_for_the_next(daemon, run_app, tmp_path):
     profile = tmp_path / "profile"
-    r = run_be(daemon, run_app, tmp_path, ["pklaunch:2:64:1:128:150:kernel"], write_plan(tmp_path), budget_ns=MS,
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:8:64:1:128:150:kernel"], write_plan(tmp_path), budget_ns=MS,
                env={"TALLY_PROFILE_FILE": str(profile), "TALLY_BLOCKSCHED_FLOOR": "0"})
     completed_ok(r)
     assert [rec["grid"][0] for rec in slices_of(records(r), (64, 1, 1))[0]] == [WAVE] * 8  # nothing known yet
