@@ -38,14 +38,19 @@ def _dims(text: str, what: str) -> tuple[int, int, int]:
     return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
 
 
-def format_entry(entry: decisions.Entry, decision=None) -> str:
-    """One line per kernel: 'name grid block -> reason' (what trace/status can print)."""
+def _short_name(mangled: str) -> str:
+    """A kernel's demangled name, cut to 60 characters for one-line reports."""
     from tally.trace import demangle
 
+    name = demangle(mangled)
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def format_entry(entry: decisions.Entry, decision=None) -> str:
+    """One line per kernel: 'name grid block -> reason' (what trace/status can print)."""
     r = entry.record
     d = decision or entry.decision
-    name = demangle(r.name)
-    name = name if len(name) <= 60 else name[:57] + "..."
+    name = _short_name(r.name)
     grid = "x".join(map(str, r.grid))
     block = "x".join(map(str, r.block))
     return f"{name}  grid {grid} block {block}: {d.reason if d else 'no decision yet'}"
@@ -70,19 +75,20 @@ def show_command(file, live_path, bound_us, floor, verbose, command):
     """
     if command and command[0] == "--":
         command = command[1:]
-    path = None
-    if file is not None or command or live_path is None:
-        path = command_file(command, file, decisions.decisions_path)
     if live_path is not None and not live_path.exists():
         raise TallyError(f"no stats file or directory {live_path}")
+    path = None
     if file is None and command:  # the command's records: each shown when it exists
-        derived_live = live.live_dir(list(command)) if live_path is None else None
-        if not path.exists() and (derived_live is None or not derived_live.exists()) and live_path is None:
-            raise TallyError(f"no block scheduling records for this program (neither {path} nor "
-                             f"{derived_live}): run it with `tally run --priority best-effort --block-level`")
+        path = decisions.decisions_path(list(command))
+        if live_path is None:
+            live_path = live.live_dir(list(command))
+            if not path.exists() and not live_path.exists():
+                raise TallyError(f"no block scheduling records for this program (neither {path} nor "
+                                 f"{live_path}): run it with `tally run --priority best-effort --block-level`")
+            live_path = live_path if live_path.exists() else None
         path = path if path.exists() else None
-        if derived_live is not None and derived_live.exists():
-            live_path = derived_live
+    elif file is not None or live_path is None:  # --file, or the one-line error for what is missing
+        path = command_file(command, file, decisions.decisions_path)
     if path is not None:
         _show_decisions(path, bound_us, floor, verbose)
     if live_path is not None:
@@ -110,15 +116,11 @@ def _show_decisions(path: Path, bound_us, floor, verbose) -> None:
 
 
 def _show_live(path: Path) -> None:
-    from tally.trace import demangle
-
     kernels, processes = live.read(path)
     click.echo(f"{path}: last block-level run, {processes} process(es) with a plan, "
                f"{len(kernels)} planned kernel(s) launched")
     for k in kernels:
-        name = demangle(k.entry)
-        name = name if len(name) <= 60 else name[:57] + "..."
-        click.echo(f"{name}: {k.describe()}")
+        click.echo(f"{_short_name(k.entry)}: {k.describe()}")
 
 
 @blocksched_group.command("candidates")
