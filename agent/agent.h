@@ -40,6 +40,7 @@ struct tally_launch {
      * there; NULL for entry points that are never rewritten. */
     void *params;
     int rewrite;           /* TALLY_REWRITE_*: how params is laid out */
+    uint32_t correlation;  /* the API call's CUPTI correlation id (its kernel's activity record has it); 0: none */
 };
 
 enum { TALLY_REWRITE_NONE = 0, TALLY_REWRITE_KERNEL = 1 /* cuLaunchKernel(_ptsz) */,
@@ -52,6 +53,17 @@ void tally_sched_launch_enter(const struct tally_launch *launch);
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result);
 void tally_sched_exit(void);
 void tally_sched_after_fork(void);
+/* A kernel launched by the API call with this correlation id ran gpu_ns on the GPU (CUPTI activity). */
+void tally_sched_kernel_ran(uint32_t correlation, uint64_t gpu_ns);
+/* Estimate samples taken from GPU kernel times so far. */
+uint64_t tally_sched_gpu_timed(void);
+
+/* tally_agent.c: GPU kernel times from the CUPTI Activity API for the scheduler's estimates.
+ * start: once, asynchronously (safe inside a callback); on: records are flowing; flush: hand
+ * over what CUPTI holds (at exit, before the estimates are saved). */
+void tally_agent_start_kernel_times(void);
+int tally_agent_kernel_times_on(void);
+void tally_agent_flush_kernel_times(void);
 
 /* profiles.c: per-program kernel duration profiles, the file named by
  * TALLY_PROFILE_FILE (format: docs/scheduling.md, "Profile files"). */

@@ -56,6 +56,7 @@ struct inflight {
     uint64_t launch_ns;
     uint32_t profile;  /* index into profiles, or PROFILE_SLOTS for none */
     uint32_t units;    /* the profile is per unit: a slice of k waves is k units of a one-wave profile */
+    uint32_t gpu_timed; /* its GPU time will come from CUPTI activity (tally_sched_kernel_ran) */
 };
 
 struct lane {
@@ -79,6 +80,7 @@ struct profile {
     uint64_t est_ns;
     uint64_t samples;      /* including those of a seed from the profile file */
     uint64_t learned;      /* samples learned in this process (what is saved at exit) */
+    uint64_t gpu_samples;  /* of those, from GPU kernel times: once there is one, polls teach nothing */
     const struct tally_kernel_name *name; /* for the profile file; NULL without one */
 };
 
@@ -112,6 +114,7 @@ static __thread struct {
     uint64_t est_ns;
     uint32_t profile;
     uint32_t units;        /* see struct inflight */
+    int gpu_timed;         /* see struct inflight */
     int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
     int idle;              /* be_wait_at_gate: admitted under the idle depth (HP idle for unthrottle_after) */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
@@ -496,11 +499,63 @@ static void learn(uint32_t profile, uint64_t sample_ns) {
     p->learned++;
 }
 
+/* GPU kernel times (CUPTI activity records, tally_agent.c) teach the
+ * estimates without the polls' lateness. A record names its launch by the API
+ * call's correlation id, so each timed launch leaves (correlation, profile,
+ * units) here, packed in one word so that the activity thread never sees half
+ * of an entry; a slot is reused 2^17 correlation ids later, long after its
+ * record has come (CUPTI hands buffers over within milliseconds). Launches
+ * the agent makes itself (slices but the last) have no correlation id of
+ * their own and keep the polls' timing, as do graphs (one id, many kernels). */
+#define TIMED_SLOTS (1u << 17)
+_Static_assert(PROFILE_SLOTS <= 0xFFFF, "a profile index fits in 16 bits");
+static _Atomic uint64_t timed[TIMED_SLOTS];
+static _Atomic uint64_t gpu_timed_samples;
+
+/* pending describes a tracked best-effort kernel launch whose API call has this correlation id. */
+static void expect_gpu_time(uint32_t correlation) {
+    pending.gpu_timed = 0;
+    if (!correlation || pending.profile >= PROFILE_SLOTS || pending.units == 0 || pending.units > 0xFFFF) return;
+    if (!tally_agent_kernel_times_on()) {
+        tally_agent_start_kernel_times(); /* once; the next launches are timed when it is on */
+        return;
+    }
+    atomic_store_explicit(&timed[correlation % TIMED_SLOTS],
+                          (uint64_t)correlation << 32 | (uint64_t)pending.profile << 16 | pending.units,
+                          memory_order_release);
+    pending.gpu_timed = 1;
+}
+
+void tally_sched_kernel_ran(uint32_t correlation, uint64_t gpu_ns) {
+    _Atomic uint64_t *slot = &timed[correlation % TIMED_SLOTS];
+    uint64_t entry = atomic_load_explicit(slot, memory_order_acquire);
+    if (!correlation || (uint32_t)(entry >> 32) != correlation ||
+        !atomic_compare_exchange_strong(slot, &entry, 0))
+        return;
+    uint32_t profile = (uint32_t)(entry >> 16) & 0xFFFF, units = (uint32_t)entry & 0xFFFF;
+    uint64_t sample = gpu_ns / units;
+    if (!sample) sample = 1;
+    pthread_mutex_lock(&S.profile_lock);
+    struct profile *p = &S.profiles[profile];
+    if (p->kernel) {
+        /* The first GPU time replaces what the polls or the profile file said (both err long),
+         * and the polls' samples no longer count. */
+        if (p->gpu_samples == 0) p->samples = p->learned = 0;
+        learn(profile, sample);
+        p->gpu_samples++;
+        atomic_fetch_add_explicit(&gpu_timed_samples, 1, memory_order_relaxed);
+    }
+    pthread_mutex_unlock(&S.profile_lock);
+}
+
+uint64_t tally_sched_gpu_timed(void) { return atomic_load(&gpu_timed_samples); }
+
 /* At exit (registered by join when a profile file is in use): what this
  * process learned goes into the program's profile file. */
 static void save_profiles(void) {
     static struct tally_profile_entry learned[PROFILE_SLOTS];
     size_t n = 0;
+    tally_agent_flush_kernel_times(); /* the last kernels' times */
     pthread_mutex_lock(&S.profile_lock);
     for (uint32_t i = 0; i < PROFILE_SLOTS; i++) {
         const struct profile *p = &S.profiles[i];
@@ -532,7 +587,8 @@ static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t ga
         uint64_t sample = now - start;
         if (err <= ACCURATE_POLL_NS || err <= sample / ACCURATE_POLL_SHARE) {
             pthread_mutex_lock(&S.profile_lock);
-            learn(e->profile, sample / e->units);
+            if (!e->gpu_timed || e->profile >= PROFILE_SLOTS || S.profiles[e->profile].gpu_samples == 0)
+                learn(e->profile, sample / e->units);
             pthread_mutex_unlock(&S.profile_lock);
         }
         l->last_done_ns = now;
@@ -632,6 +688,7 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
     pthread_mutex_unlock(&S.profile_lock);
     uint64_t est = estimate(profile, hint_ns) * units;
     uint64_t held_since = 0;
+    pending.gpu_timed = 0;
     static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
     enum tally_gate_decision d;
     int stuck = 0;
@@ -768,6 +825,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
      * the next run sizes its slices (and applies the floor) from its first launch. */
     slice.symbol = sk.slice_symbol;
     slice.grid_threads = sk.wave_blocks * block_threads;
+    slice.correlation = 0; /* the program's call's id belongs to the last slice, its own launch */
     uint64_t wave_ns = 0, whole_wave_ns = 0;
     pthread_mutex_lock(&S.profile_lock);
     uint32_t whole = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
@@ -834,6 +892,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         now = tally_now_ns();
     }
     /* The program's launch becomes the last slice (appended[3]: its offset). */
+    if (pending.track) expect_gpu_time(launch->correlation);
     rewrite_launch(launch, sk.slice, (unsigned)(total - appended[3] < per_slice ? total - appended[3] : per_slice),
                    args);
     struct tally_blocksched_stats *st = tally_blocksched_stats();
@@ -900,6 +959,7 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
         __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY && be_launch_sliced(launch, now))
         return;
     be_wait_at_gate(launch, now, 0, 1);
+    if (pending.track && !launch->is_graph) expect_gpu_time(launch->correlation);
     if (pending.held) __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
     if (pending.alone) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
     /* The sliced share's denominator: planned or not, BE time admitted under the budget (while
@@ -933,7 +993,8 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
         /* Untrackable stream: count it done now rather than block anyone. */
         __atomic_store_n(&shared->completed_seq, seq, __ATOMIC_RELEASE);
     } else if (be) {
-        l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile, pending.units};
+        l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile, pending.units,
+                                                    (uint32_t)pending.gpu_timed};
         l->tail++;
     }
     pthread_mutex_unlock(&l->lock);

@@ -34,6 +34,9 @@
 #define EXPORT TALLY_EXPORT
 #define MAX_CBID 4096          /* driver callback ids are < 1000 in CUDA 13 */
 #define TRACE_BUFFER_BYTES (8u << 20)
+/* Kernel times alone come in small buffers: CUPTI hands a buffer over when it
+ * is full, and the estimates should learn within tens of milliseconds. */
+#define TIMES_BUFFER_BYTES (256u << 10)
 #define PATH_BYTES 4096
 
 enum launch_kind { LAUNCH_NONE = 0, LAUNCH_KERNEL = 1, LAUNCH_GRAPH = 2 };
@@ -287,10 +290,16 @@ void tally_json_string(FILE *f, const char *s) {
     fputc('"', f);
 }
 
+static int forked_child;
+
+/* GPU kernel times for the scheduler's estimates (tally_agent_start_kernel_times). */
+static atomic_int kernel_times; /* enum kernel_times_state */
+enum kernel_times_state { TIMES_OFF = 0, TIMES_STARTING, TIMES_ON, TIMES_UNAVAILABLE };
+
 static void on_buffer_requested(uint8_t **buffer, size_t *size, size_t *max_records) {
-    *size = TRACE_BUFFER_BYTES;
+    *size = trace.enabled ? TRACE_BUFFER_BYTES : TIMES_BUFFER_BYTES;
     *max_records = 0;
-    if (posix_memalign((void **)buffer, 8, TRACE_BUFFER_BYTES) != 0) {
+    if (posix_memalign((void **)buffer, 8, *size) != 0) {
         *buffer = NULL;
         *size = 0;
     }
@@ -302,12 +311,15 @@ static void on_buffer_completed(CUcontext ctx, uint32_t stream_id, uint8_t *buff
     (void)stream_id;
     (void)size;
     void *record = NULL;
+    int times = atomic_load(&kernel_times) == TIMES_ON;
     pthread_mutex_lock(&trace.lock);
-    while (trace.out && cupti.activity_get_next_record(buffer, valid, &record) == CUPTI_SUCCESS) {
+    while ((trace.out || times) && cupti.activity_get_next_record(buffer, valid, &record) == CUPTI_SUCCESS) {
         const tally_ActivityHeader *h = record;
         if (h->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && h->kind != CUPTI_ACTIVITY_KIND_KERNEL)
             continue;
         const tally_ActivityKernelPrefix *k = record;
+        if (times && k->end > k->start) tally_sched_kernel_ran(k->correlationId, k->end - k->start);
+        if (!trace.out) continue;
         fputs("{\"type\":\"kernel\",\"name\":", trace.out);
         tally_json_string(trace.out, k->name);
         fprintf(trace.out,
@@ -359,6 +371,50 @@ static void start_trace(const char *dir) {
     trace.enabled = 1;
 }
 
+/* The Activity API's kernel records carry the GPU's own start and end of
+ * every kernel. The scheduler learns its duration estimates from them
+ * (tally_sched_kernel_ran) instead of from when its polls happen to see a
+ * completion, which can be tens of microseconds late: estimates of short
+ * kernels came out several times too long, and the turnaround budget then
+ * admitted that much less real work. Started by the scheduler the first time
+ * a best-effort launch is tracked (an HP client is present), so a program
+ * with nobody to protect pays nothing; started from a thread of its own,
+ * because that moment is inside a driver API callback. Without the Activity
+ * API, or when it cannot start, estimates keep coming from the polls. */
+static void *enable_kernel_times(void *unused) {
+    (void)unused;
+    CUptiResult r = CUPTI_SUCCESS;
+    if (!trace.enabled) {
+        r = cupti.activity_register_callbacks(on_buffer_requested, on_buffer_completed);
+        if (r == CUPTI_SUCCESS) r = cupti.activity_enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    }
+    atomic_store(&kernel_times, r == CUPTI_SUCCESS ? TIMES_ON : TIMES_UNAVAILABLE);
+    return NULL;
+}
+
+void tally_agent_start_kernel_times(void) {
+    int expected = TIMES_OFF;
+    if (!atomic_compare_exchange_strong(&kernel_times, &expected, TIMES_STARTING)) return;
+    const char *env = getenv("TALLY_KERNEL_TIMES");
+    if ((env && strcmp(env, "0") == 0) || !cupti.activity_enable || !cupti.activity_register_callbacks ||
+        !cupti.activity_get_next_record || !cupti.activity_flush_all) {
+        atomic_store(&kernel_times, TIMES_UNAVAILABLE);
+        return;
+    }
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, enable_kernel_times, NULL) != 0) atomic_store(&kernel_times, TIMES_UNAVAILABLE);
+    pthread_attr_destroy(&attr);
+}
+
+int tally_agent_kernel_times_on(void) { return atomic_load(&kernel_times) == TIMES_ON; }
+
+void tally_agent_flush_kernel_times(void) {
+    if (atomic_load(&kernel_times) == TIMES_ON && !forked_child) cupti.activity_flush_all(1);
+}
+
 /* ----------------------------------------------------------- callback */
 
 static CUpti_SubscriberHandle subscriber;
@@ -397,6 +453,7 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
             decode_launch(cbid, d->functionParams, &launch);
             launch.context = d->context;
             launch.symbol = kind == LAUNCH_KERNEL ? d->symbolName : NULL;
+            launch.correlation = d->correlationId;
             tally_sched_launch_enter(&launch);
         }
     } else if (d->callbackSite == CUPTI_API_EXIT && tally_sched_enabled()) {
@@ -411,7 +468,6 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
 
 static char stats_dir[PATH_BYTES];
 static char failopen_reason[512];
-static int forked_child;
 
 static void write_stats(void) {
     if (!stats_dir[0]) return;
@@ -442,7 +498,9 @@ static void write_stats(void) {
     size_t dropped = 0;
     if (trace.enabled && cupti.activity_get_num_dropped_records)
         cupti.activity_get_num_dropped_records(NULL, 0, &dropped);
-    fprintf(f, ",\"trace_dropped\":%zu,\"by_entry_point\":{", dropped);
+    static const char *const times_state[] = {"off", "starting", "on", "unavailable"};
+    fprintf(f, ",\"trace_dropped\":%zu,\"kernel_times\":\"%s\",\"gpu_timed_samples\":%llu,\"by_entry_point\":{",
+            dropped, times_state[atomic_load(&kernel_times)], (unsigned long long)tally_sched_gpu_timed());
     int first = 1;
     for (int i = 0; i < MAX_CBID; i++) {
         uint64_t n = atomic_load(&launches_by_cbid[i]);
@@ -484,6 +542,7 @@ static void after_fork_in_child(void) {
     /* CUDA cannot be used across fork; the child starts its own accounting
      * and does not inherit the parent's open trace file. */
     forked_child = 1;
+    atomic_store(&kernel_times, TIMES_UNAVAILABLE); /* the parent's CUPTI activity is not the child's */
     tally_sched_after_fork();
     for (int i = 0; i < MAX_CBID; i++) atomic_store(&launches_by_cbid[i], 0);
     atomic_store(&callbacks_seen, 0);

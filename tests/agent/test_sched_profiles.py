@@ -92,6 +92,38 @@ def test_learned_table_is_written_at_exit_and_reloaded(daemon, run_app, tmp_path
     assert p2.samples > p1.samples  # counts add up across runs (learning needs the gate polling)
 
 
+@pytest.mark.parametrize("kernel_times", ["on", "off"])
+def test_estimates_learn_from_gpu_kernel_times(daemon, run_app, tmp_path, kernel_times):
+    # The fake GPU runs each kernel 2 ms, and its CUPTI activity records say 300 us: which
+    # one the estimate ends at tells where it was learned. With kernel times (the default
+    # once an HP client is present) the records' GPU time replaces what the polls saw; with
+    # TALLY_KERNEL_TIMES=0 the polls' timing, 2 ms or more, is all there is.
+    be_throttled(daemon, 10 * MS)
+    path = tmp_path / "timed.txt"
+    extra = {"FAKE_CUPTI_KERNEL_NS": str(300 * US)}
+    if kernel_times == "off":
+        extra["TALLY_KERNEL_TIMES"] = "0"
+    r = run_be(daemon, run_app, path, "launch:kernel:12:2000:s0", "sync", **extra)
+    (p,) = pf.read(path, missing_ok=False).values()
+    stats = r.stats()
+    if kernel_times == "on":
+        assert stats["kernel_times"] == "on"
+        # the first launch starts the Activity API; every later one is timed by the GPU
+        assert 1 <= stats["gpu_timed_samples"] <= 12
+        assert p.est_ns == 300 * US, p
+    else:
+        assert (stats["kernel_times"], stats["gpu_timed_samples"]) == ("unavailable", 0)
+        assert p.est_ns >= 1 * MS, p
+
+
+def test_no_kernel_times_without_an_hp_client(daemon, run_app, tmp_path):
+    # Nobody to protect: BE launches take the gate's fast path and CUPTI activity never starts.
+    sb = daemon.sb
+    sb.hp_active = 0
+    r = run_be(daemon, run_app, tmp_path / "alone.txt", "launch:kernel:4:200:s0", "sync")
+    assert (r.stats()["kernel_times"], r.stats()["gpu_timed_samples"]) == ("off", 0)
+
+
 def test_no_file_is_written_without_a_profile_file_or_for_high_priority(daemon, run_app, tmp_path):
     be_throttled(daemon, 10 * MS)
     run_be(daemon, run_app, None, "launch:kernel:3:2000:s0", "sync")

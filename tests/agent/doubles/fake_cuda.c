@@ -128,7 +128,7 @@ static uint32_t stream_id(CUstream s, int per_thread_default) {
     return s->id;
 }
 
-static void gpu_launch(uint64_t key, uint64_t blocks, int slice);
+static uint64_t gpu_launch(uint64_t key, uint64_t blocks, int slice);
 static int is_slice(const char *name) {
     size_t n = strlen(name), k = strlen("__tally_slice");
     return n > k && strcmp(name + n - k, "__tally_slice") == 0;
@@ -137,13 +137,13 @@ static int is_slice(const char *name) {
 static void run_kernel(api_call *c, uint64_t gpu_stream_key, CUfunction f, unsigned gx, unsigned gy,
                        unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, uint32_t stream,
                        uint32_t device, uint8_t launch_type, uint32_t graph_id, uint64_t node_id) {
-    gpu_launch(gpu_stream_key, (uint64_t)gx * gy * gz, is_slice(f->name));
+    uint64_t duration = gpu_launch(gpu_stream_key, (uint64_t)gx * gy * gz, is_slice(f->name));
     if (!c->tool) return;
     fake_kernel_exec k = {
         .name = f->name, .registers = f->registers, .static_smem = f->static_smem,
         .grid = {gx, gy, gz}, .block = {bx, by, bz}, .dynamic_smem = smem,
         .device_id = device, .context_id = FAKE_CONTEXT_ID, .stream_id = stream,
-        .launch_type = launch_type, .graph_id = graph_id, .graph_node_id = node_id,
+        .launch_type = launch_type, .graph_id = graph_id, .graph_node_id = node_id, .duration_ns = duration,
     };
     c->tool->kernel_executed(c->correlation, &k);
 }
@@ -311,8 +311,9 @@ static void gpu_enqueue(gpu_stream *q, work *w) {
     pthread_cond_signal(&gpu.wake);
 }
 
-/* One kernel of a launch. A kernel on a capturing stream is recorded, not run. */
-static void gpu_launch(uint64_t key, uint64_t blocks, int slice) {
+/* One kernel of a launch, which runs for the returned time. A kernel on a
+ * capturing stream is recorded, not run. */
+static uint64_t gpu_launch(uint64_t key, uint64_t blocks, int slice) {
     uint64_t duration = kernel_duration_ns;
     if (wave_duration_ns) {
         uint64_t wave = (uint64_t)env_int("FAKE_CUDA_SM_COUNT", 4) * (uint64_t)env_int("FAKE_CUDA_OCCUPANCY", 2);
@@ -323,7 +324,7 @@ static void gpu_launch(uint64_t key, uint64_t blocks, int slice) {
     gpu_stream *q = gpu_stream_of(key);
     if (q->capturing) {
         pthread_mutex_unlock(&gpu.lock);
-        return;
+        return duration;
     }
     gpu.kernels++;
     q->kernels++;
@@ -337,6 +338,7 @@ static void gpu_launch(uint64_t key, uint64_t blocks, int slice) {
         gpu_enqueue(q, w);
     }
     pthread_mutex_unlock(&gpu.lock);
+    return duration;
 }
 
 static void gpu_synchronize(void) {

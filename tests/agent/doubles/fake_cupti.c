@@ -21,6 +21,8 @@
  *   FAKE_CUPTI_RECORDS_PER_BUFFER=n a buffer is completed after n records (16)
  *   FAKE_CUPTI_FOREIGN_RECORDS=1    put a non-kernel record before every kernel
  *                                   record (as when another kind is enabled)
+ *   FAKE_CUPTI_KERNEL_NS=n          every kernel record lasts n ns (default: as
+ *                                   long as the fake GPU runs the kernel)
  * and the exported fake_cupti_* functions at the end of this file.
  */
 #define _GNU_SOURCE
@@ -65,6 +67,7 @@ static uint8_t *buf;
 static size_t buf_size, buf_valid, buf_records, buf_max_records;
 static size_t records_per_buffer = 16;
 static int foreign_records;
+static long long kernel_ns; /* FAKE_CUPTI_KERNEL_NS */
 static _Atomic uint64_t dropped, buffers_delivered, kernel_records;
 static atomic_long grid_id;
 
@@ -80,6 +83,8 @@ __attribute__((constructor)) static void fake_cupti_load(void) {
     int n = env_int("FAKE_CUPTI_RECORDS_PER_BUFFER", 16);
     records_per_buffer = n > 0 ? (size_t)n : 16;
     foreign_records = env_int("FAKE_CUPTI_FOREIGN_RECORDS", 0);
+    const char *ns = getenv("FAKE_CUPTI_KERNEL_NS");
+    kernel_ns = ns && *ns ? atoll(ns) : 0;
     /* Attach to the (fake) driver, as libcupti attaches to libcuda. */
     void (*reg)(const fake_tool_ops *) =
         (void (*)(const fake_tool_ops *))dlsym(RTLD_DEFAULT, "fake_cuda_register_tool");
@@ -361,7 +366,9 @@ static void kernel_executed(uint32_t correlation, const fake_kernel_exec *k) {
     r.cacheConfig = 0x11;
     r.registersPerThread = (uint16_t)k->registers;
     r.start = start;
-    r.end = start + 1000 + 10 * (correlation % 97);
+    /* As long as the fake GPU runs it, or a made-up 1..2 us for a kernel with no queue time. */
+    r.end = start + (kernel_ns > 0 ? (uint64_t)kernel_ns
+                     : k->duration_ns ? k->duration_ns : 1000 + 10 * (correlation % 97));
     r.completed = r.end;
     r.queued = start - 2000;
     r.submitted = start - 1000;

@@ -188,6 +188,7 @@ typedef struct {
     uint8_t launch_type; /* CUpti_ActivityLaunchType */
     uint32_t graph_id;
     uint64_t graph_node_id;
+    uint64_t duration_ns; /* how long the fake GPU runs it; 0: no queue time set */
 } fake_kernel_exec;
 
 typedef struct {

@@ -1,0 +1,200 @@
+"""What the gate costs a best-effort training job while an HP client is connected but sends nothing.
+
+Next to a real HP job, BE runs only in HP's idle gaps, and there with at most
+the turnaround budget of work in flight (tally up --budget-us, 0.1 ms). This
+script separates that regime from HP's interference: one BE training program,
+timed in turn as
+
+  mps           a plain client of the daemon's MPS (no agent): the reference
+  tally-no-hp   a tally best-effort client with no HP client (the gate's fast path)
+  idle-hp       tally BE next to an HP client that joined and then only sleeps:
+                after --unthrottle-ms (100 ms) BE work in flight is bounded by
+                the 2 ms idle depth; every launch is tracked
+  budget-N      the same, never unthrottled: BE work in flight stays bounded by
+                an N us budget for the whole run (what BE meets between HP
+                requests)
+  *-polls       (with --polls) the same with TALLY_KERNEL_TIMES=0: duration
+                estimates learned from when the gate's polls see completions,
+                not from the GPU's kernel times (CUPTI activity)
+
+The daemon is restarted for each configuration. BE throughput is steps per
+second over --seconds after the bench worker's warm-up; the BE client's gate
+counters come from `tally status --json` taken while it runs.
+
+    python3 benchmarks/gate_depth_cost.py --out DIR [--workloads bert-base-train,resnet50-train]
+
+Writes gate_depth_cost.json and gate_depth_cost.md in DIR; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TALLY = [sys.executable, "-m", "tally"]
+
+# A client that joins as HP (its first launch) and then never launches again.
+IDLE_HP = ("import sys, time, torch\n"
+           "x = torch.ones(8, device='cuda'); float((x * 2).sum())\n"
+           "print('joined', flush=True); time.sleep(float(sys.argv[1]))\n")
+
+
+def configs(budgets: list[int], polls: bool = False) -> list[dict]:
+    out = [
+        {"name": "mps", "up": [], "hp": False, "client": "mps"},
+        {"name": "tally-no-hp", "up": [], "hp": False, "client": "tally"},
+        {"name": "idle-hp", "up": [], "hp": True, "client": "tally"},
+    ]
+    for b in budgets:
+        out.append({"name": f"budget-{b}", "up": ["--budget-us", str(b), "--unthrottle-ms", "10000000"],
+                    "hp": True, "client": "tally"})
+    if polls:
+        out += [dict(c, name=c["name"] + "-polls", env={"TALLY_KERNEL_TIMES": "0"}) for c in out if c["hp"]]
+    return out
+
+
+def be_status(stop: threading.Event, seen: dict) -> None:
+    """Keeps the last status entry of the best-effort client (its counters vanish with it)."""
+    while not stop.wait(1.0):
+        out = subprocess.run(TALLY + ["status", "--json"], capture_output=True, text=True)
+        try:
+            status = json.loads(out.stdout)
+        except ValueError:
+            continue
+        for gpu in status.get("gpus", []):
+            for c in gpu.get("clients", []):
+                if c.get("priority") == "best-effort" and c.get("state") == "active":
+                    seen.update(c)
+
+
+def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
+    from tally.daemon.client import client_env, find_daemon
+
+    subprocess.run(TALLY + ["down", "--force"], capture_output=True, text=True, env=env)
+    up = subprocess.run(TALLY + ["up", "--metrics-port", "0"] + cfg["up"], capture_output=True, text=True, env=env)
+    if up.returncode != 0:
+        raise RuntimeError(f"tally up failed: {up.stderr.strip()}")
+    hp = None
+    try:
+        if cfg["hp"]:
+            hp = subprocess.Popen(TALLY + ["run", "--priority", "high", "--", sys.executable, "-c", IDLE_HP,
+                                           str(seconds + 300)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if hp.stdout.readline().strip() != "joined":
+                raise RuntimeError(f"idle HP client did not start: {hp.stderr.read()[-500:]}")
+        with tempfile.TemporaryDirectory() as tmp:
+            if cfg["client"] == "mps":
+                be_env = dict(env)
+                be_env.update({k: v for k, v in client_env(find_daemon(), "best-effort").items()
+                               if k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")})
+                prefix: list[str] = []
+            else:
+                be_env = dict(env, **cfg.get("env", {}))
+                prefix = TALLY + ["run", "--priority", "best-effort", "--stats-dir", tmp, "--"]
+            result_path = Path(tmp) / "be.json"
+            stop, seen = threading.Event(), {}
+            watcher = threading.Thread(target=be_status, args=(stop, seen), daemon=True)
+            watcher.start()
+            cmd = prefix + [sys.executable, "-m", "tally.bench.worker", "--workload", workload, "--role", "be",
+                            "--duration", str(seconds), "--result", str(result_path)]
+            proc = subprocess.run(cmd, env=be_env, capture_output=True, text=True, timeout=seconds + 600)
+            stop.set()
+            watcher.join()
+            if proc.returncode != 0 or not result_path.exists():
+                raise RuntimeError(f"BE worker failed ({proc.returncode}): {proc.stderr[-800:]}")
+            result = json.loads(result_path.read_text())
+            agent = [json.loads(q.read_text()) for q in Path(tmp).glob("stats-*.json")]
+    finally:
+        if hp is not None:
+            hp.terminate()
+            try:
+                hp.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                hp.kill()
+        subprocess.run(TALLY + ["down", "--force"], capture_output=True, text=True, env=env)
+    ends = result.get("step_end_times") or []
+    if result.get("error") or len(ends) < 3:
+        raise RuntimeError(f"BE worker: {result.get('error') or 'fewer than 3 steps'}")
+    row = {"workload": workload, "config": cfg["name"], "steps": len(ends) - 1,
+           "steps_per_s": (len(ends) - 1) / (ends[-1] - ends[0])}
+    for key in ("launches", "held_ms", "held_launches", "long_kernels"):
+        if key in seen:
+            row[key] = seen[key]
+    for stats in agent:
+        if stats.get("kernel_launches"):  # the worker, not a helper process
+            row["kernel_times"] = stats.get("kernel_times")
+            row["gpu_timed_samples"] = stats.get("gpu_timed_samples")
+    return row
+
+
+def environment() -> dict:
+    out = {"date": dt.datetime.now().isoformat(timespec="seconds")}
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    out["gpu"] = smi.stdout.strip()
+    probe = subprocess.run([sys.executable, "-c", "import torch,sys;print(sys.version.split()[0], torch.__version__)"],
+                           capture_output=True, text=True)
+    out["python_torch"] = probe.stdout.strip()
+    return out
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# Gate depth cost ({env['date']}, {env['gpu']}, Python/PyTorch {env['python_torch']})", "",
+             f"{result['seconds']:g} s of BE training per configuration after warm-up; the HP client joined and "
+             "then sent nothing. Ratio: steps/s against the plain MPS client.", "",
+             "| workload | configuration | steps/s | vs mps | launches | held ms | held launches | alone (long) "
+             "| GPU-timed samples |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        ref = next((r for r in result["rows"] if r["workload"] == row["workload"] and r["config"] == "mps"), None)
+        ratio = f"{row['steps_per_s'] / ref['steps_per_s']:.3f}" if ref else "-"
+        cells = [row["workload"], row["config"], f"{row['steps_per_s']:.2f}", ratio]
+        cells += [str(round(row[k])) if row.get(k) is not None else "-"
+                  for k in ("launches", "held_ms", "held_launches", "long_kernels", "gpu_timed_samples")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--workloads", default="bert-base-train,resnet50-train")
+    parser.add_argument("--budgets", default="100,400", help="comma list of budgets in us (never unthrottled)")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--configs", default="", help="comma list: only these configurations")
+    parser.add_argument("--polls", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=0")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    wanted = {c for c in args.configs.split(",") if c}
+    plan = [c for c in configs([int(b) for b in args.budgets.split(",") if b], args.polls) if not wanted or c["name"] in wanted]
+    result = {"environment": environment(), "seconds": args.seconds, "rows": [], "errors": []}
+    for workload in [w for w in args.workloads.split(",") if w]:
+        for cfg in plan:
+            t0 = time.time()
+            try:
+                row = run_config(cfg, workload, args.seconds, env)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                result["errors"].append({"workload": workload, "config": cfg["name"], "error": str(exc)})
+                print(f"{workload} {cfg['name']}: {exc}", file=sys.stderr)
+                continue
+            row["wall_s"] = round(time.time() - t0, 1)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "gate_depth_cost.json").write_text(json.dumps(result, indent=1))
+    (args.out / "gate_depth_cost.json").write_text(json.dumps(result, indent=1))
+    (args.out / "gate_depth_cost.md").write_text(markdown(result))
+    print(markdown(result))
+    return 1 if result["errors"] and not result["rows"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
