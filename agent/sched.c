@@ -38,6 +38,8 @@
 #define DEFAULT_MAX_HOLD_NS 10000000000ull /* see tally_sched_init */
 #define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed... */
 #define ACCURATE_POLL_SHARE 8  /* ...as are those whose timing error is under 1/8 of the sample */
+#define BATCH_MAX_LAUNCHES 16  /* batched completion writes: at most this many launches share one... */
+#define BATCH_BUDGET_SHARE 4   /* ...and at most 1/4 of the turnaround budget of estimated work */
 
 enum join_state { NOT_JOINED = 0, JOINED = 1, UNGATED = -1 };
 
@@ -57,6 +59,7 @@ struct inflight {
     uint32_t profile;  /* index into profiles, or PROFILE_SLOTS for none */
     uint32_t units;    /* the profile is per unit: a slice of k waves is k units of a one-wave profile */
     uint32_t gpu_timed; /* its GPU time will come from CUPTI activity (tally_sched_kernel_ran) */
+    uint32_t batched;   /* shares a completion write with other launches: its poll timing says nothing */
 };
 
 struct lane {
@@ -72,6 +75,11 @@ struct lane {
     uint32_t head, tail;
     uint64_t last_done_ns;
     uint64_t last_done_err; /* last_done_ns is at most this late */
+    /* Batched completion writes (TALLY_BATCH_WRITES=1): BE launches since the lane's last write,
+     * their estimated work, and their stream (a flush may come from another thread). */
+    uint32_t unwritten;
+    uint64_t unwritten_est;
+    CUstream unwritten_stream;
 };
 
 struct profile {
@@ -101,6 +109,8 @@ static struct {
     _Atomic int warned_lanes, warned_daemon, warned_demoted;
     uint64_t max_hold_ns;
     uint64_t slo_p99_ns;            /* HP: TALLY_SLO_P99_MS, stored in the slot at claim */
+    int batch_writes;               /* TALLY_BATCH_WRITES=1: see defer_write */
+    _Atomic uint32_t deferred_lanes; /* lanes with launches whose completion write is deferred */
 } S = {
     .join_lock = PTHREAD_MUTEX_INITIALIZER,
     .lanes_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -152,6 +162,8 @@ void tally_sched_init(void) {
         unsigned long long ms = strtoull(hold, &end, 10);
         if (end && *end == 0 && ms > 0) S.max_hold_ns = ms * 1000000ull;
     }
+    const char *batch = getenv("TALLY_BATCH_WRITES");
+    S.batch_writes = batch && strcmp(batch, "1") == 0;
     /* SLO mode (docs/operations.md): the daemon adapts the BE budget to this HP target. */
     const char *slo = getenv("TALLY_SLO_P99_MS");
     if (slo && *slo) {
@@ -587,7 +599,8 @@ static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t ga
         uint64_t sample = now - start;
         if (err <= ACCURATE_POLL_NS || err <= sample / ACCURATE_POLL_SHARE) {
             pthread_mutex_lock(&S.profile_lock);
-            if (!e->gpu_timed || e->profile >= PROFILE_SLOTS || S.profiles[e->profile].gpu_samples == 0)
+            if (!e->batched &&
+                (!e->gpu_timed || e->profile >= PROFILE_SLOTS || S.profiles[e->profile].gpu_samples == 0))
                 learn(e->profile, sample / e->units);
             pthread_mutex_unlock(&S.profile_lock);
         }
@@ -680,6 +693,8 @@ TALLY_EXPORT int tally_agent_slot(void **scoreboard) {
     return (int)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
 }
 
+static void flush_unwritten(void);
+
 /* units: how many times the kernel's profile the launch is (slices of k waves
  * share the one-wave profile of their slice kernel); 1 for any other launch. */
 static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uint64_t hint_ns, uint32_t units) {
@@ -696,7 +711,10 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         struct be_backlog backlog = retire_completed(now);
         d = tally_gate_decide_be(S.sb, now, backlog.remaining_ns, backlog.launches, est, &bucket);
         if (!TALLY_GATE_IS_WAIT(d)) break;
-        if (!held_since) held_since = now;
+        if (!held_since) {
+            held_since = now;
+            flush_unwritten(); /* what the gate waits for must be able to complete */
+        }
         if (now - held_since >= S.max_hold_ns) {
             stuck = 1;
             break;
@@ -943,8 +961,10 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT &&
         ((__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY &&
           __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TGS) ||
-         __atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) == 0))
+         __atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) == 0)) {
+        flush_unwritten(); /* groups left from while HP was present (one load when there are none) */
         return;
+    }
     if (launch->trackable && capturing(launch->stream)) return; /* recorded into a graph, runs later */
     if (S.priority == TALLY_SB_PRIO_HIGH) {
         /* Busy from before the launch is enqueued until its completion is written. */
@@ -971,6 +991,57 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     }
 }
 
+/* The lane's lock is held. Enqueues the completion write of the lane's latest
+ * launch on its stream, which covers every launch of the lane before it: they
+ * complete in stream order. */
+static void write_completion(struct lane *l, CUstream stream) {
+    struct tally_sb_lane *shared = &S.slot->lanes[l - S.lanes];
+    uint64_t seq = l->next_seq;
+    __atomic_store_n(&shared->launched_seq, seq, __ATOMIC_RELEASE);
+    CUdeviceptr target = S.sb_device + (CUdeviceptr)((char *)&shared->completed_seq - (char *)S.sb);
+    if (drv.stream_write_value64(stream, target, seq, 0) != CUDA_SUCCESS) {
+        /* Untrackable stream: count it done now rather than block anyone (and learn nothing from it). */
+        for (uint32_t k = l->head; k != l->tail; k++)
+            if (l->ring[k % RING].seq > __atomic_load_n(&shared->completed_seq, __ATOMIC_ACQUIRE))
+                l->ring[k % RING].profile = PROFILE_SLOTS;
+        __atomic_store_n(&shared->completed_seq, seq, __ATOMIC_RELEASE);
+    }
+    if (l->unwritten) atomic_fetch_sub(&S.deferred_lanes, 1);
+    __atomic_store_n(&l->unwritten, 0, __ATOMIC_RELAXED);
+    l->unwritten_est = 0;
+}
+
+/* Batched completion writes. A completion write costs the launching thread
+ * about as much as a launch, and an eager training step launches thousands
+ * of short kernels. With TALLY_BATCH_WRITES=1, a best-effort kernel launch
+ * leaves its write to a later launch of its stream while the launches
+ * without one add up to less than BATCH_BUDGET_SHARE of the budget and
+ * BATCH_MAX_LAUNCHES: the gate then sees them complete a little late, as one
+ * group. A group whose stream goes quiet is written when the gate next has
+ * to wait (flush_unwritten), so it cannot hold anyone for long. Not for HP
+ * (its last launch must be seen complete at once, or BE waits for nothing),
+ * graphs, or the per-thread default stream (another thread cannot write to
+ * it). */
+static int defer_write(const struct tally_launch *launch, const struct lane *l) {
+    if (!S.batch_writes || launch->is_graph || launch->stream == CU_STREAM_PER_THREAD) return 0;
+    uint64_t window = __atomic_load_n(&S.sb->turnaround_budget_ns, __ATOMIC_RELAXED) / BATCH_BUDGET_SHARE;
+    return l->unwritten + 1 < BATCH_MAX_LAUNCHES && l->unwritten_est + pending.est_ns < window;
+}
+
+/* Writes every lane's pending group: called when the gate has to wait, when
+ * the work in flight must become visible. */
+static void flush_unwritten(void) {
+    if (!atomic_load_explicit(&S.deferred_lanes, memory_order_relaxed)) return;
+    uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
+    for (uint32_t i = 0; i < n; i++) {
+        struct lane *l = &S.lanes[i];
+        if (!__atomic_load_n(&l->unwritten, __ATOMIC_RELAXED)) continue;
+        pthread_mutex_lock(&l->lock);
+        if (l->unwritten) write_completion(l, l->unwritten_stream);
+        pthread_mutex_unlock(&l->lock);
+    }
+}
+
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
     if (!pending.track || launch->context != S.context) return;
     pending.track = 0;
@@ -978,8 +1049,6 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     CUstream key = launch->stream == CU_STREAM_PER_THREAD ? per_thread_key() : launch->stream;
     struct lane *l = lock_lane_of(key); /* held until the write is enqueued: see "Why the lookup is safe" */
     if (!l) return;
-    uint32_t idx = (uint32_t)(l - S.lanes);
-    struct tally_sb_lane *shared = &S.slot->lanes[idx];
     int be = pending.be;
     if (be && l->tail - l->head >= RING) { /* ring full: leave this one untracked */
         pthread_mutex_unlock(&l->lock);
@@ -987,15 +1056,19 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     }
     __atomic_store_n(&l->last_used_ns, pending.now, __ATOMIC_RELAXED);
     uint64_t seq = ++l->next_seq;
-    __atomic_store_n(&shared->launched_seq, seq, __ATOMIC_RELEASE);
-    CUdeviceptr target = S.sb_device + (CUdeviceptr)((char *)&shared->completed_seq - (char *)S.sb);
-    if (drv.stream_write_value64(launch->stream, target, seq, 0) != CUDA_SUCCESS) {
-        /* Untrackable stream: count it done now rather than block anyone. */
-        __atomic_store_n(&shared->completed_seq, seq, __ATOMIC_RELEASE);
-    } else if (be) {
+    int defer = be && defer_write(launch, l);
+    if (be) {
         l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile, pending.units,
-                                                    (uint32_t)pending.gpu_timed};
+                                                    (uint32_t)pending.gpu_timed, (uint32_t)(defer || l->unwritten)};
         l->tail++;
+    }
+    if (defer) {
+        if (!l->unwritten) atomic_fetch_add(&S.deferred_lanes, 1);
+        __atomic_store_n(&l->unwritten, l->unwritten + 1, __ATOMIC_RELAXED);
+        l->unwritten_est += pending.est_ns;
+        l->unwritten_stream = launch->stream;
+    } else {
+        write_completion(l, launch->stream);
     }
     pthread_mutex_unlock(&l->lock);
 }
@@ -1021,5 +1094,7 @@ void tally_sched_after_fork(void) {
     S.slot = NULL;
     S.sb = NULL;
     atomic_store(&S.n_lanes, 0);
+    atomic_store(&S.deferred_lanes, 0);
+    for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) S.lanes[i].unwritten = 0;
     atomic_store(&S.state, S.priority >= 0 ? UNGATED : NOT_JOINED);
 }

@@ -16,6 +16,8 @@ timed in turn as
   *-polls       (with --polls) the same with TALLY_KERNEL_TIMES=0: duration
                 estimates learned from when the gate's polls see completions,
                 not from the GPU's kernel times (CUPTI activity)
+  *-batched     (with --batched) the same with TALLY_BATCH_WRITES=1: launches
+                share completion writes
 
 The daemon is restarted for each configuration. BE throughput is steps per
 second over --seconds after the bench worker's warm-up; the BE client's gate
@@ -46,7 +48,7 @@ IDLE_HP = ("import sys, time, torch\n"
            "print('joined', flush=True); time.sleep(float(sys.argv[1]))\n")
 
 
-def configs(budgets: list[int], polls: bool = False) -> list[dict]:
+def configs(budgets: list[int], polls: bool = False, batched: bool = False) -> list[dict]:
     out = [
         {"name": "mps", "up": [], "hp": False, "client": "mps"},
         {"name": "tally-no-hp", "up": [], "hp": False, "client": "tally"},
@@ -55,8 +57,11 @@ def configs(budgets: list[int], polls: bool = False) -> list[dict]:
     for b in budgets:
         out.append({"name": f"budget-{b}", "up": ["--budget-us", str(b), "--unthrottle-ms", "10000000"],
                     "hp": True, "client": "tally"})
+    gated = [c for c in out if c["hp"]]
     if polls:
-        out += [dict(c, name=c["name"] + "-polls", env={"TALLY_KERNEL_TIMES": "0"}) for c in out if c["hp"]]
+        out += [dict(c, name=c["name"] + "-polls", env={"TALLY_KERNEL_TIMES": "0"}) for c in gated]
+    if batched:
+        out += [dict(c, name=c["name"] + "-batched", env={"TALLY_BATCH_WRITES": "1"}) for c in gated]
     return out
 
 
@@ -171,11 +176,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--configs", default="", help="comma list: only these configurations")
     parser.add_argument("--polls", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=0")
+    parser.add_argument("--batched", action="store_true", help="also each HP configuration with TALLY_BATCH_WRITES=1")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     wanted = {c for c in args.configs.split(",") if c}
-    plan = [c for c in configs([int(b) for b in args.budgets.split(",") if b], args.polls) if not wanted or c["name"] in wanted]
+    plan = [c for c in configs([int(b) for b in args.budgets.split(",") if b], args.polls, args.batched) if not wanted or c["name"] in wanted]
     result = {"environment": environment(), "seconds": args.seconds, "rows": [], "errors": []}
     for workload in [w for w in args.workloads.split(",") if w]:
         for cfg in plan:

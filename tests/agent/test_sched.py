@@ -266,6 +266,39 @@ def test_the_next_kernel_is_queued_just_before_the_running_one_ends(daemon, spaw
     assert r.gpu("gpu_max_inflight") == 2
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_batched_completion_writes(daemon, run_app, batched):
+    """TALLY_BATCH_WRITES=1: short BE kernels share completion writes (budget 8 ms: groups of
+    under 2 ms of estimated work, at most 16 launches), and every kernel still runs and is seen
+    complete; without it, one write per launch."""
+    throttle_be(daemon.sb, 8 * MS)
+    env = daemon.env("best-effort", TALLY_BATCH_WRITES="1" if batched else None)
+    r = run_app("launch:kernel:60:50:s0", "sync", env=env, timeout=60)
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_kernels") == 60
+    writes = r.gpu("writes_s0")
+    if batched:
+        assert 60 // 16 <= writes < 60 // 2, writes
+    else:
+        assert writes == 60
+    assert r.gpu("gpu_writes_issued") == r.gpu("gpu_writes_done") == writes
+
+
+def test_a_deferred_group_is_written_when_the_gate_must_wait(daemon, run_app):
+    """A long kernel must run alone: the short kernels before it, whose completion writes were
+    deferred, are written as soon as the gate waits for them, so it is admitted at once
+    instead of being held until the agent gives up (TALLY_MAX_HOLD_MS, then a warning)."""
+    throttle_be(daemon.sb, 8 * MS)
+    env = daemon.env("best-effort", TALLY_BATCH_WRITES="1", TALLY_MAX_HOLD_MS="5000")
+    # 20 short kernels teach their estimate and leave a group unwritten; the other entry's
+    # kernels (20 ms, unknown: estimated at the whole budget) each wait for everything before.
+    r = run_app("launch:kernel:20:50:s0", "launch:ex:3:20000:s0", "sync", env=env, timeout=60)
+    completed_ok(r)
+    assert r.stderr == ""  # no "held for 5000 ms" fail-open warning
+    assert r.gpu("gpu_kernels") == 23
+
+
 @pytest.mark.parametrize("setup", ["no_hp_client", "passthrough"])
 def test_be_ungated_pays_nothing(daemon, spawn_app, tmp_path, setup):
     sb = daemon.sb

@@ -1,0 +1,100 @@
+"""Host cost of one best-effort kernel launch on each of the gate's paths.
+
+benchmarks/launch_cost.cu times back-to-back launches of an empty kernel (host
+time only). Here it runs as a client of one tally daemon (MPS), in turn:
+
+  mps               a plain MPS client, no agent
+  be-no-hp          tally best effort, no HP client: the gate's fast path
+  be-tracked-polls  an HP client is connected (idle): every launch is tracked
+                    (completion write, gate check); estimates from the polls
+  be-tracked        the same with GPU kernel times (CUPTI activity), the default
+  be-tracked-batched  the same with TALLY_BATCH_WRITES=1 (completion writes shared)
+
+    python3 benchmarks/tracked_launch_cost.py --out DIR [--rounds 3]
+
+Writes tracked_launch_cost.json and .md in DIR; ns per launch, median of the rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gate_depth_cost import IDLE_HP  # the same idle HP client (this directory is on sys.path)
+
+HERE = Path(__file__).resolve().parent
+TALLY = [sys.executable, "-m", "tally"]
+
+CONFIGS = [
+    ("mps", False, None),
+    ("be-no-hp", False, {}),
+    ("be-tracked-polls", True, {"TALLY_KERNEL_TIMES": "0"}),
+    ("be-tracked", True, {}),
+    ("be-tracked-batched", True, {"TALLY_BATCH_WRITES": "1"}),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from tally.daemon.client import client_env, find_daemon
+
+    work = Path(tempfile.mkdtemp())
+    exe = work / "launch_cost"
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    subprocess.run([nvcc, "-O2", "-arch=sm_90", "-o", str(exe), str(HERE / "launch_cost.cu")], check=True)
+    env = dict(os.environ)
+    subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
+    subprocess.run(TALLY + ["up", "--metrics-port", "0"], check=True, capture_output=True, env=env)
+    hp = None
+    rows = []
+    try:
+        mps_env = dict(env)
+        mps_env.update({k: v for k, v in client_env(find_daemon(), "best-effort").items()
+                        if k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")})
+        for name, tracked, extra in CONFIGS:
+            if tracked and hp is None:
+                hp = subprocess.Popen(TALLY + ["run", "--priority", "high", "--", sys.executable, "-c", IDLE_HP, "600"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                if hp.stdout.readline().strip() != "joined":
+                    raise SystemExit(f"idle HP client did not start: {hp.stderr.read()[-500:]}")
+            if extra is None:
+                cmd, run_env = [str(exe)], mps_env
+            else:
+                cmd = TALLY + ["run", "--priority", "best-effort", "--", str(exe)]
+                run_env = dict(env, **extra)
+            values = []
+            for _ in range(args.rounds):
+                proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=120)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name}: {proc.stderr[-500:]}")
+                values.append(float(proc.stdout.strip().splitlines()[-1]))
+            rows.append({"config": name, "ns_per_launch": statistics.median(values), "rounds": values})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if hp is not None:
+            hp.terminate()
+            hp.wait(timeout=20)
+        subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
+    base = rows[0]["ns_per_launch"]
+    lines = ["| configuration | ns per launch | over mps | rounds |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['ns_per_launch']:.0f} | {r['ns_per_launch'] - base:+.0f} | "
+                     f"{', '.join(f'{v:.0f}' for v in r['rounds'])} |")
+    (args.out / "tracked_launch_cost.json").write_text(json.dumps({"rows": rows}, indent=1))
+    (args.out / "tracked_launch_cost.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
