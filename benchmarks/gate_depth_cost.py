@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,18 +152,26 @@ def environment() -> dict:
 
 
 def markdown(result: dict) -> str:
+    """One line per (workload, configuration): the median over rounds, each round's steps/s, and the
+    gate's counters of the last round."""
     env = result["environment"]
-    lines = [f"# Gate depth cost ({env['date']}, {env['gpu']}, Python/PyTorch {env['python_torch']})", "",
-             f"{result['seconds']:g} s of BE training per configuration after warm-up; the HP client joined and "
-             "then sent nothing. Ratio: steps/s against the plain MPS client.", "",
-             "| workload | configuration | steps/s | vs mps | launches | held ms | held launches | alone (long) "
-             "| GPU-timed samples |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in result["rows"]:
-        ref = next((r for r in result["rows"] if r["workload"] == row["workload"] and r["config"] == "mps"), None)
-        ratio = f"{row['steps_per_s'] / ref['steps_per_s']:.3f}" if ref else "-"
-        cells = [row["workload"], row["config"], f"{row['steps_per_s']:.2f}", ratio]
-        cells += [str(round(row[k])) if row.get(k) is not None else "-"
+        groups.setdefault((row["workload"], row["config"]), []).append(row)
+    median = {key: statistics.median(r["steps_per_s"] for r in rows) for key, rows in groups.items()}
+    lines = [f"# Gate depth cost ({env['date']}, {env['gpu']}, Python/PyTorch {env['python_torch']})", "",
+             f"{result['seconds']:g} s of BE training per configuration after warm-up, "
+             f"{result.get('rounds', 1)} round(s) with the configurations interleaved; the HP client joined "
+             "and then sent nothing. Ratio: median steps/s against the plain MPS client's.", "",
+             "| workload | configuration | steps/s (median) | vs mps | per round | launches | held ms | held launches "
+             "| alone (long) | GPU-timed samples |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (workload, config), rows in groups.items():
+        ref = median.get((workload, "mps"))
+        ratio = f"{median[workload, config] / ref:.3f}" if ref else "-"
+        cells = [workload, config, f"{median[workload, config]:.2f}", ratio,
+                 ", ".join(f"{r['steps_per_s']:.2f}" for r in rows)]
+        cells += [str(round(rows[-1][k])) if rows[-1].get(k) is not None else "-"
                   for k in ("launches", "held_ms", "held_launches", "long_kernels", "gpu_timed_samples")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -174,28 +183,33 @@ def main() -> int:
     parser.add_argument("--workloads", default="bert-base-train,resnet50-train")
     parser.add_argument("--budgets", default="100,400", help="comma list of budgets in us (never unthrottled)")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved")
     parser.add_argument("--configs", default="", help="comma list: only these configurations")
     parser.add_argument("--polls", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=0")
     parser.add_argument("--batched", action="store_true", help="also each HP configuration with TALLY_BATCH_WRITES=1")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     wanted = {c for c in args.configs.split(",") if c}
-    plan = [c for c in configs([int(b) for b in args.budgets.split(",") if b], args.polls, args.batched) if not wanted or c["name"] in wanted]
-    result = {"environment": environment(), "seconds": args.seconds, "rows": [], "errors": []}
-    for workload in [w for w in args.workloads.split(",") if w]:
-        for cfg in plan:
-            t0 = time.time()
-            try:
-                row = run_config(cfg, workload, args.seconds, env)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                result["errors"].append({"workload": workload, "config": cfg["name"], "error": str(exc)})
-                print(f"{workload} {cfg['name']}: {exc}", file=sys.stderr)
-                continue
-            row["wall_s"] = round(time.time() - t0, 1)
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            (args.out / "gate_depth_cost.json").write_text(json.dumps(result, indent=1))
+    known = configs([int(b) for b in args.budgets.split(",") if b], args.polls, args.batched)
+    if wanted - {c["name"] for c in known}:
+        parser.error(f"unknown configuration(s): {', '.join(sorted(wanted - {c['name'] for c in known}))}")
+    plan = [c for c in known if not wanted or c["name"] in wanted]
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(), "seconds": args.seconds, "rounds": args.rounds, "rows": [], "errors": []}
+    for workload, round_, cfg in [(w, r, c) for w in args.workloads.split(",") if w
+                                  for r in range(args.rounds) for c in plan]:
+        t0 = time.time()
+        try:
+            row = run_config(cfg, workload, args.seconds, env)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            result["errors"].append({"workload": workload, "config": cfg["name"], "error": str(exc)})
+            print(f"{workload} {cfg['name']}: {exc}", file=sys.stderr)
+            continue
+        row["wall_s"] = round(time.time() - t0, 1)
+        row["round"] = round_
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "gate_depth_cost.json").write_text(json.dumps(result, indent=1))
     (args.out / "gate_depth_cost.json").write_text(json.dumps(result, indent=1))
     (args.out / "gate_depth_cost.md").write_text(markdown(result))
     print(markdown(result))

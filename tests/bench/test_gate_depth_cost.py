@@ -1,0 +1,44 @@
+"""The pure parts of benchmarks/gate_depth_cost.py (its measurements need a GPU)."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gate_depth_cost.py"
+spec = importlib.util.spec_from_file_location("gate_depth_cost", SCRIPT)
+depth = importlib.util.module_from_spec(spec)
+sys.modules["gate_depth_cost"] = depth
+spec.loader.exec_module(depth)
+
+
+def test_variants_apply_to_the_configurations_with_an_hp_client_only():
+    names = {c["name"]: c for c in depth.configs([100], polls=True, batched=True)}
+    assert set(names) == {"mps", "tally-no-hp", "idle-hp", "budget-100", "idle-hp-polls", "budget-100-polls",
+                          "idle-hp-batched", "budget-100-batched"}
+    assert names["budget-100-polls"]["env"] == {"TALLY_KERNEL_TIMES": "0"}
+    assert names["budget-100-batched"]["env"] == {"TALLY_BATCH_WRITES": "1"}
+    assert names["budget-100"]["up"] == ["--budget-us", "100", "--unthrottle-ms", "10000000"]
+    assert "env" not in names["idle-hp"] and not names["tally-no-hp"]["hp"]
+
+
+def test_the_table_gives_medians_over_rounds_against_the_mps_median():
+    rows = [{"workload": "w", "config": "mps", "steps_per_s": s, "round": i} for i, s in enumerate([10.0, 12.0, 11.0])]
+    rows += [{"workload": "w", "config": "budget-100", "steps_per_s": s, "round": i, "long_kernels": 7 + i}
+             for i, s in enumerate([8.0, 5.5, 9.0])]
+    text = depth.markdown({"environment": {"date": "d", "gpu": "g", "python_torch": "p"}, "seconds": 5,
+                           "rounds": 3, "rows": rows})
+    mps_line = next(line for line in text.splitlines() if line.startswith("| w | mps |"))
+    line = next(line for line in text.splitlines() if line.startswith("| w | budget-100 |"))
+    assert mps_line.split(" | ")[2:4] == ["11.00", "1.000"]
+    cells = line.split(" | ")
+    assert cells[2:5] == ["8.00", f"{8.0 / 11.0:.3f}", "8.00, 5.50, 9.00"]
+    assert cells[8] == "9"  # the last round's counter
+
+
+def test_an_unknown_configuration_is_a_usage_error():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", "/nonexistent-never-made", "--configs", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "unknown configuration(s): nope" in r.stderr
