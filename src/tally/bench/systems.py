@@ -188,10 +188,11 @@ class Tally(System):
     agent_stats = True
 
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
-                 up_args: list[str] | None = None, name: str | None = None):
+                 up_args: list[str] | None = None, name: str | None = None, agent_env: dict | None = None):
         # `python -m tally` rather than a `tally` on PATH: the same installation as this process
         self.tally_command = tally_command or [sys.executable, "-m", "tally"]
         self.up_args = list(up_args or [])
+        self.agent_env = dict(agent_env or {})  # agent variables of the BE client (AGENT_TUNABLES)
         if name:
             self.name = name
         self.timeout_s = timeout_s
@@ -250,7 +251,8 @@ class Tally(System):
     def launch(self, role: str, ref: str | None = None, stats_dir: Path | None = None) -> RoleLaunch:
         assert self._runtime_dir is not None, "start() first"
         priority = "high" if role == "hp" else "best-effort"
-        return RoleLaunch(env={"TALLY_RUNTIME_DIR": str(self._runtime_dir)},
+        env = {"TALLY_RUNTIME_DIR": str(self._runtime_dir), **(self.agent_env if role == "be" else {})}
+        return RoleLaunch(env=env,
                           prefix=self.tally_command + ["run", "--priority", priority] + _stats_args(stats_dir) + ["--"])
 
 
@@ -343,9 +345,10 @@ class TallyBlock(Tally):
 
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
                  prepare_timeout_s: float = 300.0, capture_s: float = 1.0, capture_steps: int = 2,
-                 arch: str | None = None, name: str | None = None, up_args: list[str] | None = None):
+                 arch: str | None = None, name: str | None = None, up_args: list[str] | None = None,
+                 agent_env: dict | None = None):
         super().__init__(tally_command=tally_command, timeout_s=timeout_s, up_args=up_args,
-                         name=name or "tally-block")
+                         name=name or "tally-block", agent_env=agent_env)
         self.prepare_timeout_s = prepare_timeout_s
         self.capture_s = capture_s          # the capture run: warm-up steps, then this many seconds of steps
         self.capture_steps = capture_steps
@@ -459,6 +462,8 @@ def plan_kernels(plan: Path) -> int | None:
 # `tally up` options a bench system name may set: tally[budget-us=1000;idle-window-us=2000],
 # tally-block[budget-us=25] (';' because system lists are comma-separated)
 TALLY_TUNABLES = ("idle-window-us", "budget-us", "unthrottle-ms")
+# and agent switches of the BE client (docs/operations.md): tally[batch-writes=1], tally[kernel-times=0]
+AGENT_TUNABLES = {"batch-writes": "TALLY_BATCH_WRITES", "kernel-times": "TALLY_KERNEL_TIMES"}
 
 
 def tally_variant(name: str) -> Tally:
@@ -466,16 +471,25 @@ def tally_variant(name: str) -> Tally:
     base, _, rest = name.partition("[")
     settings = rest[:-1]
     args: list[str] = []
+    agent_env: dict[str, str] = {}
     for item in filter(None, settings.split(";")):
         key, sep, value = item.partition("=")
+        if sep and key in AGENT_TUNABLES:
+            if value not in ("0", "1"):
+                raise TallyError(f"system {name!r}: {key} is 0 or 1, not {value!r}")
+            agent_env[AGENT_TUNABLES[key]] = value
+            continue
         if not sep or key not in TALLY_TUNABLES:
-            raise TallyError(f"system {name!r}: expected KEY=VALUE with KEY one of {', '.join(TALLY_TUNABLES)}")
+            raise TallyError(f"system {name!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join((*TALLY_TUNABLES, *AGENT_TUNABLES))}")
         try:
             float(value)
         except ValueError:
             raise TallyError(f"system {name!r}: {key} needs a number, not {value!r}") from None
         args += [f"--{key}", value]
-    return TallyBlock(up_args=args, name=name) if base == "tally-block" else Tally(up_args=args, name=name)
+    if base == "tally-block":
+        return TallyBlock(up_args=args, name=name, agent_env=agent_env)
+    return Tally(up_args=args, name=name, agent_env=agent_env)
 
 
 def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | None = None,

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 3's open measurements in one GPU session, each step time-boxed so that a
+# 10-minute device call keeps what finished:
+#   1. host cost per BE launch on each gate path (tracked_launch_cost.py)
+#   2. BE speed with an idle HP client, configurations interleaved, with and
+#      without batched completion writes (gate_depth_cost.py --rounds)
+#   3. the issue's two pairs under standalone + tally, repeated with different seeds
+#
+#   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 1 2 3 (default: all)
+#
+# Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
+# EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_ENV=1 adds
+# `TALLY_BATCH_WRITES=1` to the tally runs of step 3.
+set -u
+out=${1:?usage: issue3_evidence.sh OUT_DIR [STEPS]}
+steps=${2:-"1 2 3"}
+start=$(date +%s)
+budget=${EVIDENCE_BUDGET_S:-570}
+left() { echo $(( budget - ($(date +%s) - start) )); }
+mkdir -p "$out"
+cleanup() { python3 -m tally down --force >/dev/null 2>&1; true; }
+trap cleanup EXIT
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+  git log --oneline -1 2>/dev/null; } > "$out/env.txt" 2>&1
+
+for step in $steps; do
+  case $step in
+  1) timeout -s TERM $(( $(left) < 60 ? $(left) : 60 )) python3 benchmarks/tracked_launch_cost.py --out "$out/launch" \
+       > "$out/launch.log" 2>&1
+     echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
+  2) timeout -s TERM $(( $(left) < 240 ? $(left) : 240 )) python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
+       --workloads resnet50-train --seconds 6 --rounds 2 --batched \
+       --configs mps,tally-no-hp,idle-hp,budget-100,budget-100-batched > "$out/depth.log" 2>&1
+     echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
+  3) for seed in ${EVIDENCE_SEEDS:-0 1 2}; do
+       [ "$(left)" -lt 140 ] && { echo "step 3: seed $seed skipped ($(left) s left)" >> "$out/env.txt"; break; }
+       systems=standalone,tally
+       [ "${EVIDENCE_ENV:-0}" = 1 ] && systems='standalone,tally[batch-writes=1]'
+       timeout -s TERM "$(left)" python3 -m tally bench --hp bert-infer@graph --be resnet50-train,bert-base-train \
+         --systems "$systems" --arrivals poisson --duration 15 --seed "$seed" --out "$out/pairs-seed$seed" \
+         > "$out/pairs-seed$seed.log" 2>&1
+       echo "step 3 seed $seed rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt"
+       find "$out/pairs-seed$seed/raw" -name hp.json -delete 2>/dev/null
+     done ;;
+  esac
+  cleanup
+done
