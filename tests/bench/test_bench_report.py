@@ -29,10 +29,18 @@ def _run(system, p99, overhead, be_norm, status="ok", reason=None, load=0.5):
     }
 
 
+def _write_runs(out_dir, entries):
+    """An output dir as the runner leaves it: one runs/<run>.json per entry."""
+    runs = out_dir / "runs"
+    runs.mkdir(parents=True)
+    for entry in entries:
+        key = entry["key"]
+        (runs / f"{key['hp']}__{key['be']}__{key['system']}__load{key['load']:g}.json").write_text(json.dumps(entry))
+    return out_dir
+
+
 @pytest.fixture
 def out_dir(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
     entries = [
         _run("standalone", 10.0, 0.0, 1.0),
         _run("time-slicing", 30.0, 2.0, 0.8),
@@ -40,8 +48,7 @@ def out_dir(tmp_path):
         _run("tgs", 0, 0, 0, status="unavailable", reason="unavailable: needs agent policy tgs"),
         _run("tally", 0, 0, 0, status="failed", reason="`tally up` failed (status 2): boom"),
     ]
-    for entry in entries:
-        (runs / f"{entry['key']['system']}.json").write_text(json.dumps(entry))
+    _write_runs(tmp_path, entries)
     (tmp_path / "environment.json").write_text(json.dumps({"date": "2026-11-25", "gpu": "NVIDIA H100 80GB HBM3",
                                                            "driver": "580.159.04"}))
     return tmp_path
@@ -125,3 +132,102 @@ def test_table_shows_the_be_transformed_fraction_when_the_agent_reported_it():
     assert rows[("0.75", "tally-block")][column] == "-"
     assert rows[("0.75", "tally-block")][-2].startswith("failed: tally-block")
     assert all(len(r) == len(header) for r in rows.values())
+
+
+@pytest.fixture
+def repeated(tmp_path):
+    """Three output dirs of one matrix (a, b, c), as repeated runs with different seeds leave them."""
+    a = _write_runs(tmp_path / "a", [_run("standalone", 10.0, 0.0, 1.0), _run("tally", 11.0, 0.10, 0.40),
+                                     _run("mps", 30.0, 2.0, 0.80), _run("mps-split", 11.0, 0.10, 0.50)])
+    b = _write_runs(tmp_path / "b", [_run("standalone", 12.0, 0.0, 1.0), _run("tally", 15.6, 0.30, 0.50),
+                                     _run("mps", 0, 0, 0, status="failed", reason="worker died | exit 1"),
+                                     _run("mps-split", 14.4, 0.20, 0.70)])
+    c = _write_runs(tmp_path / "c", [_run("standalone", 8.0, 0.0, 1.0), _run("tally", 8.4, 0.05, 0.45),
+                                     _run("mps-split", 8.0, math.nan, 0.60),
+                                     _run("tgs", 0, 0, 0, status="unavailable", reason="needs agent policy tgs")])
+    return [a, b, c]
+
+
+def test_combine_groups_runs_and_takes_medians_over_ok_runs(repeated):
+    rows = {row["system"]: row for row in report.combine_runs(repeated)}
+    assert [row["system"] for row in report.combine_runs(repeated)] == ["standalone", "mps", "mps-split", "tgs",
+                                                                       "tally"]
+    tally = rows["tally"]
+    assert (tally["hp"], tally["be"], tally["load"], tally["ok"]) == ("bert-infer", "gpt2-train", 0.5, 3)
+    assert [(e["dir"], e["p99_overhead"], e["be_normalized"]) for e in tally["runs"]] == [
+        ("a", 0.10, 0.40), ("b", 0.30, 0.50), ("c", 0.05, 0.45)]
+    assert tally["median_p99_overhead"] == 0.10 and tally["median_be_normalized"] == 0.45
+    assert rows["standalone"]["median_p99_ms"] == 10.0
+    # a failed and an absent run are kept, named, and left out of the median
+    mps = rows["mps"]
+    assert mps["ok"] == 1 and mps["median_p99_overhead"] == 2.0
+    assert [e["status"] for e in mps["runs"]] == ["ok", "failed", "absent"]
+    assert mps["runs"][1]["reason"] == "worker died | exit 1"
+    # even count: the mean of the two middle values; an ok run without an overhead (NaN) counts
+    # as ok but has no value to take the median of
+    split = rows["mps-split"]
+    assert split["ok"] == 3 and split["runs"][2]["p99_overhead"] is None
+    assert split["median_p99_overhead"] == pytest.approx(0.15) and split["median_be_normalized"] == 0.60
+    assert rows["tgs"]["ok"] == 0 and rows["tgs"]["median_p99_overhead"] is None
+    assert [e["status"] for e in rows["tgs"]["runs"]] == ["absent", "absent", "not run"]
+
+
+def test_combined_markdown_lists_each_run_medians_ranges_and_what_is_not_ok(repeated):
+    text = report.combined_markdown(report.combine_runs(repeated))
+    assert "# tally bench: 3 output dirs combined" in text and "in the order a, b, c." in text
+    rows = {line.split("|")[4].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| bert-infer |")}
+    assert rows["tally"][4:] == ["3/3", "+10.0% / 0.40, +30.0% / 0.50, +5.0% / 0.45", "+10.0% [+5.0%, +30.0%]",
+                                 "0.45 [0.40, 0.50]", "-"]
+    assert rows["mps"][4:] == ["1/3", "+200.0% / 0.80, failed, absent", "+200.0%", "0.80",
+                               "b: failed (worker died / exit 1); c: absent"]
+    assert rows["mps-split"][5:8] == ["+10.0% / 0.50, +20.0% / 0.70, - / 0.60", "+15.0% [+10.0%, +20.0%]",
+                                      "0.60 [0.50, 0.70]"]
+    assert rows["tgs"][4:] == ["0/3", "absent, absent, not run", "-", "-",
+                               "a: absent; b: absent; c: not run (needs agent policy tgs)"]
+    # standalone has no overhead: only the reference p99
+    assert rows["standalone"][5:8] == ["10.00 ms, 12.00 ms, 8.00 ms", "ref. p99 10.00 ms [8.00 ms, 12.00 ms]", "-"]
+
+
+def test_combine_names_dirs_by_path_when_their_names_collide(tmp_path):
+    first = _write_runs(tmp_path / "x" / "out", [_run("tally", 11.0, 0.1, 0.4)])
+    second = _write_runs(tmp_path / "y" / "out", [_run("tally", 12.0, 0.2, 0.5)])
+    row, = report.combine_runs([first, second])
+    assert [e["dir"] for e in row["runs"]] == [str(first), str(second)]
+
+
+def test_combine_refuses_what_is_not_an_output_dir(tmp_path, repeated):
+    with pytest.raises(TallyError, match="is not a directory"):
+        report.combine_runs([repeated[0], tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TallyError, match="no runs/ directory"):
+        report.combine_runs([repeated[0], tmp_path / "empty"])
+    odd = _write_runs(tmp_path / "odd", [])
+    (odd / "runs" / "x.json").write_text(json.dumps({"status": "ok"}))
+    with pytest.raises(TallyError, match="not a tally bench run"):
+        report.combine_runs([repeated[0], odd])
+    twice = _write_runs(tmp_path / "twice", [_run("tally", 11.0, 0.1, 0.4)])
+    (twice / "runs" / "copy.json").write_text(json.dumps(_run("tally", 11.0, 0.1, 0.4)))
+    with pytest.raises(TallyError, match="two runs of bert-infer"):
+        report.combine_runs([repeated[0], twice])
+
+
+def test_cli_combine_prints_the_table_and_writes_combined_md(tmp_path, repeated):
+    from click.testing import CliRunner
+
+    from tally.bench import cli as bench_cli
+
+    args = [arg for d in repeated for arg in ("--combine", str(d))]
+    result = CliRunner().invoke(bench_cli.bench_command, args + ["--out", str(tmp_path / "summary")])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "summary" / "combined.md").read_text()
+    assert "| bert-infer | gpt2-train | 0.5 | tally | 3/3 | +10.0% / 0.40, +30.0% / 0.50, +5.0% / 0.45 |" in written
+    assert written in result.output
+    for extra, fragment in [([], "does not go with --report-only"), (["--hp", "bert-infer"], "--hp"),
+                            (["--seed", "1"], "--seed"), (["--dry-run"], "--dry-run")]:
+        more = ["--report-only", str(repeated[0])] if not extra else extra
+        result = CliRunner().invoke(bench_cli.bench_command, args + more)
+        assert isinstance(result.exception, TallyError), extra
+        assert fragment in str(result.exception) and "\n" not in str(result.exception)
+    result = CliRunner().invoke(bench_cli.bench_command, ["--combine", str(repeated[0])])
+    assert isinstance(result.exception, TallyError) and "two or more" in str(result.exception)

@@ -103,6 +103,9 @@ def build_plan(hp: list[str], be: list[str], systems: list[str], loads: list[flo
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output dir (default benchmarks/results/bench-<date>).")
 @click.option("--report-only", "report_only", type=click.Path(file_okay=False, exists=True),
               help="Only (re)write the report of an existing output dir; needs no GPU.")
+@click.option("--combine", "combine", multiple=True, metavar="DIR",
+              help="Summarize two or more output dirs of the same matrix (repeated runs): median and range "
+                   "per (HP, BE, load, system); with --out, also DIR/combined.md; needs no GPU.")
 @click.option("--hp-cmd", help="HP program for workload 'command' (line protocol; docs/bench.md).")
 @click.option("--be-cmd", help="BE program for workload 'command' (line protocol; docs/bench.md).")
 @click.option("--hp-option", multiple=True, metavar="KEY=VALUE", help="Option for the HP workload factory (e.g. batch=8).")
@@ -116,12 +119,15 @@ def build_plan(hp: list[str], be: list[str], systems: list[str], loads: list[flo
 @click.option("--list", "list_only", is_flag=True, help="List workloads and systems, then exit; needs no GPU.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and its estimated time, then exit; needs no GPU.")
 def bench_command(quick, paper, part, hp, be, systems, loads, trace_path, trace_function, trace_window,
-                  arrival_source, duration, out_dir, report_only, hp_cmd, be_cmd, hp_option, be_option,
+                  arrival_source, duration, out_dir, report_only, combine, hp_cmd, be_cmd, hp_option, be_option,
                   mps_split_percent, seed, reuse, list_only, dry_run):
     """Run HP inference next to BE training under each sharing system; write JSON, markdown and charts."""
     from tally.bench import workloads as registry
     from tally.bench.systems import SYSTEM_NAMES, make_system
 
+    if combine:
+        _combine(click.get_current_context(), combine, out_dir)
+        return
     if list_only:
         _print_list()
         return
@@ -206,6 +212,28 @@ def bench_command(quick, paper, part, hp, be, systems, loads, trace_path, trace_
 
     report = write_report(out)
     click.echo(f"wrote {report}")
+
+
+def _combine(ctx: click.Context, dirs: tuple[str, ...], out_dir: str | None) -> None:
+    from click.core import ParameterSource
+
+    from tally.bench.report import combine_runs, combined_markdown
+
+    # any other option would run something or mean another output; refuse rather than ignore it
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    given = ["/".join(param.opts + param.secondary_opts) for param in ctx.command.params
+             if param.name not in ("combine", "out_dir") and ctx.get_parameter_source(param.name) in typed]
+    if given:
+        raise TallyError(f"--combine only reads finished output dirs; it does not go with {', '.join(given)}")
+    if len(dirs) < 2:
+        raise TallyError("--combine needs two or more output dirs (repeat it: --combine DIR1 --combine DIR2)")
+    text = combined_markdown(combine_runs(dirs))
+    click.echo(text, nl=False)
+    if out_dir:
+        path = Path(out_dir) / "combined.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        click.echo(f"wrote {path}", err=True)
 
 
 def _run_with_progress(runner, keys, estimate_s: float) -> None:

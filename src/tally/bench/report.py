@@ -4,11 +4,15 @@ and PNG charts (matplotlib, Agg backend: no display needed).
 Every system appears for every (HP, BE, load) it was planned for: runs that
 could not happen are listed as "not run: <reason>" (unavailable systems) or
 "failed: <reason>"; their numbers are never filled in.
+
+combine_runs / combined_markdown summarize several output dirs of one matrix
+(repeated runs) as medians and ranges, naming every run that is not ok.
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -81,6 +85,10 @@ def _sliced(run: dict) -> str:
     return f"{share} ({block.get('sliced_launches', 0)})"
 
 
+def _status_word(run: dict) -> str:
+    return "not run" if run.get("status") == "unavailable" else run.get("status", "failed")
+
+
 def markdown_table(runs: list[dict]) -> str:
     header = ("| HP | BE | load | system | HP p50 ms | HP p90 ms | HP p99 ms | HP max ms | p99 overhead "
               "| service p99 ms | HP norm. | BE norm. | system tput | GPU util % | BE alone % "
@@ -102,9 +110,8 @@ def markdown_table(runs: list[dict]) -> str:
                       _fmt(run.get("system_throughput")), _fmt(run.get("gpu_util_percent"), ".0f"),
                       _alone_share(run), _sliced_in_window(run), _sliced(run), status]
         else:
-            word = "not run" if run.get("status") == "unavailable" else run.get("status", "failed")
             reason = str(run.get("reason", "")).replace("|", "/")
-            cells += ["-"] * (header.count("|") - 2 - len(cells)) + [f"{word}: {reason}"]
+            cells += ["-"] * (header.count("|") - 2 - len(cells)) + [f"{_status_word(run)}: {reason}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -280,3 +287,111 @@ def write_report(out_dir: str | Path) -> Path:
         for run in runs]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return report
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _dir_labels(dirs: list[Path]) -> list[str]:
+    names = [d.name for d in dirs]
+    # a dir's own name reads best; two experiments may both have e.g. "all-systems"
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def combine_runs(dirs) -> list[dict]:
+    """One row per (HP, BE, load, system) found in any of `dirs` (output dirs of repeated runs
+    of one matrix): `runs` holds one entry per dir, in dir order, with its status ("ok",
+    "failed", "not run", ... or "absent" where that dir has no such run) and numbers; the
+    medians are over the ok runs only."""
+    dirs = [Path(d) for d in dirs]
+    labels = _dir_labels(dirs)
+    groups: dict = {}
+    for index, directory in enumerate(dirs):
+        if not directory.is_dir():
+            raise TallyError(f"{directory} is not a directory")
+        for run in load_runs(directory):
+            key = run.get("key")
+            if not isinstance(key, dict) or not {"hp", "be", "load", "system"} <= key.keys():
+                raise TallyError(f"{directory}/runs holds a file that is not a tally bench run (no key)")
+            group = groups.setdefault((key["hp"], key["be"], key["load"], key["system"]), [None] * len(dirs))
+            if group[index] is not None:
+                raise TallyError(f"{directory}/runs holds two runs of {key['hp']} + {key['be']} "
+                                 f"under {key['system']} at load {key['load']:g}")
+            group[index] = run
+    rows = []
+    for (hp, be, load, system), runs in sorted(groups.items(),
+                                               key=lambda g: (*g[0][:3], _system_order(g[0][3]), g[0][3])):
+        entries = []
+        for label, run in zip(labels, runs):
+            if run is None:
+                entries.append({"dir": label, "status": "absent"})
+            elif run.get("status") != "ok":
+                entries.append({"dir": label, "status": _status_word(run), "reason": str(run.get("reason", ""))})
+            else:
+                entries.append({"dir": label, "status": "ok", "p99_overhead": _number(run.get("p99_overhead")),
+                                "be_normalized": _number(run.get("be_normalized")),
+                                "p99_ms": _number(((run.get("hp") or {}).get("latency") or {}).get("p99_ms"))})
+        ok = [e for e in entries if e["status"] == "ok"]
+
+        def median(name):
+            values = [e[name] for e in ok if e[name] is not None]
+            return statistics.median(values) if values else None
+
+        rows.append({"hp": hp, "be": be, "load": load, "system": system, "runs": entries, "ok": len(ok),
+                     "median_p99_overhead": median("p99_overhead"), "median_be_normalized": median("be_normalized"),
+                     "median_p99_ms": median("p99_ms")})
+    return rows
+
+
+def _median_range(row: dict, name: str, show) -> str:
+    values = [e[name] for e in row["runs"] if e["status"] == "ok" and e[name] is not None]
+    if not values:
+        return "-"
+    text = show(row[f"median_{name}"])
+    return text if len(values) == 1 else f"{text} [{show(min(values))}, {show(max(values))}]"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms"
+
+
+def _not_ok(row: dict) -> str:
+    notes = []
+    for entry in row["runs"]:
+        if entry["status"] == "ok":
+            continue
+        note = f"{entry['dir']}: {entry['status']}"
+        reason = " ".join(entry.get("reason", "").split()).replace("|", "/")
+        if reason:
+            note += f" ({reason[:77] + '...' if len(reason) > 80 else reason})"
+        notes.append(note)
+    return "; ".join(notes) or "-"
+
+
+def combined_markdown(rows: list[dict]) -> str:
+    """The table of combine_runs' rows, with a header naming the dirs in the per-run order."""
+    labels = [e["dir"] for e in rows[0]["runs"]] if rows else []
+    header = ("| HP | BE | load | system | ok runs | per run: p99 overhead / BE norm. "
+              "| p99 overhead: median [min, max] | BE norm.: median [min, max] | not ok |")
+    lines = [f"# tally bench: {len(labels)} output dirs combined", "",
+             f"Per-run values in the order {', '.join(labels)}. Medians and ranges are over the ok runs "
+             "(the mean of the two middle values for an even count); standalone rows give the reference "
+             "HP p99 in ms. Runs that failed, were not run or are absent from a dir are named under "
+             "\"not ok\" and left out of the medians.", "",
+             header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
+    for row in rows:
+        cells = [row["hp"], row["be"], f"{row['load']:g}", row["system"], f"{row['ok']}/{len(row['runs'])}"]
+        if row["system"] == "standalone":
+            per_run = [_ms(e["p99_ms"]) if e["status"] == "ok" and e["p99_ms"] is not None else e["status"]
+                       for e in row["runs"]]
+            cells += [", ".join(per_run), "ref. p99 " + _median_range(row, "p99_ms", _ms), "-"]
+        else:
+            per_run = [f"{_pct(e['p99_overhead'])} / {_fmt(e['be_normalized'])}" if e["status"] == "ok"
+                       else e["status"] for e in row["runs"]]
+            cells += [", ".join(per_run), _median_range(row, "p99_overhead", _pct),
+                      _median_range(row, "be_normalized", _fmt)]
+        lines.append("| " + " | ".join(cells + [_not_ok(row)]) + " |")
+    return "\n".join(lines) + "\n"
