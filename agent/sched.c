@@ -49,6 +49,7 @@ static struct {
     CUresult (*mem_host_register)(void *, size_t, unsigned int);
     CUresult (*mem_host_get_device_pointer)(CUdeviceptr *, void *, unsigned int);
     CUresult (*stream_write_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int);
+    CUresult (*stream_wait_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int); /* run-ahead only */
     CUresult (*stream_is_capturing)(CUstream, int *);
 } drv;
 
@@ -60,6 +61,7 @@ struct inflight {
     uint32_t units;    /* the profile is per unit: a slice of k waves is k units of a one-wave profile */
     uint32_t gpu_timed; /* its GPU time will come from CUPTI activity (tally_sched_kernel_ran) */
     uint32_t batched;   /* shares a completion write with other launches: its poll timing says nothing */
+    uint32_t queued;    /* run-ahead: held on the GPU behind its wait, not yet released (not running) */
 };
 
 struct lane {
@@ -117,6 +119,8 @@ static struct {
     .profile_lock = PTHREAD_MUTEX_INITIALIZER,
 };
 
+struct ra_entry;
+
 /* What launch_enter decided, for launch_exit on the same thread. */
 static __thread struct {
     int track;
@@ -125,6 +129,7 @@ static __thread struct {
     uint32_t profile;
     uint32_t units;        /* see struct inflight */
     int gpu_timed;         /* see struct inflight */
+    struct ra_entry *ra;   /* run-ahead: the launch was queued behind a wait (this is its entry) */
     int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
     int idle;              /* be_wait_at_gate: admitted under the idle depth (HP idle for unthrottle_after) */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
@@ -134,7 +139,10 @@ static _Atomic uintptr_t ptds_keys; /* per-thread keys handed out so far */
 
 int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) != UNGATED; }
 
+static void runahead_release_all(void);
+
 static void give_up(const char *why) {
+    runahead_release_all(); /* nothing may stay queued behind a wait once the gate is gone */
     atomic_store(&S.state, UNGATED);
     tally_warn("%s; %s launches are not scheduled", why,
                S.priority == TALLY_SB_PRIO_HIGH ? "high-priority" : "best-effort");
@@ -196,6 +204,7 @@ static int load_driver(void) {
         cuda_symbol(lib, "cuMemHostGetDevicePointer_v2", "cuMemHostGetDevicePointer");
     *(void **)&drv.stream_write_value64 = cuda_symbol(lib, "cuStreamWriteValue64_v2", "cuStreamWriteValue64");
     *(void **)&drv.stream_is_capturing = cuda_symbol(lib, "cuStreamIsCapturing", NULL);
+    *(void **)&drv.stream_wait_value64 = cuda_symbol(lib, "cuStreamWaitValue64_v2", "cuStreamWaitValue64");
     return drv.ctx_get_device && drv.device_get_uuid && drv.mem_host_register &&
            drv.mem_host_get_device_pointer && drv.stream_write_value64 && drv.stream_is_capturing;
 }
@@ -261,6 +270,7 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
 }
 
 static void save_profiles(void);
+static void runahead_init(void);
 
 /* Called on the first launch, when its context is current. */
 static void join(CUcontext context) {
@@ -334,6 +344,7 @@ static void join(CUcontext context) {
     }
     /* Best effort: kernel duration estimates persist per program (docs/scheduling.md). */
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT && tally_profiles_load()) atexit(save_profiles);
+    if (S.priority == TALLY_SB_PRIO_BEST_EFFORT) runahead_init();
     atomic_store(&S.state, JOINED);
     const char *verbose = getenv("TALLY_VERBOSE");
     if (verbose && *verbose && strcmp(verbose, "0") != 0)
@@ -629,6 +640,7 @@ struct be_backlog {
 static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *b) {
     for (uint32_t k = l->head; k != l->tail; k++) {
         const struct inflight *e = &l->ring[k % RING];
+        if (e->queued) break; /* run-ahead: it and what follows it in the stream wait for their release */
         uint64_t left = e->est_ns;
         if (k == l->head) {
             uint64_t start = l->last_done_ns > e->launch_ns ? l->last_done_ns : e->launch_ns;
@@ -697,11 +709,17 @@ static void flush_unwritten(void);
 
 /* units: how many times the kernel's profile the launch is (slices of k waves
  * share the one-wave profile of their slice kernel); 1 for any other launch. */
-static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uint64_t hint_ns, uint32_t units) {
+static uint64_t launch_estimate(const struct tally_launch *launch, uint64_t hint_ns, uint32_t units,
+                                uint32_t *profile) {
     pthread_mutex_lock(&S.profile_lock);
-    uint32_t profile = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
+    *profile = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
     pthread_mutex_unlock(&S.profile_lock);
-    uint64_t est = estimate(profile, hint_ns) * units;
+    return estimate(*profile, hint_ns) * units;
+}
+
+static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uint64_t hint_ns, uint32_t units) {
+    uint32_t profile;
+    uint64_t est = launch_estimate(launch, hint_ns, units, &profile);
     uint64_t held_since = 0;
     pending.gpu_timed = 0;
     static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
@@ -748,6 +766,283 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
     pending.est_ns = est;
     pending.profile = profile;
     pending.units = units;
+}
+
+/* ------------------------------------------------------------ run-ahead */
+
+/* Run-ahead admission (TALLY_RUN_AHEAD=1, experimental; docs/scheduling.md,
+ * "What limits best-effort throughput"). A BE launch the gate would hold does
+ * not hold the program's thread: it is enqueued on the GPU behind
+ * cuStreamWaitValue64(release >= ticket), and the releaser thread raises
+ * `release` as the gate admits the queued launches, in ticket (issue) order.
+ * Releasing in issue order cannot deadlock: a launch can depend only on work
+ * issued before it, which was released first. The program's thread blocks
+ * only while the queue is full. Every way out (the gate giving up, process
+ * exit) releases everything first, so no stream is left waiting. */
+#define RA_SLOTS 256
+#define RA_QUEUED_NS 20000000ull /* and at most this much estimated work queued */
+
+struct ra_entry {
+    uint64_t ticket;
+    uint64_t est_ns;
+    uint64_t queued_ns;        /* when it was queued, for held_ns */
+    _Atomic int released;      /* the word has reached its ticket */
+    _Atomic int exited;        /* its API exit is done: the slot may be reused once released too */
+    _Atomic uint64_t ring_ref; /* after exit, if tracked: lane index + 1 << 56 | seq (0: untracked) */
+};
+
+static struct {
+    int enabled;
+    pthread_mutex_t lock;
+    pthread_cond_t work, space;
+    struct ra_entry q[RA_SLOTS];
+    uint64_t head, next, tail;  /* [head, next) released, not yet exited; [next, tail) queued */
+    uint64_t queued_est;        /* estimated work of [next, tail) */
+    uint64_t next_ticket;
+    _Atomic uint64_t *word;     /* host memory the GPU polls */
+    CUdeviceptr word_device;
+    int thread_started, stopped;
+} RA = {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER, .space = PTHREAD_COND_INITIALIZER};
+
+/* At join, for a BE client with TALLY_RUN_AHEAD=1: the word, mapped for the GPU. */
+static void runahead_init(void) {
+    const char *env = getenv("TALLY_RUN_AHEAD");
+    if (!env || strcmp(env, "1") != 0 || !drv.stream_wait_value64) return;
+    void *page = NULL;
+    if (posix_memalign(&page, 4096, 4096) != 0) return;
+    memset(page, 0, 4096);
+    if (drv.mem_host_register(page, 4096, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP) !=
+            CUDA_SUCCESS ||
+        drv.mem_host_get_device_pointer(&RA.word_device, page, 0) != CUDA_SUCCESS) {
+        tally_warn("run-ahead admission is off: cannot map its word into GPU memory");
+        return; /* the page stays allocated: it may be half registered */
+    }
+    RA.word = page;
+    RA.enabled = 1;
+}
+
+/* RA.lock is held. The ring entry of a released launch is running from now on. */
+static void ra_mark_running(struct ra_entry *e) {
+    uint64_t ref = atomic_load(&e->ring_ref);
+    if (!ref) return;
+    struct lane *l = &S.lanes[(ref >> 56) - 1];
+    uint64_t seq = ref & ((1ull << 56) - 1);
+    pthread_mutex_lock(&l->lock);
+    for (uint32_t k = l->head; k != l->tail; k++) {
+        struct inflight *f = &l->ring[k % RING];
+        if (f->seq == seq && f->queued) {
+            f->queued = 0;
+            f->launch_ns = tally_now_ns();
+        }
+    }
+    pthread_mutex_unlock(&l->lock);
+}
+
+/* RA.lock is held. Raises the word to entry `i`'s ticket. */
+static void ra_release(uint64_t i) {
+    struct ra_entry *e = &RA.q[i % RA_SLOTS];
+    atomic_store_explicit(RA.word, e->ticket, memory_order_release);
+    atomic_store(&e->released, 1); /* seq_cst: pairs with runahead_exit's check, see there */
+    ra_mark_running(e);
+    RA.queued_est -= e->est_ns;
+}
+
+/* Releases every queued launch at once (failing open, exiting); safe from any thread. */
+static void runahead_release_all(void) {
+    if (!RA.enabled) return;
+    pthread_mutex_lock(&RA.lock);
+    RA.stopped = 1;
+    while (RA.next != RA.tail) ra_release(RA.next++);
+    pthread_cond_broadcast(&RA.space);
+    pthread_cond_broadcast(&RA.work);
+    pthread_mutex_unlock(&RA.lock);
+}
+
+/* RA.lock is held: frees the released slots whose API exit is done. */
+static void ra_reap(void) {
+    while (RA.head != RA.next && atomic_load(&RA.q[RA.head % RA_SLOTS].exited)) RA.head++;
+    pthread_cond_broadcast(&RA.space);
+}
+
+/* RA.lock is held: waits on cond for at most 1 ms. */
+static void wait_1ms(pthread_cond_t *cond) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 1000000;
+    if (until.tv_nsec >= 1000000000) until.tv_sec++, until.tv_nsec -= 1000000000;
+    pthread_cond_timedwait(cond, &RA.lock, &until);
+}
+
+/* RA.lock is held: the work in flight, including released launches whose API exit has not
+ * put them in a ring yet. */
+static struct be_backlog ra_backlog(uint64_t now) {
+    struct be_backlog backlog = retire_completed(now);
+    for (uint64_t i = RA.head; i != RA.next; i++) {
+        struct ra_entry *e = &RA.q[i % RA_SLOTS];
+        if (!atomic_load(&e->ring_ref) && !atomic_load(&e->exited)) backlog.remaining_ns += e->est_ns, backlog.launches++;
+    }
+    return backlog;
+}
+
+static void *releaser(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&RA.lock);
+    uint64_t held_since = 0;
+    while (!RA.stopped && atomic_load(&S.state) == JOINED) {
+        ra_reap();
+        if (RA.next == RA.tail) {
+            wait_1ms(&RA.work); /* timed: exits are not signalled */
+            continue;
+        }
+        struct ra_entry *e = &RA.q[RA.next % RA_SLOTS];
+        uint64_t now = tally_now_ns();
+        struct be_backlog backlog = ra_backlog(now);
+        enum tally_gate_decision d = tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, e->est_ns);
+        if (!TALLY_GATE_IS_WAIT(d)) {
+            __atomic_fetch_add(&S.slot->held_ns, now - e->queued_ns, __ATOMIC_RELAXED);
+            if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
+            if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
+                fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run "
+                                "ungated\n");
+            ra_release(RA.next++);
+            held_since = 0;
+            continue;
+        }
+        if (!held_since) {
+            held_since = now;
+            flush_unwritten();
+        }
+        if (now - held_since >= S.max_hold_ns) {
+            pthread_mutex_unlock(&RA.lock);
+            char why[160];
+            snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
+                     (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
+            runahead_release_all();
+            give_up(why);
+            return NULL;
+        }
+        pthread_mutex_unlock(&RA.lock);
+        if (now - held_since < SPIN_NS) sched_yield();
+        else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+        pthread_mutex_lock(&RA.lock);
+    }
+    pthread_mutex_unlock(&RA.lock);
+    runahead_release_all();
+    return NULL;
+}
+
+/* API enter of a tracked BE launch (pending's profile fields set): 1 when it was queued
+ * behind a wait, 0 when the caller is to apply the gate as usual (nothing queued ahead of
+ * it, so it goes through now if it can; or run-ahead could not queue it). */
+static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint64_t est) {
+    pthread_mutex_lock(&RA.lock);
+    if (RA.stopped) {
+        pthread_mutex_unlock(&RA.lock);
+        return 0;
+    }
+    if (RA.next == RA.tail) {
+        /* Nothing queued: admitted now, it needs no wait. */
+        struct be_backlog backlog = ra_backlog(now);
+        if (!TALLY_GATE_IS_WAIT(tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, est))) {
+            pthread_mutex_unlock(&RA.lock);
+            return 0;
+        }
+    }
+    uint64_t held_since = now;
+    while (!RA.stopped && (RA.tail - RA.head >= RA_SLOTS || (RA.next != RA.tail && RA.queued_est + est >
+                                                                                      RA_QUEUED_NS))) {
+        if (tally_now_ns() - held_since >= S.max_hold_ns) break; /* the releaser gives up and frees us */
+        wait_1ms(&RA.space);
+        ra_reap();
+    }
+    if (RA.stopped || RA.tail - RA.head >= RA_SLOTS) {
+        pthread_mutex_unlock(&RA.lock);
+        return 0;
+    }
+    uint64_t waited = tally_now_ns() - held_since;
+    if (waited > 1000) __atomic_fetch_add(&S.slot->held_ns, waited, __ATOMIC_RELAXED);
+    uint64_t ticket = ++RA.next_ticket;
+    if (drv.stream_wait_value64(launch->stream, RA.word_device, ticket, 0 /* GEQ */) != CUDA_SUCCESS) {
+        pthread_mutex_unlock(&RA.lock);
+        return 0; /* a later ticket's release covers this number too */
+    }
+    struct ra_entry *e = &RA.q[RA.tail % RA_SLOTS];
+    e->ticket = ticket;
+    e->est_ns = est;
+    e->queued_ns = tally_now_ns(); /* the wait for space above is counted already */
+    atomic_store(&e->released, 0);
+    atomic_store(&e->exited, 0);
+    atomic_store(&e->ring_ref, 0);
+    RA.tail++;
+    RA.queued_est += est;
+    if (!RA.thread_started) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        RA.thread_started = pthread_create(&t, &attr, releaser, NULL) == 0;
+        pthread_attr_destroy(&attr);
+        if (!RA.thread_started) { /* nobody would release it: release it now and stop queueing */
+            RA.stopped = 1;
+            ra_release(RA.next++);
+        }
+    }
+    pthread_cond_signal(&RA.work);
+    pthread_mutex_unlock(&RA.lock);
+    pending.ra = e;
+    return 1;
+}
+
+/* The launch path's way into run-ahead: 1 when the launch was queued (pending filled in as
+ * be_wait_at_gate would; it counts as held). */
+static int runahead_try(const struct tally_launch *launch, uint64_t now) {
+    if (!RA.enabled || !launch->trackable ||
+        __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY)
+        return 0;
+    uint32_t profile;
+    uint64_t est = launch_estimate(launch, 0, 1, &profile);
+    if (!runahead_enter(launch, now, est)) return 0;
+    pending.track = 1;
+    pending.est_ns = est;
+    pending.profile = profile;
+    pending.units = 1;
+    pending.gpu_timed = 0;
+    pending.held = 1;
+    pending.alone = pending.idle = 0;
+    return 1;
+}
+
+/* Blocks until nothing is queued: a launch gated in place (slices) must not pass queued ones. */
+static void runahead_drain(void) {
+    if (!RA.enabled) return;
+    pthread_mutex_lock(&RA.lock);
+    uint64_t since = tally_now_ns();
+    while (RA.next != RA.tail && !RA.stopped && tally_now_ns() - since < S.max_hold_ns) {
+        wait_1ms(&RA.space);
+    }
+    pthread_mutex_unlock(&RA.lock);
+}
+
+/* In API exit, with the lane's lock held (l NULL when the launch is not tracked): a queued
+ * launch's ring entry waits for its release. Its release and this exit can come in either
+ * order, from two threads: each side stores its own flag and then reads the other's
+ * (sequentially consistent), so at least one of them sees both and marks it running. */
+static void runahead_exit(struct lane *l, struct inflight *entry) {
+    struct ra_entry *e = pending.ra;
+    pending.ra = NULL;
+    if (!e) return;
+    if (l && entry) {
+        entry->queued = 1;
+        atomic_store(&e->ring_ref, (uint64_t)(l - S.lanes + 1) << 56 | entry->seq);
+        if (atomic_load(&e->released) && entry->queued) {
+            entry->queued = 0;
+            entry->launch_ns = tally_now_ns();
+        }
+    }
+    atomic_store(&e->exited, 1);
 }
 
 /* ------------------------------------------------------------ slicing */
@@ -940,6 +1235,7 @@ static void demoted(void) {
 
 void tally_sched_launch_enter(const struct tally_launch *launch) {
     pending.track = 0;
+    pending.ra = NULL;
     if (S.priority < 0) return;
     int state = atomic_load(&S.state);
     if (state == NOT_JOINED) {
@@ -975,10 +1271,11 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
         return;
     }
     pending.be = 1;
+    if (launch->rewrite && tally_blocksched_enabled()) runahead_drain(); /* slices are gated in place */
     if (launch->rewrite && tally_blocksched_enabled() &&
         __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY && be_launch_sliced(launch, now))
         return;
-    be_wait_at_gate(launch, now, 0, 1);
+    if (!runahead_try(launch, now)) be_wait_at_gate(launch, now, 0, 1);
     if (pending.track && !launch->is_graph) expect_gpu_time(launch->correlation);
     if (pending.held) __atomic_fetch_add(&S.slot->held_launches, 1, __ATOMIC_RELAXED);
     if (pending.alone) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
@@ -1043,15 +1340,18 @@ static void flush_unwritten(void) {
 }
 
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
-    if (!pending.track || launch->context != S.context) return;
+    if (!pending.track || launch->context != S.context || result != CUDA_SUCCESS) {
+        pending.track = 0;
+        runahead_exit(NULL, NULL);
+        return;
+    }
     pending.track = 0;
-    if (result != CUDA_SUCCESS) return;
     CUstream key = launch->stream == CU_STREAM_PER_THREAD ? per_thread_key() : launch->stream;
     struct lane *l = lock_lane_of(key); /* held until the write is enqueued: see "Why the lookup is safe" */
-    if (!l) return;
     int be = pending.be;
-    if (be && l->tail - l->head >= RING) { /* ring full: leave this one untracked */
-        pthread_mutex_unlock(&l->lock);
+    if (!l || (be && l->tail - l->head >= RING)) { /* no lane, or ring full: leave this one untracked */
+        if (l) pthread_mutex_unlock(&l->lock);
+        runahead_exit(NULL, NULL);
         return;
     }
     __atomic_store_n(&l->last_used_ns, pending.now, __ATOMIC_RELAXED);
@@ -1059,8 +1359,9 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     int defer = be && defer_write(launch, l);
     if (be) {
         l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile, pending.units,
-                                                    (uint32_t)pending.gpu_timed, (uint32_t)(defer || l->unwritten)};
+                                                    (uint32_t)pending.gpu_timed, (uint32_t)(defer || l->unwritten), 0};
         l->tail++;
+        runahead_exit(l, &l->ring[(l->tail - 1) % RING]);
     }
     if (defer) {
         if (!l->unwritten) atomic_fetch_add(&S.deferred_lanes, 1);
@@ -1079,6 +1380,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
  * the daemon frees the slot only after its quarantine, so such a late write
  * can never lower a new owner's completed_seq. */
 void tally_sched_exit(void) {
+    runahead_release_all(); /* before CUDA tears the context down: no stream may be left waiting */
     if (atomic_load(&S.state) != JOINED || !S.slot) return;
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
         uint64_t a = __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);

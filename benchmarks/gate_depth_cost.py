@@ -18,6 +18,8 @@ timed in turn as
                 not from the GPU's kernel times (CUPTI activity)
   *-batched     (with --batched) the same with TALLY_BATCH_WRITES=1: launches
                 share completion writes
+  *-run-ahead   (with --run-ahead) the same with TALLY_RUN_AHEAD=1: held
+                launches wait on the GPU, not in the program's thread
 
 The daemon is restarted for each configuration. BE throughput is steps per
 second over --seconds after the bench worker's warm-up; the BE client's gate
@@ -49,7 +51,7 @@ IDLE_HP = ("import sys, time, torch\n"
            "print('joined', flush=True); time.sleep(float(sys.argv[1]))\n")
 
 
-def configs(budgets: list[int], polls: bool = False, batched: bool = False) -> list[dict]:
+def configs(budgets: list[int], polls: bool = False, batched: bool = False, run_ahead: bool = False) -> list[dict]:
     out = [
         {"name": "mps", "up": [], "hp": False, "client": "mps"},
         {"name": "tally-no-hp", "up": [], "hp": False, "client": "tally"},
@@ -63,6 +65,8 @@ def configs(budgets: list[int], polls: bool = False, batched: bool = False) -> l
         out += [dict(c, name=c["name"] + "-polls", env={"TALLY_KERNEL_TIMES": "0"}) for c in gated]
     if batched:
         out += [dict(c, name=c["name"] + "-batched", env={"TALLY_BATCH_WRITES": "1"}) for c in gated]
+    if run_ahead:
+        out += [dict(c, name=c["name"] + "-run-ahead", env={"TALLY_RUN_AHEAD": "1"}) for c in gated]
     return out
 
 
@@ -187,10 +191,11 @@ def main() -> int:
     parser.add_argument("--configs", default="", help="comma list: only these configurations")
     parser.add_argument("--polls", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=0")
     parser.add_argument("--batched", action="store_true", help="also each HP configuration with TALLY_BATCH_WRITES=1")
+    parser.add_argument("--run-ahead", action="store_true", help="also each HP configuration with TALLY_RUN_AHEAD=1")
     args = parser.parse_args()
     env = dict(os.environ)
     wanted = {c for c in args.configs.split(",") if c}
-    known = configs([int(b) for b in args.budgets.split(",") if b], args.polls, args.batched)
+    known = configs([int(b) for b in args.budgets.split(",") if b], args.polls, args.batched, args.run_ahead)
     if wanted - {c["name"] for c in known}:
         parser.error(f"unknown configuration(s): {', '.join(sorted(wanted - {c['name'] for c in known}))}")
     plan = [c for c in known if not wanted or c["name"] in wanted]

@@ -9,8 +9,8 @@
 #   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 1 2 3 (default: all)
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
-# EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_ENV=1 adds
-# `TALLY_BATCH_WRITES=1` to the tally runs of step 3.
+# EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_SYSTEMS (default
+# "standalone,tally") the systems of step 3, e.g. 'standalone,tally,tally[run-ahead=1]'.
 set -u
 out=${1:?usage: issue3_evidence.sh OUT_DIR [STEPS]}
 steps=${2:-"1 2 3"}
@@ -30,19 +30,21 @@ for step in $steps; do
        > "$out/launch.log" 2>&1
      echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   2) timeout -s TERM $(( $(left) < 240 ? $(left) : 240 )) python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
-       --workloads resnet50-train --seconds 6 --rounds 2 --batched \
-       --configs mps,tally-no-hp,idle-hp,budget-100,budget-100-batched > "$out/depth.log" 2>&1
+       --workloads resnet50-train --seconds 6 --rounds 2 --batched --run-ahead \
+       --configs mps,tally-no-hp,idle-hp,budget-100,budget-100-batched,budget-100-run-ahead > "$out/depth.log" 2>&1
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   3) for seed in ${EVIDENCE_SEEDS:-0 1 2}; do
        [ "$(left)" -lt 140 ] && { echo "step 3: seed $seed skipped ($(left) s left)" >> "$out/env.txt"; break; }
-       systems=standalone,tally
-       [ "${EVIDENCE_ENV:-0}" = 1 ] && systems='standalone,tally[batch-writes=1]'
+       systems=${EVIDENCE_SYSTEMS:-standalone,tally}
        timeout -s TERM "$(left)" python3 -m tally bench --hp bert-infer@graph --be resnet50-train,bert-base-train \
          --systems "$systems" --arrivals poisson --duration 15 --seed "$seed" --out "$out/pairs-seed$seed" \
          > "$out/pairs-seed$seed.log" 2>&1
        echo "step 3 seed $seed rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt"
        find "$out/pairs-seed$seed/raw" -name hp.json -delete 2>/dev/null
-     done ;;
+     done
+     set -- "$out"/pairs-seed*/runs
+     [ $# -ge 2 ] && python3 -m tally bench $(for d in "$@"; do printf -- '--combine %s ' "${d%/runs}"; done) \
+       --out "$out" > /dev/null 2>> "$out/env.txt" ;;
   esac
   cleanup
 done

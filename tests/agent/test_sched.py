@@ -194,6 +194,68 @@ def test_be_held_until_hp_work_completes(daemon, spawn_app, tmp_path):
     assert r.gpu("writes_s0") == 4
 
 
+def test_run_ahead_queues_held_launches_on_the_gpu_instead_of_holding_the_thread(daemon, spawn_app, tmp_path):
+    """TALLY_RUN_AHEAD=1: while HP work is in flight, BE launches return at once, each behind a
+    stream wait on the GPU; the kernels run only once the agent's releaser admits them, after
+    HP's work completed, and the program's sync then finds them done."""
+    sb = daemon.sb
+    hp = hp_client_in_flight(sb)
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:4:1000:s0", f"wait_file:{go}", "sync",
+                    env=daemon.env("best-effort", TALLY_RUN_AHEAD="1"))
+    app.wait_for("waiting")  # all four launches returned although HP is busy
+    slot = slot_of(daemon, app.pid)
+    c = sb.client(slot)
+    assert c["launches"] == 4 and c["held_launches"] == 4
+    assert lanes(sb, slot)[0][0] == 4  # tracked as launched, with their completion writes queued too
+    time.sleep(0.05)  # 1 ms kernels: had any been released, its completion would have landed
+    assert lanes(sb, slot)[0][1] == 0, "a queued BE kernel ran while HP work was in flight"
+    released = time.monotonic_ns()
+    sb.set_lane_completed(hp, 3, 7)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_kernels") == 4
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
+    assert all(ret < released for _, ret in r.launches)
+
+
+@pytest.mark.parametrize("budget_ms", [1, 100])
+def test_run_ahead_keeps_the_released_work_within_the_budget(daemon, run_app, budget_ms):
+    """600 us kernels on four streams in turn, all queued at once: the releaser admits them in
+    issue order while the work still to run fits the budget. With 1 ms, a kernel is admitted
+    only once those running have 400 us left between them, so at most three run together;
+    with 100 ms all four streams run at once."""
+    throttle_be(daemon.sb, budget_ms * MS)
+    env = daemon.env("best-effort", TALLY_RUN_AHEAD="1")
+    # teach the estimate first (an unknown kernel counts as the whole budget)
+    steps = ["launch:kernel:3:600:s0", "sync"] + [f"launch:kernel:1:600:s{i % 4}" for i in range(24)] + ["sync"]
+    r = run_app(*steps, env=env, timeout=60)
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_kernels") == 27
+    if budget_ms == 1:
+        assert r.gpu("gpu_waits_issued") >= 1
+        assert r.gpu("gpu_max_running") <= 3
+    else:
+        assert r.gpu("gpu_max_running") == 4
+
+
+def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_path):
+    """HP work that never completes: the releaser gives up after TALLY_MAX_HOLD_MS, with the one
+    fail-open warning, and releases what it queued, so the program's sync returns."""
+    sb = daemon.sb
+    hp_client_in_flight(sb)
+    app = spawn_app("launch:kernel:3:500:s0", "sync",
+                    env=daemon.env("best-effort", TALLY_RUN_AHEAD="1", TALLY_MAX_HOLD_MS="300"))
+    r = app.finish()
+    completed_ok(r)
+    one_warning(r, "was held for 300 ms")
+    assert r.gpu("gpu_kernels") == 3
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
+
+
 def test_hp_demoted_by_the_daemon_is_gated_from_its_next_launch(daemon, spawn_app, tmp_path):
     """The daemon's access rules rewrite a slot's priority to best effort: the agent must then
     behave as best effort (held while real HP work is in flight), not keep launching ungated."""

@@ -14,9 +14,10 @@ spec.loader.exec_module(depth)
 
 
 def test_variants_apply_to_the_configurations_with_an_hp_client_only():
-    names = {c["name"]: c for c in depth.configs([100], polls=True, batched=True)}
+    names = {c["name"]: c for c in depth.configs([100], polls=True, batched=True, run_ahead=True)}
     assert set(names) == {"mps", "tally-no-hp", "idle-hp", "budget-100", "idle-hp-polls", "budget-100-polls",
-                          "idle-hp-batched", "budget-100-batched"}
+                          "idle-hp-batched", "budget-100-batched", "idle-hp-run-ahead", "budget-100-run-ahead"}
+    assert names["budget-100-run-ahead"]["env"] == {"TALLY_RUN_AHEAD": "1"}
     assert names["budget-100-polls"]["env"] == {"TALLY_KERNEL_TIMES": "0"}
     assert names["budget-100-batched"]["env"] == {"TALLY_BATCH_WRITES": "1"}
     assert names["budget-100"]["up"] == ["--budget-us", "100", "--unthrottle-ms", "10000000"]

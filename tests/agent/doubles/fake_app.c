@@ -552,10 +552,11 @@ static void print_called(void) {
     }
     printf("fake_app: host_func_runs=%ld\n", atomic_load(&host_func_runs));
     static const char *gpu_names[] = {"kernels", "max_inflight", "writes_issued", "writes_done", "bad_writes",
-                                      "regressions", "captured_writes", "host_registers", "capturing_queries"};
-    uint64_t v[9] = {0};
-    int n = fake_cuda_gpu_stats(v, 9);
-    for (int i = 0; i < n && i < 9; i++) printf("fake_app: gpu_%s=%llu\n", gpu_names[i], (unsigned long long)v[i]);
+                                      "regressions", "captured_writes", "host_registers", "capturing_queries",
+                                      "max_running", "waits_issued", "waits_done"};
+    uint64_t v[12] = {0};
+    int n = fake_cuda_gpu_stats(v, 12);
+    for (int i = 0; i < n && i < 12; i++) printf("fake_app: gpu_%s=%llu\n", gpu_names[i], (unsigned long long)v[i]);
     for (int i = 0; i < N_STREAM_NAMES; i++)
         printf("fake_app: writes_%s=%llu\n", stream_names[i],
                (unsigned long long)fake_cuda_stream_writes(stream_named(stream_names[i])));

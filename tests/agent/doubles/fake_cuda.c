@@ -12,7 +12,9 @@
  * calling thread's current duration (fake_cuda_set_kernel_duration_us; 0 by
  * default: a zero-length kernel on an idle stream completes at once, without
  * the queue); cuStreamWriteValue64 enqueues a 64-bit store into host memory
- * registered with cuMemHostRegister. A background "GPU" thread runs the
+ * registered with cuMemHostRegister, and cuStreamWaitValue64 (GEQ) a wait on
+ * such memory that holds the rest of its stream until the word is large
+ * enough. A background "GPU" thread runs the
  * streams concurrently, each in order: it sleeps through kernels and then
  * performs stores with release semantics, so completions arrive later,
  * asynchronously, in stream order. The legacy default stream (NULL or
@@ -159,7 +161,7 @@ static void run_kernel(api_call *c, uint64_t gpu_stream_key, CUfunction f, unsig
 #define GPU_KEY_LEGACY 1ull
 #define GPU_KEY_PER_THREAD_BASE (1ull << 40) /* + host thread number */
 
-enum { WORK_KERNEL = 1, WORK_WRITE = 2 };
+enum { WORK_KERNEL = 1, WORK_WRITE = 2, WORK_WAIT = 3 };
 
 typedef struct work {
     struct work *next;
@@ -167,8 +169,8 @@ typedef struct work {
     uint64_t duration_ns; /* kernel */
     uint64_t end_ns;      /* kernel, once it reached the head of its stream */
     int started;
-    uint64_t *address; /* write */
-    uint64_t value;
+    uint64_t *address; /* write; wait: the word waited on */
+    uint64_t value;    /* write: stored; wait: the stream goes on once the word is >= this */
 } work;
 
 typedef struct {
@@ -187,6 +189,9 @@ static struct {
     long queued;           /* work items in all queues */
     long inflight;         /* kernels launched and not completed */
     long max_inflight;
+    long running;          /* kernels started (at the head of their stream) and not completed */
+    long max_running;
+    uint64_t waits_issued, waits_done;
     uint64_t kernels, writes_issued, writes_done, bad_writes, regressions, captured_writes,
         capturing_queries, host_registers;
     struct { char *base; size_t size; unsigned flags; } registered[GPU_MAX_REGISTERED];
@@ -257,12 +262,22 @@ static void *gpu_main(void *arg) {
                     if (!w->started) {
                         w->started = 1;
                         w->end_ns = now + w->duration_ns;
+                        if (++gpu.running > gpu.max_running) gpu.max_running = gpu.running;
                     }
                     if (now < w->end_ns) {
                         if (w->end_ns < next) next = w->end_ns;
                         break;
                     }
                     gpu.inflight--; /* the kernel is done before anything after it in the stream */
+                    gpu.running--;
+                } else if (w->kind == WORK_WAIT) {
+                    /* Host writes do not wake this thread: poll the word every 20 us, as a GPU's
+                     * front end polls a semaphore. */
+                    if (__atomic_load_n(w->address, __ATOMIC_ACQUIRE) < w->value) {
+                        if (now + 20000 < next) next = now + 20000;
+                        break;
+                    }
+                    gpu.waits_done++;
                 } else {
                     uint64_t old = __atomic_load_n(w->address, __ATOMIC_ACQUIRE);
                     if (w->value < old) gpu.regressions++;
@@ -369,12 +384,13 @@ EXPORT void fake_cuda_set_capturing(CUstream s, int per_thread_default, int on) 
 }
 
 /* out: kernels, max_inflight, writes_issued, writes_done, bad_writes,
- * regressions, captured_writes, host_registers, capturing_queries */
+ * regressions, captured_writes, host_registers, capturing_queries, max_running,
+ * waits_issued, waits_done */
 EXPORT int fake_cuda_gpu_stats(uint64_t *out, int n) {
     pthread_mutex_lock(&gpu.lock);
     uint64_t v[] = {gpu.kernels, (uint64_t)gpu.max_inflight, gpu.writes_issued, gpu.writes_done,
                     gpu.bad_writes, gpu.regressions, gpu.captured_writes, gpu.host_registers,
-                    gpu.capturing_queries};
+                    gpu.capturing_queries, (uint64_t)gpu.max_running, gpu.waits_issued, gpu.waits_done};
     pthread_mutex_unlock(&gpu.lock);
     int m = (int)(sizeof v / sizeof v[0]);
     for (int i = 0; i < n && i < m; i++) out[i] = v[i];
@@ -519,6 +535,15 @@ EXPORT CUresult cuStreamIsCapturing(CUstream s, int *status) {
     return r;
 }
 
+/* gpu.lock is held. */
+static void enqueue_memop(gpu_stream *q, int kind, uint64_t *address, uint64_t value) {
+    work *w = calloc(1, sizeof *w);
+    w->kind = kind;
+    w->address = address;
+    w->value = value;
+    gpu_enqueue(q, w);
+}
+
 static CUresult write_value64(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags, int ptsz) {
     CHECK_INIT();
     if (flags > 1 /* CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER */) return CUDA_ERROR_INVALID_VALUE;
@@ -533,17 +558,36 @@ static CUresult write_value64(CUstream s, CUdeviceptr address, uint64_t value, u
     }
     gpu_stream *q = gpu_stream_of(gpu_key(s, ptsz));
     q->writes++;
-    if (q->capturing) {
-        gpu.captured_writes++; /* recorded into the graph being captured */
-    } else {
-        work *w = calloc(1, sizeof *w);
-        w->kind = WORK_WRITE;
-        w->address = p;
-        w->value = value;
-        gpu_enqueue(q, w);
-    }
+    if (q->capturing) gpu.captured_writes++; /* recorded into the graph being captured */
+    else enqueue_memop(q, WORK_WRITE, p, value);
     pthread_mutex_unlock(&gpu.lock);
     return CUDA_SUCCESS;
+}
+
+/* cuStreamWaitValue64 with CU_STREAM_WAIT_VALUE_GEQ (0), the one flag the agent uses, on
+ * registered, device-mapped host memory. */
+static CUresult wait_value64(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags, int ptsz) {
+    CHECK_INIT();
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    uint64_t *p = (uint64_t *)(uintptr_t)address;
+    pthread_mutex_lock(&gpu.lock);
+    int i = ((uintptr_t)p & 7) ? -1 : registration_of(p, 8);
+    if (i < 0 || !(gpu.registered[i].flags & 0x02)) {
+        pthread_mutex_unlock(&gpu.lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    gpu.waits_issued++;
+    enqueue_memop(gpu_stream_of(gpu_key(s, ptsz)), WORK_WAIT, p, value);
+    pthread_mutex_unlock(&gpu.lock);
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuStreamWaitValue64_v2(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags) {
+    return wait_value64(s, address, value, flags, 0);
+}
+
+EXPORT CUresult cuStreamWaitValue64(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags) {
+    return wait_value64(s, address, value, flags, 0);
 }
 
 EXPORT CUresult cuStreamWriteValue64_v2(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags) {
