@@ -227,13 +227,19 @@ run_pair("fake-infer", "fake-train", "time-slicing", 0.5, 60.0, sys.argv[1], sam
 """
 
 
+def _default_sigint() -> None:
+    """In the runner's child: a suite started in the background (`cmd &` in a script, nohup)
+    ignores SIGINT, and an ignored signal stays ignored across exec; Ctrl-C is what is tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_the_runner_kills_every_worker(tmp_path, sig):
     out = tmp_path / "out"
     # baselines first, quickly, so the interrupted run is the co-located one
     make_runner(out, duration_s=60.0).capacity("fake-infer")
     proc = subprocess.Popen([sys.executable, "-c", RUNNER_SCRIPT, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
     ready = out / "raw" / "standalone__hp__fake-infer__load0.5"
     deadline = time.monotonic() + 30
     pid = None
@@ -394,7 +400,7 @@ runner.run_matrix([RunKey("fake-infer", "fake-train", "time-slicing", 0.5)])
 def test_interrupting_a_reused_run_kills_every_worker(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", REUSE_SCRIPT, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 30
     pids: list = []
     while not (out / "raw" / "standalone__hp__fake-infer__load0.5" / "go").exists():
