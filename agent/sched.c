@@ -729,10 +729,9 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         struct be_backlog backlog = retire_completed(now);
         d = tally_gate_decide_be(S.sb, now, backlog.remaining_ns, backlog.launches, est, &bucket);
         if (!TALLY_GATE_IS_WAIT(d)) break;
-        if (!held_since) {
-            held_since = now;
-            flush_unwritten(); /* what the gate waits for must be able to complete */
-        }
+        if (!held_since) held_since = now;
+        /* What the gate waits for must be able to complete; other threads may defer more meanwhile. */
+        flush_unwritten();
         if (now - held_since >= S.max_hold_ns) {
             stuck = 1;
             break;
@@ -908,10 +907,8 @@ static void *releaser(void *unused) {
             held_since = 0;
             continue;
         }
-        if (!held_since) {
-            held_since = now;
-            flush_unwritten();
-        }
+        if (!held_since) held_since = now;
+        flush_unwritten(); /* every time: launches exiting meanwhile may defer their writes */
         if (now - held_since >= S.max_hold_ns) {
             pthread_mutex_unlock(&RA.lock);
             char why[160];
@@ -964,6 +961,9 @@ static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint6
     }
     uint64_t waited = tally_now_ns() - held_since;
     if (waited > 1000) __atomic_fetch_add(&S.slot->held_ns, waited, __ATOMIC_RELAXED);
+    /* Batched writes: a deferred group must be written before the wait, or its completion
+     * would sit behind a launch that cannot be released until the group is seen complete. */
+    flush_unwritten();
     uint64_t ticket = ++RA.next_ticket;
     if (drv.stream_wait_value64(launch->stream, RA.word_device, ticket, 0 /* GEQ */) != CUDA_SUCCESS) {
         pthread_mutex_unlock(&RA.lock);

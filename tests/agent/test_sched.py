@@ -242,6 +242,21 @@ def test_run_ahead_keeps_the_released_work_within_the_budget(daemon, run_app, bu
         assert r.gpu("gpu_max_running") == 4
 
 
+@pytest.mark.parametrize("stream", ["ptds", "null", "s2"])
+def test_run_ahead_queues_on_any_stream_and_with_batched_writes(daemon, run_app, stream):
+    """Queued launches on the per-thread default stream, the legacy stream and a created one,
+    graph launches among them, and completion writes batched: short kernels leave groups
+    unwritten and a long one must run alone, so the releaser has to write those groups to
+    admit it. Everything runs, nothing is held until the agent gives up."""
+    throttle_be(daemon.sb, 4 * MS)
+    env = daemon.env("best-effort", TALLY_RUN_AHEAD="1", TALLY_BATCH_WRITES="1", TALLY_MAX_HOLD_MS="5000")
+    r = run_app(f"launch:kernel:3:200:{stream}", "sync", f"launch:kernel:20:200:{stream}",
+                f"launch:graph:2:300:{stream}", f"launch:ex:2:20000:{stream}", "sync", env=env, timeout=60)
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
+
+
 def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_path):
     """HP work that never completes: the releaser gives up after TALLY_MAX_HOLD_MS, with the one
     fail-open warning, and releases what it queued, so the program's sync returns."""
