@@ -395,8 +395,11 @@ static void *enable_kernel_times(void *unused) {
 void tally_agent_start_kernel_times(void) {
     int expected = TIMES_OFF;
     if (!atomic_compare_exchange_strong(&kernel_times, &expected, TIMES_STARTING)) return;
-    const char *env = getenv("TALLY_KERNEL_TIMES");
-    if ((env && strcmp(env, "0") == 0) || !cupti.activity_enable || !cupti.activity_register_callbacks ||
+    /* The Activity API has one set of buffer callbacks per process: a profiler injected
+     * before tally (nsys, chained) has registered its own, which ours would replace. */
+    const char *env = getenv("TALLY_KERNEL_TIMES"), *chained = getenv("TALLY_CHAINED_INJECTION");
+    if ((env && strcmp(env, "0") == 0) || (chained && *chained) || !cupti.activity_enable ||
+        !cupti.activity_register_callbacks ||
         !cupti.activity_get_next_record || !cupti.activity_flush_all) {
         atomic_store(&kernel_times, TIMES_UNAVAILABLE);
         return;

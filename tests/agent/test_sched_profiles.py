@@ -116,6 +116,15 @@ def test_estimates_learn_from_gpu_kernel_times(daemon, run_app, tmp_path, kernel
         assert p.est_ns >= 1 * MS, p
 
 
+def test_no_kernel_times_next_to_a_chained_profiler(daemon, run_app, doubles, tmp_path):
+    # A profiler injected before tally owns the Activity API's buffer callbacks: left alone.
+    be_throttled(daemon, 10 * MS)
+    r = run_be(daemon, run_app, tmp_path / "p.txt", "launch:kernel:6:500:s0", "sync",
+               TALLY_CHAINED_INJECTION=str(doubles.profiler), FAKE_PROFILER_SUBSCRIBE="0")
+    assert "fake_profiler: initialized calls=1" in r.stdout
+    assert (r.stats()["kernel_times"], r.stats()["gpu_timed_samples"]) == ("unavailable", 0)
+
+
 def test_no_kernel_times_without_an_hp_client(daemon, run_app, tmp_path):
     # Nobody to protect: BE launches take the gate's fast path and CUPTI activity never starts.
     sb = daemon.sb
