@@ -45,6 +45,7 @@ enum join_state { NOT_JOINED = 0, JOINED = 1, UNGATED = -1 };
 
 static struct {
     CUresult (*ctx_get_device)(CUdevice *);
+    CUresult (*ctx_set_current)(CUcontext); /* run-ahead's releaser thread only */
     CUresult (*device_get_uuid)(CUuuid *, CUdevice);
     CUresult (*mem_host_register)(void *, size_t, unsigned int);
     CUresult (*mem_host_get_device_pointer)(CUdeviceptr *, void *, unsigned int);
@@ -130,6 +131,7 @@ static __thread struct {
     uint32_t units;        /* see struct inflight */
     int gpu_timed;         /* see struct inflight */
     struct ra_entry *ra;   /* run-ahead: the launch was queued behind a wait (this is its entry) */
+    int in_place;          /* run-ahead: counted in RA.in_place until its API exit */
     int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
     int idle;              /* be_wait_at_gate: admitted under the idle depth (HP idle for unthrottle_after) */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
@@ -140,6 +142,7 @@ static _Atomic uintptr_t ptds_keys; /* per-thread keys handed out so far */
 int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) != UNGATED; }
 
 static void runahead_release_all(void);
+static void runahead_after_fork(void);
 
 static void give_up(const char *why) {
     runahead_release_all(); /* nothing may stay queued behind a wait once the gate is gone */
@@ -198,6 +201,7 @@ static int load_driver(void) {
     if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
     if (!lib) return 0;
     *(void **)&drv.ctx_get_device = cuda_symbol(lib, "cuCtxGetDevice", NULL);
+    *(void **)&drv.ctx_set_current = cuda_symbol(lib, "cuCtxSetCurrent", NULL);
     *(void **)&drv.device_get_uuid = cuda_symbol(lib, "cuDeviceGetUuid_v2", "cuDeviceGetUuid");
     *(void **)&drv.mem_host_register = cuda_symbol(lib, "cuMemHostRegister_v2", "cuMemHostRegister");
     *(void **)&drv.mem_host_get_device_pointer =
@@ -653,7 +657,10 @@ static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *
 }
 
 /* A poll of every lane; returns what is still in flight. */
-static struct be_backlog retire_completed(uint64_t now) {
+/* skipped: NULL to wait for every lane's lock; else lanes whose lock is busy are left out
+ * and counted there (run-ahead's releaser must never wait for a thread that may itself be
+ * blocked in the driver behind a stream wait only the releaser can release). */
+static struct be_backlog retire_lanes(uint64_t now, uint32_t *skipped) {
     struct be_backlog backlog = {0, 0};
     uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
     S.last_poll_ns = now;
@@ -664,13 +671,20 @@ static struct be_backlog retire_completed(uint64_t now) {
         /* Read before the lock: if the lane changes streams meanwhile, its new
          * stream's launches have higher numbers than this, so none is retired early. */
         uint64_t done = __atomic_load_n(&S.slot->lanes[i].completed_seq, __ATOMIC_ACQUIRE);
-        pthread_mutex_lock(&l->lock);
+        if (!skipped) {
+            pthread_mutex_lock(&l->lock);
+        } else if (pthread_mutex_trylock(&l->lock) != 0) {
+            (*skipped)++;
+            continue;
+        }
         retire_lane(l, done, now, gap);
         lane_backlog(l, now, &backlog);
         pthread_mutex_unlock(&l->lock);
     }
     return backlog;
 }
+
+static struct be_backlog retire_completed(uint64_t now) { return retire_lanes(now, NULL); }
 
 /* ------------------------------------------------------- launch hooks */
 
@@ -778,7 +792,7 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
  * issued before it, which was released first. The program's thread blocks
  * only while the queue is full. Every way out (the gate giving up, process
  * exit) releases everything first, so no stream is left waiting. */
-#define RA_SLOTS 256
+#define RA_SLOTS 128 /* well under the driver's queue of pending launches: a full one blocks in the driver */
 #define RA_QUEUED_NS 20000000ull /* and at most this much estimated work queued */
 
 struct ra_entry {
@@ -801,7 +815,18 @@ static struct {
     _Atomic uint64_t *word;     /* host memory the GPU polls */
     CUdeviceptr word_device;
     int thread_started, stopped;
-} RA = {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER, .space = PTHREAD_COND_INITIALIZER};
+    /* Tracked BE launches let through in place (not queued) whose API exit has not come: a
+     * wait enqueued meanwhile could land in front of them on their stream (or, on the legacy
+     * stream, by its implicit synchronization) and they would then wait for a release that
+     * waits for them. runahead_enter lets them reach their exit first. */
+    _Atomic int in_place;
+    /* Held by a queueing thread from its ticket to its launch's API exit, never by the
+     * releaser: waits and their kernels reach a stream in ticket order even when threads
+     * share it, and a driver call that blocks holds up other queueing threads, never the
+     * releaser. */
+    pthread_mutex_t order;
+} RA = {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER, .space = PTHREAD_COND_INITIALIZER,
+        .order = PTHREAD_MUTEX_INITIALIZER};
 
 /* At join, for a BE client with TALLY_RUN_AHEAD=1: the word, mapped for the GPU. */
 static void runahead_init(void) {
@@ -841,7 +866,7 @@ static void ra_mark_running(struct ra_entry *e) {
 static void ra_release(uint64_t i) {
     struct ra_entry *e = &RA.q[i % RA_SLOTS];
     atomic_store_explicit(RA.word, e->ticket, memory_order_release);
-    atomic_store(&e->released, 1); /* seq_cst: pairs with runahead_exit's check, see there */
+    atomic_store(&e->released, 1); /* seq_cst: pairs with runahead_ring_entry's check, see there */
     ra_mark_running(e);
     RA.queued_est -= e->est_ns;
 }
@@ -855,6 +880,15 @@ static void runahead_release_all(void) {
     pthread_cond_broadcast(&RA.space);
     pthread_cond_broadcast(&RA.work);
     pthread_mutex_unlock(&RA.lock);
+}
+
+/* In a forked child (no releaser thread, no usable context; the locks may have been held
+ * by a parent thread at the fork): run-ahead is off. */
+static void runahead_after_fork(void) {
+    RA.enabled = 0;
+    pthread_mutex_init(&RA.lock, NULL);
+    pthread_mutex_init(&RA.order, NULL);
+    atomic_store(&RA.in_place, 0);
 }
 
 /* RA.lock is held: frees the released slots whose API exit is done. */
@@ -874,8 +908,8 @@ static void wait_1ms(pthread_cond_t *cond) {
 
 /* RA.lock is held: the work in flight, including released launches whose API exit has not
  * put them in a ring yet. */
-static struct be_backlog ra_backlog(uint64_t now) {
-    struct be_backlog backlog = retire_completed(now);
+static struct be_backlog ra_backlog(uint64_t now, uint32_t *skipped) {
+    struct be_backlog backlog = retire_lanes(now, skipped);
     for (uint64_t i = RA.head; i != RA.next; i++) {
         struct ra_entry *e = &RA.q[i % RA_SLOTS];
         if (!atomic_load(&e->ring_ref) && !atomic_load(&e->exited)) backlog.remaining_ns += e->est_ns, backlog.launches++;
@@ -885,6 +919,9 @@ static struct be_backlog ra_backlog(uint64_t now) {
 
 static void *releaser(void *unused) {
     (void)unused;
+    /* Its flushes of batched writes are driver calls, which need the program's context. */
+    int can_flush = drv.ctx_set_current && drv.ctx_set_current(S.context) == CUDA_SUCCESS;
+    if (!can_flush) S.batch_writes = 0; /* then no group is left for it to write */
     pthread_mutex_lock(&RA.lock);
     uint64_t held_since = 0;
     while (!RA.stopped && atomic_load(&S.state) == JOINED) {
@@ -895,8 +932,13 @@ static void *releaser(void *unused) {
         }
         struct ra_entry *e = &RA.q[RA.next % RA_SLOTS];
         uint64_t now = tally_now_ns();
-        struct be_backlog backlog = ra_backlog(now);
+        uint32_t skipped = 0;
+        struct be_backlog backlog = ra_backlog(now, &skipped);
         enum tally_gate_decision d = tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, e->est_ns);
+        /* A busy lane is not counted: decide without it only after 50 ms of trying, when its
+         * holder may be blocked in the driver behind one of our waits (a full queue). */
+        if (skipped && !TALLY_GATE_IS_WAIT(d) && (!held_since || now - held_since < 50000000ull))
+            d = TALLY_GATE_WAIT_BUDGET;
         if (!TALLY_GATE_IS_WAIT(d)) {
             __atomic_fetch_add(&S.slot->held_ns, now - e->queued_ns, __ATOMIC_RELAXED);
             if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
@@ -908,7 +950,6 @@ static void *releaser(void *unused) {
             continue;
         }
         if (!held_since) held_since = now;
-        flush_unwritten(); /* every time: launches exiting meanwhile may defer their writes */
         if (now - held_since >= S.max_hold_ns) {
             pthread_mutex_unlock(&RA.lock);
             char why[160];
@@ -919,6 +960,9 @@ static void *releaser(void *unused) {
             return NULL;
         }
         pthread_mutex_unlock(&RA.lock);
+        /* Every time (launches exiting meanwhile may defer their writes), and outside RA.lock:
+         * a driver call may block, and only a release unblocks a stream. */
+        if (can_flush) flush_unwritten();
         if (now - held_since < SPIN_NS) sched_yield();
         else {
             struct timespec ts = {0, 20000};
@@ -935,16 +979,21 @@ static void *releaser(void *unused) {
  * behind a wait, 0 when the caller is to apply the gate as usual (nothing queued ahead of
  * it, so it goes through now if it can; or run-ahead could not queue it). */
 static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint64_t est) {
+    pthread_mutex_lock(&RA.order);
     pthread_mutex_lock(&RA.lock);
     if (RA.stopped) {
         pthread_mutex_unlock(&RA.lock);
+        pthread_mutex_unlock(&RA.order);
         return 0;
     }
     if (RA.next == RA.tail) {
         /* Nothing queued: admitted now, it needs no wait. */
-        struct be_backlog backlog = ra_backlog(now);
+        struct be_backlog backlog = ra_backlog(now, NULL);
         if (!TALLY_GATE_IS_WAIT(tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, est))) {
+            if (!pending.in_place) atomic_fetch_add(&RA.in_place, 1);
+            pending.in_place = 1;
             pthread_mutex_unlock(&RA.lock);
+            pthread_mutex_unlock(&RA.order);
             return 0;
         }
     }
@@ -957,20 +1006,15 @@ static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint6
     }
     if (RA.stopped || RA.tail - RA.head >= RA_SLOTS) {
         pthread_mutex_unlock(&RA.lock);
+        pthread_mutex_unlock(&RA.order);
         return 0;
     }
     uint64_t waited = tally_now_ns() - held_since;
     if (waited > 1000) __atomic_fetch_add(&S.slot->held_ns, waited, __ATOMIC_RELAXED);
-    /* Batched writes: a deferred group must be written before the wait, or its completion
-     * would sit behind a launch that cannot be released until the group is seen complete. */
-    flush_unwritten();
-    uint64_t ticket = ++RA.next_ticket;
-    if (drv.stream_wait_value64(launch->stream, RA.word_device, ticket, 0 /* GEQ */) != CUDA_SUCCESS) {
-        pthread_mutex_unlock(&RA.lock);
-        return 0; /* a later ticket's release covers this number too */
-    }
+    /* Reserved under RA.lock; once the queue is not empty, nothing else is let through in
+     * place, and the ones already let through reach their API exit before our wait. */
     struct ra_entry *e = &RA.q[RA.tail % RA_SLOTS];
-    e->ticket = ticket;
+    e->ticket = ++RA.next_ticket;
     e->est_ns = est;
     e->queued_ns = tally_now_ns(); /* the wait for space above is counted already */
     atomic_store(&e->released, 0);
@@ -985,13 +1029,36 @@ static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint6
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         RA.thread_started = pthread_create(&t, &attr, releaser, NULL) == 0;
         pthread_attr_destroy(&attr);
-        if (!RA.thread_started) { /* nobody would release it: release it now and stop queueing */
-            RA.stopped = 1;
-            ra_release(RA.next++);
-        }
     }
+    int started = RA.thread_started;
+    pthread_mutex_unlock(&RA.lock);
+    /* This launch, counted in place by runahead_drain, is queued instead. */
+    if (pending.in_place) {
+        pending.in_place = 0;
+        atomic_fetch_sub(&RA.in_place, 1);
+    }
+    /* Outside RA.lock: these are driver calls, which may block until the GPU moves on. The
+     * in-place launches reach their exits without any lock of ours; bounded all the same. */
+    uint64_t since = tally_now_ns();
+    while (atomic_load(&RA.in_place) > 0 && started) {
+        if (tally_now_ns() - since >= S.max_hold_ns) started = 0; /* give up queueing (below) */
+        sched_yield();
+    }
+    /* Batched writes: a deferred group must be written before the wait, or its completion
+     * would sit behind a launch that cannot be released until the group is seen complete. */
+    flush_unwritten();
+    int queued = started &&
+                 drv.stream_wait_value64(launch->stream, RA.word_device, e->ticket, 0 /* GEQ */) == CUDA_SUCCESS;
+    if (!queued) { /* nobody to release it, or no wait: stop queueing; what is queued is released */
+        pthread_mutex_unlock(&RA.order);
+        runahead_release_all();
+        return 0;
+    }
+    pthread_mutex_lock(&RA.lock);
     pthread_cond_signal(&RA.work);
     pthread_mutex_unlock(&RA.lock);
+    /* RA.order stays held until this launch's API exit: its kernel must follow its own wait on
+     * the stream, not another thread's later one (which it would then wait for, released). */
     pending.ra = e;
     return 1;
 }
@@ -1015,7 +1082,8 @@ static int runahead_try(const struct tally_launch *launch, uint64_t now) {
     return 1;
 }
 
-/* Blocks until nothing is queued: a launch gated in place (slices) must not pass queued ones. */
+/* Blocks until nothing is queued: a launch gated in place (slices) must not pass queued ones;
+ * then counts it in place until its API exit. */
 static void runahead_drain(void) {
     if (!RA.enabled) return;
     pthread_mutex_lock(&RA.lock);
@@ -1023,26 +1091,37 @@ static void runahead_drain(void) {
     while (RA.next != RA.tail && !RA.stopped && tally_now_ns() - since < S.max_hold_ns) {
         wait_1ms(&RA.space);
     }
+    if (!pending.in_place) atomic_fetch_add(&RA.in_place, 1);
+    pending.in_place = 1;
     pthread_mutex_unlock(&RA.lock);
 }
 
-/* In API exit, with the lane's lock held (l NULL when the launch is not tracked): a queued
- * launch's ring entry waits for its release. Its release and this exit can come in either
- * order, from two threads: each side stores its own flag and then reads the other's
- * (sequentially consistent), so at least one of them sees both and marks it running. */
-static void runahead_exit(struct lane *l, struct inflight *entry) {
+/* In API exit, with the lane's lock held: a queued launch's ring entry waits for its
+ * release. Its release and this exit can come in either order, from two threads: each side
+ * stores its own flag and then reads the other's (sequentially consistent), so at least one
+ * of them sees both and marks it running. */
+static void runahead_ring_entry(struct lane *l, struct inflight *entry) {
     struct ra_entry *e = pending.ra;
-    pending.ra = NULL;
     if (!e) return;
-    if (l && entry) {
-        entry->queued = 1;
-        atomic_store(&e->ring_ref, (uint64_t)(l - S.lanes + 1) << 56 | entry->seq);
-        if (atomic_load(&e->released) && entry->queued) {
-            entry->queued = 0;
-            entry->launch_ns = tally_now_ns();
-        }
+    entry->queued = 1;
+    atomic_store(&e->ring_ref, (uint64_t)(l - S.lanes + 1) << 56 | entry->seq);
+    if (atomic_load(&e->released) && entry->queued) {
+        entry->queued = 0;
+        entry->launch_ns = tally_now_ns();
     }
+}
+
+/* The end of every API exit, once the launch and its completion write are in the stream. */
+static void runahead_exit(void) {
+    if (pending.in_place) {
+        pending.in_place = 0;
+        atomic_fetch_sub(&RA.in_place, 1);
+    }
+    struct ra_entry *e = pending.ra;
+    if (!e) return;
+    pending.ra = NULL;
     atomic_store(&e->exited, 1);
+    pthread_mutex_unlock(&RA.order); /* taken in runahead_enter */
 }
 
 /* ------------------------------------------------------------ slicing */
@@ -1201,7 +1280,10 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
             n = i + 1;
             break;
         }
+        int in_place = pending.in_place; /* the program's launch is still to come */
+        pending.in_place = 0;
         tally_sched_launch_exit(&slice, CUDA_SUCCESS); /* tracks it as its own launch */
+        pending.in_place = in_place;
         now = tally_now_ns();
     }
     /* The program's launch becomes the last slice (appended[3]: its offset). */
@@ -1236,6 +1318,7 @@ static void demoted(void) {
 void tally_sched_launch_enter(const struct tally_launch *launch) {
     pending.track = 0;
     pending.ra = NULL;
+    pending.in_place = 0;
     if (S.priority < 0) return;
     int state = atomic_load(&S.state);
     if (state == NOT_JOINED) {
@@ -1339,10 +1422,9 @@ static void flush_unwritten(void) {
     }
 }
 
-void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
+static void track_launch(const struct tally_launch *launch, CUresult result) {
     if (!pending.track || launch->context != S.context || result != CUDA_SUCCESS) {
         pending.track = 0;
-        runahead_exit(NULL, NULL);
         return;
     }
     pending.track = 0;
@@ -1351,7 +1433,6 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
     int be = pending.be;
     if (!l || (be && l->tail - l->head >= RING)) { /* no lane, or ring full: leave this one untracked */
         if (l) pthread_mutex_unlock(&l->lock);
-        runahead_exit(NULL, NULL);
         return;
     }
     __atomic_store_n(&l->last_used_ns, pending.now, __ATOMIC_RELAXED);
@@ -1361,7 +1442,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
         l->ring[l->tail % RING] = (struct inflight){seq, pending.est_ns, tally_now_ns(), pending.profile, pending.units,
                                                     (uint32_t)pending.gpu_timed, (uint32_t)(defer || l->unwritten), 0};
         l->tail++;
-        runahead_exit(l, &l->ring[(l->tail - 1) % RING]);
+        runahead_ring_entry(l, &l->ring[(l->tail - 1) % RING]);
     }
     if (defer) {
         if (!l->unwritten) atomic_fetch_add(&S.deferred_lanes, 1);
@@ -1372,6 +1453,13 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
         write_completion(l, launch->stream);
     }
     pthread_mutex_unlock(&l->lock);
+}
+
+void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
+    track_launch(launch, result);
+    /* Last: its kernel and completion write are in the stream now, so a run-ahead wait may
+     * follow them. */
+    runahead_exit();
 }
 
 /* Leave the scoreboard: nothing of ours may look in flight after we are gone.
@@ -1398,5 +1486,6 @@ void tally_sched_after_fork(void) {
     atomic_store(&S.n_lanes, 0);
     atomic_store(&S.deferred_lanes, 0);
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) S.lanes[i].unwritten = 0;
+    runahead_after_fork();
     atomic_store(&S.state, S.priority >= 0 ? UNGATED : NOT_JOINED);
 }

@@ -257,6 +257,20 @@ def test_run_ahead_queues_on_any_stream_and_with_batched_writes(daemon, run_app,
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
 
 
+@pytest.mark.parametrize("stream", ["s0", "null"])
+def test_run_ahead_with_threads_sharing_a_stream(daemon, run_app, stream):
+    """Four threads launch on one stream at once, some let through in place and some queued,
+    batched writes on: a wait must never land in front of a launch already let through (it
+    would wait for a release that waits for it). Everything runs without the agent giving up."""
+    throttle_be(daemon.sb, 2 * MS)
+    env = daemon.env("best-effort", TALLY_RUN_AHEAD="1", TALLY_BATCH_WRITES="1", TALLY_MAX_HOLD_MS="5000")
+    r = run_app(f"launch:kernel:3:300:{stream}", "sync", f"tlaunch:4:kernel:25:300:{stream}",
+                f"tlaunch:4:ex:2:3000:{stream}", "sync", env=env, timeout=90)
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_kernels") == 3 + 100 + 8
+
+
 def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_path):
     """HP work that never completes: the releaser gives up after TALLY_MAX_HOLD_MS, with the one
     fail-open warning, and releases what it queued, so the program's sync returns."""
