@@ -271,6 +271,17 @@ def test_run_ahead_with_threads_sharing_a_stream(daemon, run_app, stream):
     assert r.gpu("gpu_kernels") == 3 + 100 + 8
 
 
+def test_run_ahead_child_of_fork_exits(daemon, run_app):
+    """A fork while launches are queued and the releaser works: the child (no releaser, no
+    usable context) has run-ahead off and exits normally; the parent finishes its work."""
+    throttle_be(daemon.sb, 1 * MS)
+    env = daemon.env("best-effort", TALLY_RUN_AHEAD="1")
+    r = run_app("launch:kernel:3:500:s0", "sync", "launch:kernel:20:500:s0", "fork:2:0", "sync", env=env, timeout=60)
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_kernels") == 23
+
+
 def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_path):
     """HP work that never completes: the releaser gives up after TALLY_MAX_HOLD_MS, with the one
     fail-open warning, and releases what it queued, so the program's sync returns."""
