@@ -12,6 +12,9 @@
 
 #define TALLY_EXPORT __attribute__((visibility("default")))
 
+/* Runs run(NULL) on a detached thread of the agent's own; 0 when none could be started. */
+int tally_spawn_detached(void *(*run)(void *));
+
 /* s as a JSON string literal (quoted, escaped). */
 void tally_json_string(FILE *f, const char *s);
 

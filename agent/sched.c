@@ -656,9 +656,8 @@ static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *
     }
 }
 
-/* A poll of every lane; returns what is still in flight. */
-/* skipped: NULL to wait for every lane's lock; else lanes whose lock is busy are left out
- * and counted there (run-ahead's releaser must never wait for a thread that may itself be
+/* A poll of every lane; returns what is still in flight. skipped: NULL to wait for every
+ * lane's lock; else lanes whose lock is busy are left out and counted there (run-ahead's releaser must never wait for a thread that may itself be
  * blocked in the driver behind a stream wait only the releaser can release). */
 static struct be_backlog retire_lanes(uint64_t now, uint32_t *skipped) {
     struct be_backlog backlog = {0, 0};
@@ -721,6 +720,29 @@ TALLY_EXPORT int tally_agent_slot(void **scoreboard) {
 
 static void flush_unwritten(void);
 
+/* Between two looks at the gate, held_ns into a wait: spin (yielding) at first, then sleep. */
+static void gate_pause(uint64_t held_ns, int spin) {
+    if (spin && held_ns < SPIN_NS) {
+        sched_yield();
+    } else {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* A launch held past TALLY_MAX_HOLD_MS at decision d: the process fails open, with one warning. */
+static void give_up_held(enum tally_gate_decision d) {
+    char why[160];
+    snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
+             (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
+    give_up(why);
+}
+
+static void warn_if_daemon_dead(enum tally_gate_decision d) {
+    if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
+        fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run ungated\n");
+}
+
 /* units: how many times the kernel's profile the launch is (slices of k waves
  * share the one-wave profile of their slice kernel); 1 for any other launch. */
 static uint64_t launch_estimate(const struct tally_launch *launch, uint64_t hint_ns, uint32_t units,
@@ -750,11 +772,7 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
             stuck = 1;
             break;
         }
-        if (d != TALLY_GATE_WAIT_RATE && now - held_since < SPIN_NS) sched_yield(); /* rate waits sleep */
-        else {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        gate_pause(now - held_since, d != TALLY_GATE_WAIT_RATE); /* rate waits sleep */
         now = tally_now_ns();
     }
     /* held_launches and long_kernels count the program's launches (the caller adds them up:
@@ -764,15 +782,11 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
     pending.alone = d == TALLY_GATE_ADMIT_ALONE;
     pending.idle = d == TALLY_GATE_ADMIT_IDLE;
     if (stuck) {
-        char why[160];
-        snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
-                 (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
-        give_up(why);
+        give_up_held(d);
         pending.track = 0;
         return;
     }
-    if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
-        fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run ungated\n");
+    warn_if_daemon_dead(d);
     /* Track only while an HP client exists: with none, BE pays nothing. */
     pending.track = launch->trackable && (d == TALLY_GATE_ADMIT || d == TALLY_GATE_ADMIT_ALONE ||
                                           d == TALLY_GATE_ADMIT_IDLE);
@@ -897,6 +911,12 @@ static void ra_reap(void) {
     pthread_cond_broadcast(&RA.space);
 }
 
+/* This thread's launch goes through in place: counted in RA.in_place until its API exit. */
+static void count_in_place(void) {
+    if (!pending.in_place) atomic_fetch_add(&RA.in_place, 1);
+    pending.in_place = 1;
+}
+
 /* RA.lock is held: waits on cond for at most 1 ms. */
 static void wait_1ms(pthread_cond_t *cond) {
     struct timespec until;
@@ -942,9 +962,7 @@ static void *releaser(void *unused) {
         if (!TALLY_GATE_IS_WAIT(d)) {
             __atomic_fetch_add(&S.slot->held_ns, now - e->queued_ns, __ATOMIC_RELAXED);
             if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
-            if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
-                fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run "
-                                "ungated\n");
+            warn_if_daemon_dead(d);
             ra_release(RA.next++);
             held_since = 0;
             continue;
@@ -952,22 +970,14 @@ static void *releaser(void *unused) {
         if (!held_since) held_since = now;
         if (now - held_since >= S.max_hold_ns) {
             pthread_mutex_unlock(&RA.lock);
-            char why[160];
-            snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
-                     (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
-            runahead_release_all();
-            give_up(why);
+            give_up_held(d); /* releases everything queued first */
             return NULL;
         }
         pthread_mutex_unlock(&RA.lock);
         /* Every time (launches exiting meanwhile may defer their writes), and outside RA.lock:
          * a driver call may block, and only a release unblocks a stream. */
         if (can_flush) flush_unwritten();
-        if (now - held_since < SPIN_NS) sched_yield();
-        else {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        gate_pause(now - held_since, 1);
         pthread_mutex_lock(&RA.lock);
     }
     pthread_mutex_unlock(&RA.lock);
@@ -990,8 +1000,7 @@ static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint6
         /* Nothing queued: admitted now, it needs no wait. */
         struct be_backlog backlog = ra_backlog(now, NULL);
         if (!TALLY_GATE_IS_WAIT(tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, est))) {
-            if (!pending.in_place) atomic_fetch_add(&RA.in_place, 1);
-            pending.in_place = 1;
+            count_in_place();
             pthread_mutex_unlock(&RA.lock);
             pthread_mutex_unlock(&RA.order);
             return 0;
@@ -1022,14 +1031,7 @@ static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint6
     atomic_store(&e->ring_ref, 0);
     RA.tail++;
     RA.queued_est += est;
-    if (!RA.thread_started) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        RA.thread_started = pthread_create(&t, &attr, releaser, NULL) == 0;
-        pthread_attr_destroy(&attr);
-    }
+    if (!RA.thread_started) RA.thread_started = tally_spawn_detached(releaser);
     int started = RA.thread_started;
     pthread_mutex_unlock(&RA.lock);
     /* This launch, counted in place by runahead_drain, is queued instead. */
@@ -1091,8 +1093,7 @@ static void runahead_drain(void) {
     while (RA.next != RA.tail && !RA.stopped && tally_now_ns() - since < S.max_hold_ns) {
         wait_1ms(&RA.space);
     }
-    if (!pending.in_place) atomic_fetch_add(&RA.in_place, 1);
-    pending.in_place = 1;
+    count_in_place();
     pthread_mutex_unlock(&RA.lock);
 }
 
@@ -1157,6 +1158,8 @@ static int kernel_args_of(const struct tally_launch *launch, struct kernel_args 
     }
     return 0;
 }
+
+static void track_launch(const struct tally_launch *launch, CUresult result);
 
 /* Turns the program's launch, in the callback's parameter block (which the
  * driver reads after API enter), into a 1-D launch of `blocks` blocks of f. */
@@ -1280,10 +1283,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
             n = i + 1;
             break;
         }
-        int in_place = pending.in_place; /* the program's launch is still to come */
-        pending.in_place = 0;
-        tally_sched_launch_exit(&slice, CUDA_SUCCESS); /* tracks it as its own launch */
-        pending.in_place = in_place;
+        track_launch(&slice, CUDA_SUCCESS); /* as a launch of its own; the program's API exit is still to come */
         now = tally_now_ns();
     }
     /* The program's launch becomes the last slice (appended[3]: its offset). */
@@ -1422,6 +1422,8 @@ static void flush_unwritten(void) {
     }
 }
 
+/* API exit's bookkeeping of a tracked launch (also each slice the agent launches itself):
+ * its ring entry and completion write. */
 static void track_launch(const struct tally_launch *launch, CUresult result) {
     if (!pending.track || launch->context != S.context || result != CUDA_SUCCESS) {
         pending.track = 0;

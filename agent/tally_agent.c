@@ -279,6 +279,16 @@ static struct {
     uint64_t kernels_written;
 } trace = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
+int tally_spawn_detached(void *(*run)(void *)) {
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int ok = pthread_create(&t, &attr, run, NULL) == 0;
+    pthread_attr_destroy(&attr);
+    return ok;
+}
+
 void tally_json_string(FILE *f, const char *s) {
     fputc('"', f);
     for (; s && *s; s++) {
@@ -344,6 +354,17 @@ static void trace_graph_launch(uint32_t correlation_id, const tally_cuGraphLaunc
     pthread_mutex_unlock(&trace.lock);
 }
 
+static int activity_api_present(void) {
+    return cupti.activity_enable && cupti.activity_register_callbacks && cupti.activity_get_next_record &&
+           cupti.activity_flush_all;
+}
+
+/* Kernel records into on_buffer_completed, for the trace and for kernel times alike. */
+static CUptiResult start_kernel_activity(void) {
+    CUptiResult r = cupti.activity_register_callbacks(on_buffer_requested, on_buffer_completed);
+    return r == CUPTI_SUCCESS ? cupti.activity_enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) : r;
+}
+
 static void start_trace(const char *dir) {
     char path[PATH_BYTES];
     snprintf(path, sizeof path, "%s/trace-%d.jsonl", dir, (int)getpid());
@@ -352,15 +373,13 @@ static void start_trace(const char *dir) {
         warn_no_trace("cannot write the trace file %s (%s)", path, strerror(errno));
         return;
     }
-    if (!cupti.activity_enable || !cupti.activity_register_callbacks ||
-        !cupti.activity_get_next_record || !cupti.activity_flush_all) {
+    if (!activity_api_present()) {
         fclose(f);
         remove(path); /* an empty trace would read as "no kernels ran" */
         warn_no_trace("libcupti %s lacks the Activity API", cupti.path);
         return;
     }
-    CUptiResult r = cupti.activity_register_callbacks(on_buffer_requested, on_buffer_completed);
-    if (r == CUPTI_SUCCESS) r = cupti.activity_enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    CUptiResult r = start_kernel_activity();
     if (r != CUPTI_SUCCESS) {
         fclose(f);
         remove(path);
@@ -383,11 +402,7 @@ static void start_trace(const char *dir) {
  * API, or when it cannot start, estimates keep coming from the polls. */
 static void *enable_kernel_times(void *unused) {
     (void)unused;
-    CUptiResult r = CUPTI_SUCCESS;
-    if (!trace.enabled) {
-        r = cupti.activity_register_callbacks(on_buffer_requested, on_buffer_completed);
-        if (r == CUPTI_SUCCESS) r = cupti.activity_enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
-    }
+    CUptiResult r = trace.enabled ? CUPTI_SUCCESS : start_kernel_activity(); /* a trace has them flowing */
     atomic_store(&kernel_times, r == CUPTI_SUCCESS ? TIMES_ON : TIMES_UNAVAILABLE);
     return NULL;
 }
@@ -398,18 +413,9 @@ void tally_agent_start_kernel_times(void) {
     /* The Activity API has one set of buffer callbacks per process: a profiler injected
      * before tally (nsys, chained) has registered its own, which ours would replace. */
     const char *env = getenv("TALLY_KERNEL_TIMES"), *chained = getenv("TALLY_CHAINED_INJECTION");
-    if ((env && strcmp(env, "0") == 0) || (chained && *chained) || !cupti.activity_enable ||
-        !cupti.activity_register_callbacks ||
-        !cupti.activity_get_next_record || !cupti.activity_flush_all) {
+    if ((env && strcmp(env, "0") == 0) || (chained && *chained) || !activity_api_present() ||
+        !tally_spawn_detached(enable_kernel_times))
         atomic_store(&kernel_times, TIMES_UNAVAILABLE);
-        return;
-    }
-    pthread_t t;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    if (pthread_create(&t, &attr, enable_kernel_times, NULL) != 0) atomic_store(&kernel_times, TIMES_UNAVAILABLE);
-    pthread_attr_destroy(&attr);
 }
 
 int tally_agent_kernel_times_on(void) { return atomic_load(&kernel_times) == TIMES_ON; }
