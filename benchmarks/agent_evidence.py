@@ -248,14 +248,12 @@ def gate_overhead(steps: int, rounds: int, env: dict) -> dict:
     """ResNet-50 training as the only client of a running tally daemon (no HP
     client): plain MPS client vs best-effort tally client. The difference is
     what the agent plus the gate's no-HP fast path cost BE."""
-    from tally.daemon.client import client_env, find_daemon
+    from tally.daemon.client import find_daemon, mps_client_env
 
     subprocess.run(TALLY + ["up", "--metrics-port", "0"], env=env, check=True, capture_output=True, text=True)
     try:
         state = find_daemon()
-        mps_env = dict(env)
-        mps_env.update({k: v for k, v in client_env(state, "best-effort").items()
-                        if k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")})
+        mps_env = dict(env, **mps_client_env(state))
         # Five clients, interleaved: plain MPS; plain MPS at BE's MPS client
         # priority; the agent alone (no scheduling); tally BE (agent + gate fast
         # path, MPS priority 1); tally BE at MPS priority 0. Separates the

@@ -85,7 +85,7 @@ def be_status(stop: threading.Event, seen: dict) -> None:
 
 
 def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
-    from tally.daemon.client import client_env, find_daemon
+    from tally.daemon.client import find_daemon, mps_client_env
 
     subprocess.run(TALLY + ["down", "--force"], capture_output=True, text=True, env=env)
     up = subprocess.run(TALLY + ["up", "--metrics-port", "0"] + cfg["up"], capture_output=True, text=True, env=env)
@@ -101,9 +101,7 @@ def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
                 raise RuntimeError(f"idle HP client did not start: {hp.stderr.read()[-500:]}")
         with tempfile.TemporaryDirectory() as tmp:
             if cfg["client"] == "mps":
-                be_env = dict(env)
-                be_env.update({k: v for k, v in client_env(find_daemon(), "best-effort").items()
-                               if k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")})
+                be_env = dict(env, **mps_client_env(find_daemon()))
                 prefix: list[str] = []
             else:
                 be_env = dict(env, **cfg.get("env", {}))

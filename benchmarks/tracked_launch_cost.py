@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from tally.daemon.client import client_env, find_daemon
+    from tally.daemon.client import find_daemon, mps_client_env
 
     work = Path(tempfile.mkdtemp())
     exe = work / "launch_cost"
@@ -58,9 +58,7 @@ def main() -> int:
     hp = None
     rows = []
     try:
-        mps_env = dict(env)
-        mps_env.update({k: v for k, v in client_env(find_daemon(), "best-effort").items()
-                        if k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")})
+        mps_env = dict(env, **mps_client_env(find_daemon()))
         for name, tracked, extra in CONFIGS:
             if tracked and hp is None:
                 hp = subprocess.Popen(TALLY + ["run", "--priority", "high", "--", sys.executable, "-c", IDLE_HP, "600"],

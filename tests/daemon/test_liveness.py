@@ -144,6 +144,18 @@ def test_client_env_points_the_agent_at_the_scoreboard(tally_env, foreground_dae
         client.client_env(found, "urgent")
 
 
+def test_mps_client_env_is_the_mps_part_of_a_tally_client_env():
+    state = {"runtime_dir": "/r", "pid": 7, "scoreboard_prefix": "/dev/shm/t-", "shm_dir": "/dev/shm",
+             "mps": {"pipe_dir": "/r/mps/pipe", "log_dir": "/r/mps/log"}}
+    plain = client.mps_client_env(state)
+    assert plain == {"CUDA_MPS_PIPE_DIRECTORY": "/r/mps/pipe", "CUDA_MPS_LOG_DIRECTORY": "/r/mps/log"}
+    be = client.client_env(state, "best-effort")
+    assert {k: be[k] for k in plain} == plain and be["CUDA_MPS_CLIENT_PRIORITY"] == "1"
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in client.client_env(state, "high")
+    assert client.mps_client_env(dict(state, mps=None)) == {}
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in client.client_env(dict(state, mps=None), "best-effort")
+
+
 def test_auto_up_starts_a_daemon(tally_env):
     with pytest.raises(TallyError, match="no tally daemon is running: start one with `tally up`"):
         client.ensure_daemon(auto_up=False)

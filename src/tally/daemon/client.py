@@ -56,17 +56,25 @@ def client_env(state: dict, priority: str | int) -> dict[str, str]:
         "TALLY_DAEMON_PID": str(state["pid"]),
         "TALLY_PRIORITY": priority_name,
     }
-    mps = state.get("mps")
+    mps = mps_client_env(state)
     if mps:
-        env["CUDA_MPS_PIPE_DIRECTORY"] = mps["pipe_dir"]
-        if mps.get("log_dir"):
-            env["CUDA_MPS_LOG_DIRECTORY"] = mps["log_dir"]
+        env.update(mps)
         if priority_name == "best-effort":
             # MPS's own client priority (0 normal, 1 below normal): the one
             # priority that reaches work on PyTorch's legacy default stream,
             # whose stream priority cannot be raised without changing the
             # program's synchronization (docs/scheduling.md).
             env["CUDA_MPS_CLIENT_PRIORITY"] = "1"
+    return env
+
+
+def mps_client_env(state: dict) -> dict[str, str]:
+    """What a plain MPS client of the daemon's MPS needs, without joining tally: the
+    baseline the benchmarks compare a tally client with (empty without an MPS)."""
+    mps = state.get("mps") or {}
+    env = {"CUDA_MPS_PIPE_DIRECTORY": mps["pipe_dir"]} if mps.get("pipe_dir") else {}
+    if env and mps.get("log_dir"):
+        env["CUDA_MPS_LOG_DIRECTORY"] = mps["log_dir"]
     return env
 
 
