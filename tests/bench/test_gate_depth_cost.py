@@ -1,16 +1,14 @@
 """The pure parts of benchmarks/gate_depth_cost.py (its measurements need a GPU)."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gate_depth_cost.py"
-spec = importlib.util.spec_from_file_location("gate_depth_cost", SCRIPT)
-depth = importlib.util.module_from_spec(spec)
-sys.modules["gate_depth_cost"] = depth
-spec.loader.exec_module(depth)
+from benchmark_scripts import load
+
+depth = load("gate_depth_cost")
+SCRIPT = Path(depth.__file__)
 
 
 def test_variants_apply_to_the_configurations_with_an_hp_client_only():

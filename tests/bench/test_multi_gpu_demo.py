@@ -1,16 +1,14 @@
 """The 2-GPU demonstration's pure parts (benchmarks/multi_gpu_demo.py); the demo itself needs 2 GPUs."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "multi_gpu_demo.py"
-spec = importlib.util.spec_from_file_location("multi_gpu_demo", SCRIPT)
-demo = importlib.util.module_from_spec(spec)
-sys.modules["multi_gpu_demo"] = demo
-spec.loader.exec_module(demo)
+from benchmark_scripts import load
+
+demo = load("multi_gpu_demo")
+SCRIPT = Path(demo.__file__)
 
 
 def test_clients_are_keyed_by_pid_with_their_gpu():

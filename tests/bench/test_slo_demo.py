@@ -1,5 +1,4 @@
 """The CPU-side parts of benchmarks/slo_demo.py (the demo itself runs on a GPU)."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "slo_demo.py"
-spec = importlib.util.spec_from_file_location("slo_demo", SCRIPT)
-slo_demo = importlib.util.module_from_spec(spec)
-sys.modules["slo_demo"] = slo_demo  # dataclasses look their module up while the file executes
-spec.loader.exec_module(slo_demo)
+from benchmark_scripts import load
+
+slo_demo = load("slo_demo")
+SCRIPT = Path(slo_demo.__file__)
 
 
 def test_loads_and_phases():
