@@ -304,7 +304,7 @@ static int forked_child;
 
 /* GPU kernel times for the scheduler's estimates (tally_agent_start_kernel_times). */
 static atomic_int kernel_times; /* enum kernel_times_state */
-enum kernel_times_state { TIMES_OFF = 0, TIMES_STARTING, TIMES_ON, TIMES_UNAVAILABLE };
+enum kernel_times_state { TIMES_OFF = 0, TIMES_STARTING, TIMES_ON, TIMES_UNAVAILABLE, TIMES_DISABLED };
 
 static void on_buffer_requested(uint8_t **buffer, size_t *size, size_t *max_records) {
     *size = trace.enabled ? TRACE_BUFFER_BYTES : TIMES_BUFFER_BYTES;
@@ -399,7 +399,10 @@ static void start_trace(const char *dir) {
  * a best-effort launch is tracked (an HP client is present), so a program
  * with nobody to protect pays nothing; started from a thread of its own,
  * because that moment is inside a driver API callback. Without the Activity
- * API, or when it cannot start, estimates keep coming from the polls. */
+ * API, or when it cannot start, estimates keep coming from the polls.
+ * Off unless TALLY_KERNEL_TIMES=1: on an H200 each launch cost about 1 us more
+ * with the Activity API running, and the pairs of issue 3 ran no better with
+ * it (benchmarks/results/issue3-switches-2026-12-03d-h200). */
 static void *enable_kernel_times(void *unused) {
     (void)unused;
     CUptiResult r = trace.enabled ? CUPTI_SUCCESS : start_kernel_activity(); /* a trace has them flowing */
@@ -413,8 +416,9 @@ void tally_agent_start_kernel_times(void) {
     /* The Activity API has one set of buffer callbacks per process: a profiler injected
      * before tally (nsys, chained) has registered its own, which ours would replace. */
     const char *env = getenv("TALLY_KERNEL_TIMES"), *chained = getenv("TALLY_CHAINED_INJECTION");
-    if ((env && strcmp(env, "0") == 0) || (chained && *chained) || !activity_api_present() ||
-        !tally_spawn_detached(enable_kernel_times))
+    if (!env || strcmp(env, "1") != 0)
+        atomic_store(&kernel_times, TIMES_DISABLED);
+    else if ((chained && *chained) || !activity_api_present() || !tally_spawn_detached(enable_kernel_times))
         atomic_store(&kernel_times, TIMES_UNAVAILABLE);
 }
 
@@ -507,7 +511,7 @@ static void write_stats(void) {
     size_t dropped = 0;
     if (trace.enabled && cupti.activity_get_num_dropped_records)
         cupti.activity_get_num_dropped_records(NULL, 0, &dropped);
-    static const char *const times_state[] = {"off", "starting", "on", "unavailable"};
+    static const char *const times_state[] = {"off", "starting", "on", "unavailable", "disabled"};
     fprintf(f, ",\"trace_dropped\":%zu,\"kernel_times\":\"%s\",\"gpu_timed_samples\":%llu,\"by_entry_point\":{",
             dropped, times_state[atomic_load(&kernel_times)], (unsigned long long)tally_sched_gpu_timed());
     int first = 1;

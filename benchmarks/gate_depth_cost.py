@@ -13,9 +13,9 @@ timed in turn as
   budget-N      the same, never unthrottled: BE work in flight stays bounded by
                 an N us budget for the whole run (what BE meets between HP
                 requests)
-  *-polls       (with --polls) the same with TALLY_KERNEL_TIMES=0: duration
-                estimates learned from when the gate's polls see completions,
-                not from the GPU's kernel times (CUPTI activity)
+  *-kernel-times  (with --kernel-times) the same with TALLY_KERNEL_TIMES=1:
+                duration estimates learned from the GPU's kernel times (CUPTI
+                activity), not from when the gate's polls see completions
   *-batched     (with --batched) the same with TALLY_BATCH_WRITES=1: launches
                 share completion writes
   *-run-ahead   (with --run-ahead) the same with TALLY_RUN_AHEAD=1: held
@@ -51,7 +51,7 @@ IDLE_HP = ("import sys, time, torch\n"
            "print('joined', flush=True); time.sleep(float(sys.argv[1]))\n")
 
 
-def configs(budgets: list[int], polls: bool = False, batched: bool = False, run_ahead: bool = False) -> list[dict]:
+def configs(budgets: list[int], kernel_times: bool = False, batched: bool = False, run_ahead: bool = False) -> list[dict]:
     out = [
         {"name": "mps", "up": [], "hp": False, "client": "mps"},
         {"name": "tally-no-hp", "up": [], "hp": False, "client": "tally"},
@@ -61,8 +61,8 @@ def configs(budgets: list[int], polls: bool = False, batched: bool = False, run_
         out.append({"name": f"budget-{b}", "up": ["--budget-us", str(b), "--unthrottle-ms", "10000000"],
                     "hp": True, "client": "tally"})
     gated = [c for c in out if c["hp"]]
-    if polls:
-        out += [dict(c, name=c["name"] + "-polls", env={"TALLY_KERNEL_TIMES": "0"}) for c in gated]
+    if kernel_times:
+        out += [dict(c, name=c["name"] + "-kernel-times", env={"TALLY_KERNEL_TIMES": "1"}) for c in gated]
     if batched:
         out += [dict(c, name=c["name"] + "-batched", env={"TALLY_BATCH_WRITES": "1"}) for c in gated]
     if run_ahead:
@@ -187,13 +187,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved")
     parser.add_argument("--configs", default="", help="comma list: only these configurations")
-    parser.add_argument("--polls", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=0")
+    parser.add_argument("--kernel-times", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=1")
     parser.add_argument("--batched", action="store_true", help="also each HP configuration with TALLY_BATCH_WRITES=1")
     parser.add_argument("--run-ahead", action="store_true", help="also each HP configuration with TALLY_RUN_AHEAD=1")
     args = parser.parse_args()
     env = dict(os.environ)
     wanted = {c for c in args.configs.split(",") if c}
-    known = configs([int(b) for b in args.budgets.split(",") if b], args.polls, args.batched, args.run_ahead)
+    known = configs([int(b) for b in args.budgets.split(",") if b], args.kernel_times, args.batched, args.run_ahead)
     if wanted - {c["name"] for c in known}:
         parser.error(f"unknown configuration(s): {', '.join(sorted(wanted - {c['name'] for c in known}))}")
     plan = [c for c in known if not wanted or c["name"] in wanted]

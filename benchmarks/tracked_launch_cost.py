@@ -5,10 +5,11 @@ time only). Here it runs as a client of one tally daemon (MPS), in turn:
 
   mps               a plain MPS client, no agent
   be-no-hp          tally best effort, no HP client: the gate's fast path
-  be-tracked-polls  an HP client is connected (idle): every launch is tracked
+  be-tracked        an HP client is connected (idle): every launch is tracked
                     (completion write, gate check); estimates from the polls
-  be-tracked        the same with GPU kernel times (CUPTI activity), the default
-  be-tracked-batched  the same with TALLY_BATCH_WRITES=1 (completion writes shared)
+  be-tracked-kernel-times  the same with TALLY_KERNEL_TIMES=1 (CUPTI activity)
+  be-tracked-batched  the same as be-tracked with TALLY_BATCH_WRITES=1 (completion
+                    writes shared)
 
     python3 benchmarks/tracked_launch_cost.py --out DIR [--rounds 3]
 
@@ -34,8 +35,8 @@ TALLY = [sys.executable, "-m", "tally"]
 CONFIGS = [
     ("mps", False, None),
     ("be-no-hp", False, {}),
-    ("be-tracked-polls", True, {"TALLY_KERNEL_TIMES": "0"}),
     ("be-tracked", True, {}),
+    ("be-tracked-kernel-times", True, {"TALLY_KERNEL_TIMES": "1"}),
     ("be-tracked-batched", True, {"TALLY_BATCH_WRITES": "1"}),
 ]
 

@@ -136,10 +136,16 @@ class NotFound(TallyError):
     metavar="PATH",
     help="The block-level plan for --block-level (default: <cache dir>/blocksched/plan).",
 )
+@click.option(
+    "--run-ahead",
+    is_flag=True,
+    help="With --priority best-effort: a launch the gate holds waits on the GPU, not in the program's thread. "
+    "More best-effort throughput, at some cost to high-priority p99 (docs/scheduling.md, run-ahead admission).",
+)
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_modules, block_level, plan_path,
-                verbose, command):
+                run_ahead, verbose, command):
     """Run COMMAND with the tally agent injected.
 
     Use `--` before the command: tally run --priority high -- python serve.py
@@ -157,6 +163,10 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
         env["TALLY_SLO_P99_MS"] = repr(slo_p99_ms)
     if block_level or plan_path is not None:
         env["TALLY_BLOCKSCHED_PLAN"] = block_level_plan(priority, block_level, plan_path)
+    if run_ahead:
+        if priority != "best-effort":
+            raise TallyError("--run-ahead needs --priority best-effort: only best-effort launches are held")
+        env["TALLY_RUN_AHEAD"] = "1"
     if priority:
         from tally import config as cfgmod
         from tally.daemon.client import client_env, ensure_daemon, version_skew

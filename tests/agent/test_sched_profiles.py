@@ -101,8 +101,8 @@ def test_estimates_learn_from_gpu_kernel_times(daemon, run_app, tmp_path, kernel
     be_throttled(daemon, 10 * MS)
     path = tmp_path / "timed.txt"
     extra = {"FAKE_CUPTI_KERNEL_NS": str(300 * US)}
-    if kernel_times == "off":
-        extra["TALLY_KERNEL_TIMES"] = "0"
+    if kernel_times == "on":
+        extra["TALLY_KERNEL_TIMES"] = "1"
     r = run_be(daemon, run_app, path, "launch:kernel:12:2000:s0", "sync", **extra)
     (p,) = pf.read(path, missing_ok=False).values()
     stats = r.stats()
@@ -112,7 +112,7 @@ def test_estimates_learn_from_gpu_kernel_times(daemon, run_app, tmp_path, kernel
         assert 1 <= stats["gpu_timed_samples"] <= 12
         assert p.est_ns == 300 * US, p
     else:
-        assert (stats["kernel_times"], stats["gpu_timed_samples"]) == ("unavailable", 0)
+        assert (stats["kernel_times"], stats["gpu_timed_samples"]) == ("disabled", 0)
         assert p.est_ns >= 1 * MS, p
 
 
@@ -120,7 +120,8 @@ def test_no_kernel_times_next_to_a_chained_profiler(daemon, run_app, doubles, tm
     # A profiler injected before tally owns the Activity API's buffer callbacks: left alone.
     be_throttled(daemon, 10 * MS)
     r = run_be(daemon, run_app, tmp_path / "p.txt", "launch:kernel:6:500:s0", "sync",
-               TALLY_CHAINED_INJECTION=str(doubles.profiler), FAKE_PROFILER_SUBSCRIBE="0")
+               TALLY_CHAINED_INJECTION=str(doubles.profiler), FAKE_PROFILER_SUBSCRIBE="0",
+               TALLY_KERNEL_TIMES="1")
     assert "fake_profiler: initialized calls=1" in r.stdout
     assert (r.stats()["kernel_times"], r.stats()["gpu_timed_samples"]) == ("unavailable", 0)
 
@@ -129,7 +130,8 @@ def test_no_kernel_times_without_an_hp_client(daemon, run_app, tmp_path):
     # Nobody to protect: BE launches take the gate's fast path and CUPTI activity never starts.
     sb = daemon.sb
     sb.hp_active = 0
-    r = run_be(daemon, run_app, tmp_path / "alone.txt", "launch:kernel:4:200:s0", "sync")
+    r = run_be(daemon, run_app, tmp_path / "alone.txt", "launch:kernel:4:200:s0", "sync",
+               TALLY_KERNEL_TIMES="1")
     assert (r.stats()["kernel_times"], r.stats()["gpu_timed_samples"]) == ("off", 0)
 
 

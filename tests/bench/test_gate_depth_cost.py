@@ -12,11 +12,11 @@ SCRIPT = Path(depth.__file__)
 
 
 def test_variants_apply_to_the_configurations_with_an_hp_client_only():
-    names = {c["name"]: c for c in depth.configs([100], polls=True, batched=True, run_ahead=True)}
-    assert set(names) == {"mps", "tally-no-hp", "idle-hp", "budget-100", "idle-hp-polls", "budget-100-polls",
+    names = {c["name"]: c for c in depth.configs([100], kernel_times=True, batched=True, run_ahead=True)}
+    assert set(names) == {"mps", "tally-no-hp", "idle-hp", "budget-100", "idle-hp-kernel-times", "budget-100-kernel-times",
                           "idle-hp-batched", "budget-100-batched", "idle-hp-run-ahead", "budget-100-run-ahead"}
     assert names["budget-100-run-ahead"]["env"] == {"TALLY_RUN_AHEAD": "1"}
-    assert names["budget-100-polls"]["env"] == {"TALLY_KERNEL_TIMES": "0"}
+    assert names["budget-100-kernel-times"]["env"] == {"TALLY_KERNEL_TIMES": "1"}
     assert names["budget-100-batched"]["env"] == {"TALLY_BATCH_WRITES": "1"}
     assert names["budget-100"]["up"] == ["--budget-us", "100", "--unthrottle-ms", "10000000"]
     assert "env" not in names["idle-hp"] and not names["tally-no-hp"]["hp"]

@@ -44,6 +44,8 @@ def test_help_lists_every_command():
         (["trace", "--summary", "/nonexistent/trace.jsonl"], "cannot read trace"),
         (["trace", "--summary", "x.jsonl", "--", "true"], "not both"),
         (["trace", "--top", "0", "--summary", "x.jsonl"], "--top"),
+        (["run", "--run-ahead", "--", "true"], "--run-ahead needs --priority best-effort"),
+        (["run", "--priority", "high", "--run-ahead", "--", "true"], "--run-ahead needs --priority best-effort"),
     ],
 )
 def test_argument_errors_are_one_line(args, fragment):
@@ -123,3 +125,24 @@ def test_run_save_modules_points_the_agent_at_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TALLY_MODULE_DIR", "/my/own")
     CliRunner().invoke(launcher.run_command, ["--save-modules", "--", "/bin/true"])
     assert seen["TALLY_MODULE_DIR"] == "/my/own"
+
+
+def test_run_ahead_turns_the_agent_switch_on_for_best_effort_only(monkeypatch):
+    """`tally run --priority best-effort --run-ahead` hands the agent TALLY_RUN_AHEAD=1 (the daemon is
+    faked); without the flag the switch is not set."""
+    from click.testing import CliRunner
+
+    import tally.daemon.client as client
+    from tally import launcher
+
+    monkeypatch.delenv("TALLY_RUN_AHEAD", raising=False)
+    monkeypatch.setattr(client, "ensure_daemon", lambda auto_up=False: {})
+    monkeypatch.setattr(client, "client_env", lambda state, priority: {})
+    seen = {}
+    monkeypatch.setattr(launcher, "exec_command", lambda command, env: seen.update(env))
+    r = CliRunner().invoke(launcher.run_command, ["--priority", "best-effort", "--run-ahead", "--", "/bin/true"])
+    assert r.exit_code == 0, r.output
+    assert seen["TALLY_RUN_AHEAD"] == "1"
+    seen.clear()
+    assert CliRunner().invoke(launcher.run_command, ["--priority", "best-effort", "--", "/bin/true"]).exit_code == 0
+    assert "TALLY_RUN_AHEAD" not in seen
