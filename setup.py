@@ -34,10 +34,11 @@ setup(
     ext_modules=[
         Extension(
             AGENT,
-            sources=["agent/tally_agent.c", "agent/sched.c", "agent/gate.c", "agent/profiles.c", "agent/modules.c",
-                     "agent/blocksched.c"],
+            sources=["agent/tally_agent.c", "agent/sched.c", "agent/runahead.c", "agent/gate.c", "agent/profiles.c",
+                     "agent/modules.c", "agent/blocksched.c"],
             include_dirs=["agent"],
-            depends=["agent/agent.h", "agent/cuda_decls.h", "agent/gate.h", "agent/scoreboard.h"],
+            depends=["agent/agent.h", "agent/cuda_decls.h", "agent/gate.h", "agent/scoreboard.h",
+                     "agent/sched_internal.h"],
             libraries=["dl", "pthread"],
             extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-format-truncation", "-fvisibility=hidden"],
         )

@@ -10,6 +10,10 @@
  * Everything here fails open: a scoreboard that cannot be joined, a driver
  * call that fails, or a dead daemon leaves the program running ungated, with
  * one warning.
+ *
+ * Run-ahead admission (TALLY_RUN_AHEAD=1) is in runahead.c: a queue and a
+ * thread of its own, kept apart from the launch path it hooks into; what the
+ * two files share is in sched_internal.h.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -27,13 +31,10 @@
 #include "agent.h"
 #include "gate.h"
 #include "scoreboard.h"
+#include "sched_internal.h"
 
 #define CU_STREAM_PER_THREAD ((CUstream)0x2)
-#define CU_MEMHOSTREGISTER_PORTABLE 0x01
-#define CU_MEMHOSTREGISTER_DEVICEMAP 0x02
 #define CU_STREAM_CAPTURE_STATUS_NONE 0
-#define RING 512            /* tracked BE launches in flight per lane */
-#define PROFILE_SLOTS 4096  /* kernels with a duration estimate */
 #define SPIN_NS 200000      /* busy-wait this long before sleeping at the gate */
 #define DEFAULT_MAX_HOLD_NS 10000000000ull /* see tally_sched_init */
 #define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed... */
@@ -41,108 +42,18 @@
 #define BATCH_MAX_LAUNCHES 16  /* batched completion writes: at most this many launches share one... */
 #define BATCH_BUDGET_SHARE 4   /* ...and at most 1/4 of the turnaround budget of estimated work */
 
-enum join_state { NOT_JOINED = 0, JOINED = 1, UNGATED = -1 };
+struct sched_driver drv;
 
-static struct {
-    CUresult (*ctx_get_device)(CUdevice *);
-    CUresult (*ctx_set_current)(CUcontext); /* run-ahead's releaser thread only */
-    CUresult (*device_get_uuid)(CUuuid *, CUdevice);
-    CUresult (*mem_host_register)(void *, size_t, unsigned int);
-    CUresult (*mem_host_get_device_pointer)(CUdeviceptr *, void *, unsigned int);
-    CUresult (*stream_write_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int);
-    CUresult (*stream_wait_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int); /* run-ahead only */
-    CUresult (*stream_is_capturing)(CUstream, int *);
-} drv;
-
-struct inflight {
-    uint64_t seq;
-    uint64_t est_ns;
-    uint64_t launch_ns;
-    uint32_t profile;  /* index into profiles, or PROFILE_SLOTS for none */
-    uint32_t units;    /* the profile is per unit: a slice of k waves is k units of a one-wave profile */
-    uint32_t gpu_timed; /* its GPU time will come from CUPTI activity (tally_sched_kernel_ran) */
-    uint32_t batched;   /* shares a completion write with other launches: its poll timing says nothing */
-    uint32_t queued;    /* run-ahead: held on the GPU behind its wait, not yet released (not running) */
-};
-
-struct lane {
-    /* The stream (or per-thread key) whose completions this lane carries.
-     * Written only under lanes_lock, and once the lane is in use (below
-     * n_lanes) only with its lock held as well; see lock_lane_of. */
-    CUstream stream;
-    pthread_mutex_t lock;  /* keeps memory operations in sequence order per stream */
-    uint64_t next_seq;     /* never reset, not even when the lane changes streams */
-    uint64_t last_used_ns; /* the last tracked launch: the least recently used idle lane is reused first */
-    /* best-effort only: launches whose completion has not been seen yet */
-    struct inflight ring[RING];
-    uint32_t head, tail;
-    uint64_t last_done_ns;
-    uint64_t last_done_err; /* last_done_ns is at most this late */
-    /* Batched completion writes (TALLY_BATCH_WRITES=1): BE launches since the lane's last write,
-     * their estimated work, and their stream (a flush may come from another thread). */
-    uint32_t unwritten;
-    uint64_t unwritten_est;
-    CUstream unwritten_stream;
-};
-
-struct profile {
-    uintptr_t kernel;
-    uint64_t grid_threads;
-    uint64_t est_ns;
-    uint64_t samples;      /* including those of a seed from the profile file */
-    uint64_t learned;      /* samples learned in this process (what is saved at exit) */
-    uint64_t gpu_samples;  /* of those, from GPU kernel times: once there is one, polls teach nothing */
-    const struct tally_kernel_name *name; /* for the profile file; NULL without one */
-};
-
-static struct {
-    _Atomic int priority;           /* TALLY_SB_PRIO_*; HIGH becomes BEST_EFFORT if the daemon demotes us */
-    _Atomic int state;              /* enum join_state */
-    pthread_mutex_t join_lock;
-    struct tally_sb_header *sb;
-    struct tally_sb_slot *slot;
-    CUcontext context;              /* scheduled context: the first launch's */
-    CUdeviceptr sb_device;          /* the scoreboard's address on the GPU */
-    struct lane lanes[TALLY_SB_MAX_LANES];
-    _Atomic uint32_t n_lanes;
-    pthread_mutex_t lanes_lock;
-    pthread_mutex_t profile_lock;
-    struct profile profiles[PROFILE_SLOTS];
-    uint64_t last_poll_ns;
-    _Atomic int warned_lanes, warned_daemon, warned_demoted;
-    uint64_t max_hold_ns;
-    uint64_t slo_p99_ns;            /* HP: TALLY_SLO_P99_MS, stored in the slot at claim */
-    int batch_writes;               /* TALLY_BATCH_WRITES=1: see defer_write */
-    _Atomic uint32_t deferred_lanes; /* lanes with launches whose completion write is deferred */
-} S = {
+struct sched_state S = {
     .join_lock = PTHREAD_MUTEX_INITIALIZER,
     .lanes_lock = PTHREAD_MUTEX_INITIALIZER,
     .profile_lock = PTHREAD_MUTEX_INITIALIZER,
 };
 
-struct ra_entry;
-
-/* What launch_enter decided, for launch_exit on the same thread. */
-static __thread struct {
-    int track;
-    int be;                /* tracked as best effort (the priority may change between enter and exit) */
-    uint64_t est_ns;
-    uint32_t profile;
-    uint32_t units;        /* see struct inflight */
-    int gpu_timed;         /* see struct inflight */
-    struct ra_entry *ra;   /* run-ahead: the launch was queued behind a wait (this is its entry) */
-    int in_place;          /* run-ahead: counted in RA.in_place until its API exit */
-    int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
-    int idle;              /* be_wait_at_gate: admitted under the idle depth (HP idle for unthrottle_after) */
-    uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
-    uintptr_t ptds_key;    /* this thread's per-thread default stream's lane key; 0 until first used */
-} pending;
+__thread struct sched_pending pending;
 static _Atomic uintptr_t ptds_keys; /* per-thread keys handed out so far */
 
 int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) != UNGATED; }
-
-static void runahead_release_all(void);
-static void runahead_after_fork(void);
 
 static void give_up(const char *why) {
     runahead_release_all(); /* nothing may stay queued behind a wait once the gate is gone */
@@ -274,7 +185,6 @@ static struct tally_sb_slot *claim_slot(struct tally_sb_header *h) {
 }
 
 static void save_profiles(void);
-static void runahead_init(void);
 
 /* Called on the first launch, when its context is current. */
 static void join(CUcontext context) {
@@ -625,13 +535,6 @@ static void retire_lane(struct lane *l, uint64_t done, uint64_t now, uint64_t ga
     }
 }
 
-/* What this process's BE launches in flight still have to do: the turnaround
- * an HP request arriving now would see from us. */
-struct be_backlog {
-    uint64_t remaining_ns; /* estimated GPU time still to run */
-    uint64_t launches;     /* launches not yet seen complete */
-};
-
 /* The lane's lock is held. A lane's launches run one after another: the first
  * has been running since its launch or since the previous one's completion
  * was seen (later than it happened: the estimate errs long), the others have
@@ -659,7 +562,7 @@ static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *
 /* A poll of every lane; returns what is still in flight. skipped: NULL to wait for every
  * lane's lock; else lanes whose lock is busy are left out and counted there (run-ahead's releaser must never wait for a thread that may itself be
  * blocked in the driver behind a stream wait only the releaser can release). */
-static struct be_backlog retire_lanes(uint64_t now, uint32_t *skipped) {
+struct be_backlog retire_lanes(uint64_t now, uint32_t *skipped) {
     struct be_backlog backlog = {0, 0};
     uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
     S.last_poll_ns = now;
@@ -718,10 +621,8 @@ TALLY_EXPORT int tally_agent_slot(void **scoreboard) {
     return (int)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
 }
 
-static void flush_unwritten(void);
-
 /* Between two looks at the gate, held_ns into a wait: spin (yielding) at first, then sleep. */
-static void gate_pause(uint64_t held_ns, int spin) {
+void gate_pause(uint64_t held_ns, int spin) {
     if (spin && held_ns < SPIN_NS) {
         sched_yield();
     } else {
@@ -731,22 +632,22 @@ static void gate_pause(uint64_t held_ns, int spin) {
 }
 
 /* A launch held past TALLY_MAX_HOLD_MS at decision d: the process fails open, with one warning. */
-static void give_up_held(enum tally_gate_decision d) {
+void give_up_held(enum tally_gate_decision d) {
     char why[160];
     snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
              (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
     give_up(why);
 }
 
-static void warn_if_daemon_dead(enum tally_gate_decision d) {
+void warn_if_daemon_dead(enum tally_gate_decision d) {
     if (d == TALLY_GATE_DAEMON_DEAD && !atomic_exchange(&S.warned_daemon, 1))
         fprintf(stderr, "tally: warning: the tally daemon stopped responding; best-effort launches run ungated\n");
 }
 
 /* units: how many times the kernel's profile the launch is (slices of k waves
  * share the one-wave profile of their slice kernel); 1 for any other launch. */
-static uint64_t launch_estimate(const struct tally_launch *launch, uint64_t hint_ns, uint32_t units,
-                                uint32_t *profile) {
+uint64_t launch_estimate(const struct tally_launch *launch, uint64_t hint_ns, uint32_t units,
+                         uint32_t *profile) {
     pthread_mutex_lock(&S.profile_lock);
     *profile = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
     pthread_mutex_unlock(&S.profile_lock);
@@ -793,336 +694,6 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
     pending.est_ns = est;
     pending.profile = profile;
     pending.units = units;
-}
-
-/* ------------------------------------------------------------ run-ahead */
-
-/* Run-ahead admission (TALLY_RUN_AHEAD=1, experimental; docs/scheduling.md,
- * "What limits best-effort throughput"). A BE launch the gate would hold does
- * not hold the program's thread: it is enqueued on the GPU behind
- * cuStreamWaitValue64(release >= ticket), and the releaser thread raises
- * `release` as the gate admits the queued launches, in ticket (issue) order.
- * Releasing in issue order cannot deadlock: a launch can depend only on work
- * issued before it, which was released first. The program's thread blocks
- * only while the queue is full. Every way out (the gate giving up, process
- * exit) releases everything first, so no stream is left waiting. */
-#define RA_SLOTS 128 /* well under the driver's queue of pending launches: a full one blocks in the driver */
-#define RA_QUEUED_NS 20000000ull /* and at most this much estimated work queued */
-
-struct ra_entry {
-    uint64_t ticket;
-    uint64_t est_ns;
-    uint64_t queued_ns;        /* when it was queued, for held_ns */
-    _Atomic int released;      /* the word has reached its ticket */
-    _Atomic int exited;        /* its API exit is done: the slot may be reused once released too */
-    _Atomic uint64_t ring_ref; /* after exit, if tracked: lane index + 1 << 56 | seq (0: untracked) */
-};
-
-static struct {
-    int enabled;
-    pthread_mutex_t lock;
-    pthread_cond_t work, space;
-    struct ra_entry q[RA_SLOTS];
-    uint64_t head, next, tail;  /* [head, next) released, not yet exited; [next, tail) queued */
-    uint64_t queued_est;        /* estimated work of [next, tail) */
-    uint64_t next_ticket;
-    _Atomic uint64_t *word;     /* host memory the GPU polls */
-    CUdeviceptr word_device;
-    int thread_started, stopped;
-    /* Tracked BE launches let through in place (not queued) whose API exit has not come: a
-     * wait enqueued meanwhile could land in front of them on their stream (or, on the legacy
-     * stream, by its implicit synchronization) and they would then wait for a release that
-     * waits for them. runahead_enter lets them reach their exit first. */
-    _Atomic int in_place;
-    /* Held by a queueing thread from its ticket to its launch's API exit, never by the
-     * releaser: waits and their kernels reach a stream in ticket order even when threads
-     * share it, and a driver call that blocks holds up other queueing threads, never the
-     * releaser. */
-    pthread_mutex_t order;
-} RA = {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER, .space = PTHREAD_COND_INITIALIZER,
-        .order = PTHREAD_MUTEX_INITIALIZER};
-
-/* At join, for a BE client with TALLY_RUN_AHEAD=1: the word, mapped for the GPU. */
-static void runahead_init(void) {
-    const char *env = getenv("TALLY_RUN_AHEAD");
-    if (!env || strcmp(env, "1") != 0 || !drv.stream_wait_value64) return;
-    void *page = NULL;
-    if (posix_memalign(&page, 4096, 4096) != 0) return;
-    memset(page, 0, 4096);
-    if (drv.mem_host_register(page, 4096, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP) !=
-            CUDA_SUCCESS ||
-        drv.mem_host_get_device_pointer(&RA.word_device, page, 0) != CUDA_SUCCESS) {
-        tally_warn("run-ahead admission is off: cannot map its word into GPU memory");
-        return; /* the page stays allocated: it may be half registered */
-    }
-    RA.word = page;
-    RA.enabled = 1;
-}
-
-/* RA.lock is held. The ring entry of a released launch is running from now on. */
-static void ra_mark_running(struct ra_entry *e) {
-    uint64_t ref = atomic_load(&e->ring_ref);
-    if (!ref) return;
-    struct lane *l = &S.lanes[(ref >> 56) - 1];
-    uint64_t seq = ref & ((1ull << 56) - 1);
-    pthread_mutex_lock(&l->lock);
-    for (uint32_t k = l->head; k != l->tail; k++) {
-        struct inflight *f = &l->ring[k % RING];
-        if (f->seq == seq && f->queued) {
-            f->queued = 0;
-            f->launch_ns = tally_now_ns();
-        }
-    }
-    pthread_mutex_unlock(&l->lock);
-}
-
-/* RA.lock is held. Raises the word to entry `i`'s ticket. */
-static void ra_release(uint64_t i) {
-    struct ra_entry *e = &RA.q[i % RA_SLOTS];
-    atomic_store_explicit(RA.word, e->ticket, memory_order_release);
-    atomic_store(&e->released, 1); /* seq_cst: pairs with runahead_ring_entry's check, see there */
-    ra_mark_running(e);
-    RA.queued_est -= e->est_ns;
-}
-
-/* Releases every queued launch at once (failing open, exiting); safe from any thread. */
-static void runahead_release_all(void) {
-    if (!RA.enabled) return;
-    pthread_mutex_lock(&RA.lock);
-    RA.stopped = 1;
-    while (RA.next != RA.tail) ra_release(RA.next++);
-    pthread_cond_broadcast(&RA.space);
-    pthread_cond_broadcast(&RA.work);
-    pthread_mutex_unlock(&RA.lock);
-}
-
-/* In a forked child (no releaser thread, no usable context; the locks may have been held
- * by a parent thread at the fork): run-ahead is off. */
-static void runahead_after_fork(void) {
-    RA.enabled = 0;
-    pthread_mutex_init(&RA.lock, NULL);
-    pthread_mutex_init(&RA.order, NULL);
-    atomic_store(&RA.in_place, 0);
-}
-
-/* RA.lock is held: frees the released slots whose API exit is done. */
-static void ra_reap(void) {
-    while (RA.head != RA.next && atomic_load(&RA.q[RA.head % RA_SLOTS].exited)) RA.head++;
-    pthread_cond_broadcast(&RA.space);
-}
-
-/* This thread's launch goes through in place: counted in RA.in_place until its API exit. */
-static void count_in_place(void) {
-    if (!pending.in_place) atomic_fetch_add(&RA.in_place, 1);
-    pending.in_place = 1;
-}
-
-/* RA.lock is held: waits on cond for at most 1 ms. */
-static void wait_1ms(pthread_cond_t *cond) {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_nsec += 1000000;
-    if (until.tv_nsec >= 1000000000) until.tv_sec++, until.tv_nsec -= 1000000000;
-    pthread_cond_timedwait(cond, &RA.lock, &until);
-}
-
-/* RA.lock is held: the work in flight, including released launches whose API exit has not
- * put them in a ring yet. */
-static struct be_backlog ra_backlog(uint64_t now, uint32_t *skipped) {
-    struct be_backlog backlog = retire_lanes(now, skipped);
-    for (uint64_t i = RA.head; i != RA.next; i++) {
-        struct ra_entry *e = &RA.q[i % RA_SLOTS];
-        if (!atomic_load(&e->ring_ref) && !atomic_load(&e->exited)) backlog.remaining_ns += e->est_ns, backlog.launches++;
-    }
-    return backlog;
-}
-
-static void *releaser(void *unused) {
-    (void)unused;
-    /* Its flushes of batched writes are driver calls, which need the program's context. */
-    int can_flush = drv.ctx_set_current && drv.ctx_set_current(S.context) == CUDA_SUCCESS;
-    if (!can_flush) S.batch_writes = 0; /* then no group is left for it to write */
-    pthread_mutex_lock(&RA.lock);
-    uint64_t held_since = 0;
-    while (!RA.stopped && atomic_load(&S.state) == JOINED) {
-        ra_reap();
-        if (RA.next == RA.tail) {
-            wait_1ms(&RA.work); /* timed: exits are not signalled */
-            continue;
-        }
-        struct ra_entry *e = &RA.q[RA.next % RA_SLOTS];
-        uint64_t now = tally_now_ns();
-        uint32_t skipped = 0;
-        struct be_backlog backlog = ra_backlog(now, &skipped);
-        enum tally_gate_decision d = tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, e->est_ns);
-        /* A busy lane is not counted: decide without it only after 50 ms of trying, when its
-         * holder may be blocked in the driver behind one of our waits (a full queue). */
-        if (skipped && !TALLY_GATE_IS_WAIT(d) && (!held_since || now - held_since < 50000000ull))
-            d = TALLY_GATE_WAIT_BUDGET;
-        if (!TALLY_GATE_IS_WAIT(d)) {
-            __atomic_fetch_add(&S.slot->held_ns, now - e->queued_ns, __ATOMIC_RELAXED);
-            if (d == TALLY_GATE_ADMIT_ALONE) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
-            warn_if_daemon_dead(d);
-            ra_release(RA.next++);
-            held_since = 0;
-            continue;
-        }
-        if (!held_since) held_since = now;
-        if (now - held_since >= S.max_hold_ns) {
-            pthread_mutex_unlock(&RA.lock);
-            give_up_held(d); /* releases everything queued first */
-            return NULL;
-        }
-        pthread_mutex_unlock(&RA.lock);
-        /* Every time (launches exiting meanwhile may defer their writes), and outside RA.lock:
-         * a driver call may block, and only a release unblocks a stream. */
-        if (can_flush) flush_unwritten();
-        gate_pause(now - held_since, 1);
-        pthread_mutex_lock(&RA.lock);
-    }
-    pthread_mutex_unlock(&RA.lock);
-    runahead_release_all();
-    return NULL;
-}
-
-/* API enter of a tracked BE launch (pending's profile fields set): 1 when it was queued
- * behind a wait, 0 when the caller is to apply the gate as usual (nothing queued ahead of
- * it, so it goes through now if it can; or run-ahead could not queue it). */
-static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint64_t est) {
-    pthread_mutex_lock(&RA.order);
-    pthread_mutex_lock(&RA.lock);
-    if (RA.stopped) {
-        pthread_mutex_unlock(&RA.lock);
-        pthread_mutex_unlock(&RA.order);
-        return 0;
-    }
-    if (RA.next == RA.tail) {
-        /* Nothing queued: admitted now, it needs no wait. */
-        struct be_backlog backlog = ra_backlog(now, NULL);
-        if (!TALLY_GATE_IS_WAIT(tally_gate_decide(S.sb, now, backlog.remaining_ns, backlog.launches, est))) {
-            count_in_place();
-            pthread_mutex_unlock(&RA.lock);
-            pthread_mutex_unlock(&RA.order);
-            return 0;
-        }
-    }
-    uint64_t held_since = now;
-    while (!RA.stopped && (RA.tail - RA.head >= RA_SLOTS || (RA.next != RA.tail && RA.queued_est + est >
-                                                                                      RA_QUEUED_NS))) {
-        if (tally_now_ns() - held_since >= S.max_hold_ns) break; /* the releaser gives up and frees us */
-        wait_1ms(&RA.space);
-        ra_reap();
-    }
-    if (RA.stopped || RA.tail - RA.head >= RA_SLOTS) {
-        pthread_mutex_unlock(&RA.lock);
-        pthread_mutex_unlock(&RA.order);
-        return 0;
-    }
-    uint64_t waited = tally_now_ns() - held_since;
-    if (waited > 1000) __atomic_fetch_add(&S.slot->held_ns, waited, __ATOMIC_RELAXED);
-    /* Reserved under RA.lock; once the queue is not empty, nothing else is let through in
-     * place, and the ones already let through reach their API exit before our wait. */
-    struct ra_entry *e = &RA.q[RA.tail % RA_SLOTS];
-    e->ticket = ++RA.next_ticket;
-    e->est_ns = est;
-    e->queued_ns = tally_now_ns(); /* the wait for space above is counted already */
-    atomic_store(&e->released, 0);
-    atomic_store(&e->exited, 0);
-    atomic_store(&e->ring_ref, 0);
-    RA.tail++;
-    RA.queued_est += est;
-    if (!RA.thread_started) RA.thread_started = tally_spawn_detached(releaser);
-    int started = RA.thread_started;
-    pthread_mutex_unlock(&RA.lock);
-    /* This launch, counted in place by runahead_drain, is queued instead. */
-    if (pending.in_place) {
-        pending.in_place = 0;
-        atomic_fetch_sub(&RA.in_place, 1);
-    }
-    /* Outside RA.lock: these are driver calls, which may block until the GPU moves on. The
-     * in-place launches reach their exits without any lock of ours; bounded all the same. */
-    uint64_t since = tally_now_ns();
-    while (atomic_load(&RA.in_place) > 0 && started) {
-        if (tally_now_ns() - since >= S.max_hold_ns) started = 0; /* give up queueing (below) */
-        sched_yield();
-    }
-    /* Batched writes: a deferred group must be written before the wait, or its completion
-     * would sit behind a launch that cannot be released until the group is seen complete. */
-    flush_unwritten();
-    int queued = started &&
-                 drv.stream_wait_value64(launch->stream, RA.word_device, e->ticket, 0 /* GEQ */) == CUDA_SUCCESS;
-    if (!queued) { /* nobody to release it, or no wait: stop queueing; what is queued is released */
-        pthread_mutex_unlock(&RA.order);
-        runahead_release_all();
-        return 0;
-    }
-    pthread_mutex_lock(&RA.lock);
-    pthread_cond_signal(&RA.work);
-    pthread_mutex_unlock(&RA.lock);
-    /* RA.order stays held until this launch's API exit: its kernel must follow its own wait on
-     * the stream, not another thread's later one (which it would then wait for, released). */
-    pending.ra = e;
-    return 1;
-}
-
-/* The launch path's way into run-ahead: 1 when the launch was queued (pending filled in as
- * be_wait_at_gate would; it counts as held). */
-static int runahead_try(const struct tally_launch *launch, uint64_t now) {
-    if (!RA.enabled || !launch->trackable ||
-        __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY)
-        return 0;
-    uint32_t profile;
-    uint64_t est = launch_estimate(launch, 0, 1, &profile);
-    if (!runahead_enter(launch, now, est)) return 0;
-    pending.track = 1;
-    pending.est_ns = est;
-    pending.profile = profile;
-    pending.units = 1;
-    pending.gpu_timed = 0;
-    pending.held = 1;
-    pending.alone = pending.idle = 0;
-    return 1;
-}
-
-/* Blocks until nothing is queued: a launch gated in place (slices) must not pass queued ones;
- * then counts it in place until its API exit. */
-static void runahead_drain(void) {
-    if (!RA.enabled) return;
-    pthread_mutex_lock(&RA.lock);
-    uint64_t since = tally_now_ns();
-    while (RA.next != RA.tail && !RA.stopped && tally_now_ns() - since < S.max_hold_ns) {
-        wait_1ms(&RA.space);
-    }
-    count_in_place();
-    pthread_mutex_unlock(&RA.lock);
-}
-
-/* In API exit, with the lane's lock held: a queued launch's ring entry waits for its
- * release. Its release and this exit can come in either order, from two threads: each side
- * stores its own flag and then reads the other's (sequentially consistent), so at least one
- * of them sees both and marks it running. */
-static void runahead_ring_entry(struct lane *l, struct inflight *entry) {
-    struct ra_entry *e = pending.ra;
-    if (!e) return;
-    entry->queued = 1;
-    atomic_store(&e->ring_ref, (uint64_t)(l - S.lanes + 1) << 56 | entry->seq);
-    if (atomic_load(&e->released) && entry->queued) {
-        entry->queued = 0;
-        entry->launch_ns = tally_now_ns();
-    }
-}
-
-/* The end of every API exit, once the launch and its completion write are in the stream. */
-static void runahead_exit(void) {
-    if (pending.in_place) {
-        pending.in_place = 0;
-        atomic_fetch_sub(&RA.in_place, 1);
-    }
-    struct ra_entry *e = pending.ra;
-    if (!e) return;
-    pending.ra = NULL;
-    atomic_store(&e->exited, 1);
-    pthread_mutex_unlock(&RA.order); /* taken in runahead_enter */
 }
 
 /* ------------------------------------------------------------ slicing */
@@ -1410,7 +981,7 @@ static int defer_write(const struct tally_launch *launch, const struct lane *l) 
 
 /* Writes every lane's pending group: called when the gate has to wait, when
  * the work in flight must become visible. */
-static void flush_unwritten(void) {
+void flush_unwritten(void) {
     if (!atomic_load_explicit(&S.deferred_lanes, memory_order_relaxed)) return;
     uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
     for (uint32_t i = 0; i < n; i++) {
