@@ -34,7 +34,7 @@ setup(
     ext_modules=[
         Extension(
             AGENT,
-            sources=["agent/tally_agent.c", "agent/sched.c", "agent/runahead.c", "agent/gate.c", "agent/profiles.c",
+            sources=["agent/tally_agent.c", "agent/sched.c", "agent/runahead.c", "agent/gpugate.c", "agent/gate.c", "agent/profiles.c",
                      "agent/modules.c", "agent/blocksched.c"],
             include_dirs=["agent"],
             depends=["agent/agent.h", "agent/cuda_decls.h", "agent/gate.h", "agent/scoreboard.h",

@@ -60,6 +60,8 @@ void tally_sched_after_fork(void);
 void tally_sched_kernel_ran(uint32_t correlation, uint64_t gpu_ns);
 /* Estimate samples taken from GPU kernel times so far. */
 uint64_t tally_sched_gpu_timed(void);
+/* Stream waits the GPU-side gate (TALLY_GPU_GATE=1) put before BE launches. */
+uint64_t tally_sched_gpu_gate_waits(void);
 
 /* tally_agent.c: GPU kernel times from the CUPTI Activity API for the scheduler's estimates.
  * start: once, asynchronously (safe inside a callback); on: records are flowing; flush: hand

@@ -1,4 +1,4 @@
-/* Run-ahead admission (TALLY_RUN_AHEAD=1, experimental; docs/scheduling.md,
+/* Run-ahead admission (TALLY_RUN_AHEAD=1, `tally run --run-ahead`, off by default; docs/scheduling.md,
  * "What limits best-effort throughput"). A BE launch the gate would hold does
  * not hold the program's thread: it is enqueued on the GPU behind
  * cuStreamWaitValue64(release >= ticket), and the releaser thread raises

@@ -258,7 +258,10 @@ static void join(CUcontext context) {
     }
     /* Best effort: kernel duration estimates persist per program (docs/scheduling.md). */
     if (S.priority == TALLY_SB_PRIO_BEST_EFFORT && tally_profiles_load()) atexit(save_profiles);
-    if (S.priority == TALLY_SB_PRIO_BEST_EFFORT) runahead_init();
+    if (S.priority == TALLY_SB_PRIO_BEST_EFFORT) {
+        runahead_init();
+        gpugate_init();
+    }
     atomic_store(&S.state, JOINED);
     const char *verbose = getenv("TALLY_VERBOSE");
     if (verbose && *verbose && strcmp(verbose, "0") != 0)
@@ -919,12 +922,17 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     if (S.priority == TALLY_SB_PRIO_HIGH) {
         /* Busy from before the launch is enqueued until its completion is written. */
         __atomic_store_n(&S.sb->hp_last_launch_ns, now, __ATOMIC_RELEASE);
+        /* The GPU-side gate: BE streams stop at their next wait (gpugate.c). Stored on every
+         * launch, not only when 0: a clearer's CAS from an older mark must fail. */
+        __atomic_store_n(&S.sb->hp_gate, now, __ATOMIC_RELEASE);
         hp_busy_period(previous_launch_ns, now);
         pending.track = launch->trackable;
         pending.be = 0;
         return;
     }
     pending.be = 1;
+    if (!(launch->rewrite && tally_blocksched_enabled()) && gpugate_try(launch))
+        return; /* waits on the GPU for HP to be idle: neither held nor tracked here */
     if (launch->rewrite && tally_blocksched_enabled()) runahead_drain(); /* slices are gated in place */
     if (launch->rewrite && tally_blocksched_enabled() &&
         __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY && be_launch_sliced(launch, now))
@@ -1042,6 +1050,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
  * can never lower a new owner's completed_seq. */
 void tally_sched_exit(void) {
     runahead_release_all(); /* before CUDA tears the context down: no stream may be left waiting */
+    gpugate_exit();
     if (atomic_load(&S.state) != JOINED || !S.slot) return;
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
         uint64_t a = __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);
@@ -1060,5 +1069,6 @@ void tally_sched_after_fork(void) {
     atomic_store(&S.deferred_lanes, 0);
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) S.lanes[i].unwritten = 0;
     runahead_after_fork();
+    gpugate_after_fork();
     atomic_store(&S.state, S.priority >= 0 ? UNGATED : NOT_JOINED);
 }

@@ -1,7 +1,7 @@
-/* Private to sched.c and runahead.c; nothing else includes it (agent.h stays
- * the agent-wide interface). It holds the scheduler's internals that
- * run-ahead admission (runahead.c) shares with the rest of the scheduler
- * (sched.c): the two are one scheduler split in two files. */
+/* Private to sched.c, runahead.c and gpugate.c; nothing else includes it
+ * (agent.h stays the agent-wide interface). It holds the scheduler's internals
+ * that run-ahead admission (runahead.c) and the GPU-side gate (gpugate.c)
+ * share with the rest of the scheduler (sched.c): one scheduler in three files. */
 #ifndef TALLY_SCHED_INTERNAL_H
 #define TALLY_SCHED_INTERNAL_H
 
@@ -27,7 +27,7 @@
 /* The releaser runs only while the process is JOINED. */
 enum join_state { NOT_JOINED = 0, JOINED = 1, UNGATED = -1 };
 
-/* Loaded at join; run-ahead makes the wait and context calls. */
+/* Loaded at join; run-ahead makes the wait and context calls, the GPU-side gate the waits. */
 struct sched_driver {
     CUresult (*ctx_get_device)(CUdevice *);
     CUresult (*ctx_set_current)(CUcontext); /* run-ahead's releaser thread only */
@@ -35,7 +35,7 @@ struct sched_driver {
     CUresult (*mem_host_register)(void *, size_t, unsigned int);
     CUresult (*mem_host_get_device_pointer)(CUdeviceptr *, void *, unsigned int);
     CUresult (*stream_write_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int);
-    CUresult (*stream_wait_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int); /* run-ahead only */
+    CUresult (*stream_wait_value64)(CUstream, CUdeviceptr, uint64_t, unsigned int); /* run-ahead, GPU gate */
     CUresult (*stream_is_capturing)(CUstream, int *);
 };
 extern struct sched_driver drv;
@@ -151,6 +151,12 @@ int runahead_try(const struct tally_launch *launch, uint64_t now); /* launch_ent
 void runahead_drain(void);                /* launch_enter, before slicing */
 void runahead_ring_entry(struct lane *l, struct inflight *entry); /* track_launch's ring entry */
 void runahead_exit(void);                 /* the end of every API exit */
+
+/* gpugate.c (TALLY_GPU_GATE=1), for the same ways in and out. */
+void gpugate_init(void);                  /* join, for a BE client */
+int gpugate_try(const struct tally_launch *launch); /* launch_enter: 1 when the launch waits on the GPU */
+void gpugate_exit(void);                  /* process exit: no stream of ours left waiting */
+void gpugate_after_fork(void);            /* tally_sched_after_fork */
 
 #pragma GCC visibility pop
 

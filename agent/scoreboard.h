@@ -21,17 +21,17 @@
 #include <stdint.h>
 
 #define TALLY_SB_MAGIC 0x424353594c4c4154ULL /* "TALLYSCB" little-endian */
-#define TALLY_SB_VERSION 4u
+#define TALLY_SB_VERSION 5u
 #define TALLY_SB_MAX_CLIENTS 64u
 #define TALLY_SB_MAX_LANES 16u
 #define TALLY_SB_GPU_UUID_LEN 48u
 #define TALLY_SB_COMM_LEN 16u
-#define TALLY_SB_HEADER_SIZE 320u
+#define TALLY_SB_HEADER_SIZE 384u
 #define TALLY_SB_SLOT_SIZE 384u
 #define TALLY_SB_LANE_SIZE 16u
 #define TALLY_SB_SLO_SIZE 768u
-#define TALLY_SB_SLO_AREA_OFFSET 24896u /* struct tally_sb_slo_status */
-#define TALLY_SB_SLO_RECORDS_OFFSET 24960u /* struct tally_sb_slo of slot i: + i * SLO_SIZE */
+#define TALLY_SB_SLO_AREA_OFFSET 24960u /* struct tally_sb_slo_status */
+#define TALLY_SB_SLO_RECORDS_OFFSET 25024u /* struct tally_sb_slo of slot i: + i * SLO_SIZE */
 #define TALLY_SB_SLO_HIST_BUCKETS 94u
 #define TALLY_SB_SLO_HIST_PER_OCTAVE 4u
 #define TALLY_SB_SLO_HIST_MIN_LOG2 13u /* bucket 0: below 2^this ns */
@@ -100,8 +100,10 @@ struct tally_sb_header {
     uint8_t _pad200[56];
     uint64_t hp_last_busy_ns;                /* @256 BE agents/daemon: CLOCK_MONOTONIC ns at which HP work was last seen in flight (relaxed store; not a strict max) */
     uint8_t _pad264[56];
+    uint64_t hp_gate;                        /* @320 HP agents/BE agents: GPU-side gate: an HP launch stores its time before it is enqueued; a BE agent clears it (CAS to 0) once HP is idle. BE launches of TALLY_GPU_GATE=1 wait on the GPU for 0 */
+    uint8_t _pad328[56];
 };
-_Static_assert(sizeof(struct tally_sb_header) == 320, "tally_sb_header size");
+_Static_assert(sizeof(struct tally_sb_header) == 384, "tally_sb_header size");
 _Static_assert(offsetof(struct tally_sb_header, magic) == 0, "tally_sb_header.magic offset");
 _Static_assert(offsetof(struct tally_sb_header, version) == 8, "tally_sb_header.version offset");
 _Static_assert(offsetof(struct tally_sb_header, header_size) == 12, "tally_sb_header.header_size offset");
@@ -127,6 +129,7 @@ _Static_assert(offsetof(struct tally_sb_header, hp_rate_per_s) == 176, "tally_sb
 _Static_assert(offsetof(struct tally_sb_header, hp_standalone_rate_per_s) == 184, "tally_sb_header.hp_standalone_rate_per_s offset");
 _Static_assert(offsetof(struct tally_sb_header, hp_last_launch_ns) == 192, "tally_sb_header.hp_last_launch_ns offset");
 _Static_assert(offsetof(struct tally_sb_header, hp_last_busy_ns) == 256, "tally_sb_header.hp_last_busy_ns offset");
+_Static_assert(offsetof(struct tally_sb_header, hp_gate) == 320, "tally_sb_header.hp_gate offset");
 
 /* One client process. */
 struct tally_sb_slot {

@@ -512,8 +512,10 @@ static void write_stats(void) {
     if (trace.enabled && cupti.activity_get_num_dropped_records)
         cupti.activity_get_num_dropped_records(NULL, 0, &dropped);
     static const char *const times_state[] = {"off", "starting", "on", "unavailable", "disabled"};
-    fprintf(f, ",\"trace_dropped\":%zu,\"kernel_times\":\"%s\",\"gpu_timed_samples\":%llu,\"by_entry_point\":{",
-            dropped, times_state[atomic_load(&kernel_times)], (unsigned long long)tally_sched_gpu_timed());
+    fprintf(f, ",\"trace_dropped\":%zu,\"kernel_times\":\"%s\",\"gpu_timed_samples\":%llu,\"gpu_gate_waits\":%llu,"
+               "\"by_entry_point\":{",
+            dropped, times_state[atomic_load(&kernel_times)], (unsigned long long)tally_sched_gpu_timed(),
+            (unsigned long long)tally_sched_gpu_gate_waits());
     int first = 1;
     for (int i = 0; i < MAX_CBID; i++) {
         uint64_t n = atomic_load(&launches_by_cbid[i]);

@@ -2,15 +2,16 @@
 # Issue 3's open measurements in one GPU session, each step time-boxed so that a
 # 10-minute device call keeps what finished:
 #   1. host cost per BE launch on each gate path (tracked_launch_cost.py)
-#   2. BE speed with an idle HP client, configurations interleaved, with and
-#      without batched completion writes (gate_depth_cost.py --rounds)
+#   2. what the gate costs BE with no HP client, against plain MPS, interleaved over
+#      three rounds (gate_depth_cost.py --rounds 3)
 #   3. the issue's two pairs under standalone + tally, repeated with different seeds
 #
 #   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 1 2 3 (default: all)
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
 # EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_SYSTEMS (default
-# "standalone,tally") the systems of step 3, e.g. 'standalone,tally,tally[run-ahead=1]'.
+# "standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]") the systems of step 3.
+# A device that returns few files: pack OUT_DIR afterwards (tar), the raw HP latencies are dropped.
 set -u
 out=${1:?usage: issue3_evidence.sh OUT_DIR [STEPS]}
 steps=${2:-"1 2 3"}
@@ -29,13 +30,12 @@ for step in $steps; do
   1) timeout -s TERM $(( $(left) < 60 ? $(left) : 60 )) python3 benchmarks/tracked_launch_cost.py --out "$out/launch" \
        > "$out/launch.log" 2>&1
      echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
-  2) timeout -s TERM $(( $(left) < 240 ? $(left) : 240 )) python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
-       --workloads resnet50-train --seconds 6 --rounds 2 --batched --run-ahead \
-       --configs mps,tally-no-hp,idle-hp,budget-100,budget-100-batched,budget-100-run-ahead > "$out/depth.log" 2>&1
+  2) timeout -s TERM $(( $(left) < 180 ? $(left) : 180 )) python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
+       --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp > "$out/depth.log" 2>&1
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   3) for seed in ${EVIDENCE_SEEDS:-0 1 2}; do
        [ "$(left)" -lt 140 ] && { echo "step 3: seed $seed skipped ($(left) s left)" >> "$out/env.txt"; break; }
-       systems=${EVIDENCE_SYSTEMS:-standalone,tally}
+       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]}
        timeout -s TERM "$(left)" python3 -m tally bench --hp bert-infer@graph --be resnet50-train,bert-base-train \
          --systems "$systems" --arrivals poisson --duration 15 --seed "$seed" --out "$out/pairs-seed$seed" \
          > "$out/pairs-seed$seed.log" 2>&1

@@ -47,7 +47,7 @@ from tally.errors import TallyError
 
 MAGIC = int.from_bytes(b"TALLYSCB", "little")
 # Bump on any layout change; the agent refuses a scoreboard of another version.
-VERSION = 4
+VERSION = 5
 MAX_CLIENTS = 64
 MAX_LANES = 16
 CACHE_LINE = 64
@@ -176,7 +176,7 @@ LANE = _struct("tally_sb_lane", 16, "One stream's in-flight window: launched - c
      "sequence number of the last work completed (GPU, stream memory op into host-mapped memory)"),
 ])
 
-HEADER = _struct("tally_sb_header", 320, "Scoreboard header: identity, policy, daemon liveness.", [
+HEADER = _struct("tally_sb_header", 384, "Scoreboard header: identity, policy, daemon liveness.", [
     # line 0-1: written once at creation or rarely by the daemon; read by every agent
     (0, "magic", "u64", 1, "daemon", "TALLY_SB_MAGIC; written last at creation"),
     (8, "version", "u32", 1, "daemon", "TALLY_SB_VERSION"),
@@ -214,10 +214,16 @@ HEADER = _struct("tally_sb_header", 320, "Scoreboard header: identity, policy, d
     # stores do not invalidate the line BE agents read the policy from
     (192, "hp_last_launch_ns", "u64", 1, "any agent",
      "CLOCK_MONOTONIC ns of an HP launch (relaxed store; not a strict max)"),
+
     # line 4: stored by waiting BE agents (and the daemon's tick) while HP work is in
     # flight; read by BE agents. Off line 3 so HP launches never miss on it.
     (256, "hp_last_busy_ns", "u64", 1, "BE agents/daemon",
      "CLOCK_MONOTONIC ns at which HP work was last seen in flight (relaxed store; not a strict max)"),
+    # line 5: the GPU-side gate's word. The GPUs of waiting BE streams poll it over PCIe, so it
+    # has a line of its own; HP agents store it only when it is 0 (once per HP busy period).
+    (320, "hp_gate", "u64", 1, "HP agents/BE agents",
+     "GPU-side gate: an HP launch stores its time before it is enqueued; a BE agent clears it (CAS to 0) "
+     "once HP is idle. BE launches of TALLY_GPU_GATE=1 wait on the GPU for 0"),
 ])
 
 SLOT = _struct("tally_sb_slot", 384, "One client process.", [

@@ -119,6 +119,7 @@ def test_hp_joins_tracks_completions_and_releases(daemon, spawn_app, tmp_path):
         assert sb.lane(slot, 0)[1] < 4
     hp_last = sb.hp_last_launch_ns
     assert long_call <= hp_last <= seen_at
+    assert long_call <= sb.hp_gate <= seen_at  # marked for the GPU-side gate at every HP launch
     assert sb.client(slot)["last_launch_ns"] == hp_last
     go1.touch()
     app.wait_for("waiting")
@@ -294,6 +295,114 @@ def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_pat
     one_warning(r, "was held for 300 ms")
     assert r.gpu("gpu_kernels") == 3
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
+
+
+def hp_marked_busy(sb: Scoreboard) -> int:
+    """An HP client with work in flight whose launch marked the GPU-side gate (as its agent does)."""
+    slot = hp_client_in_flight(sb)
+    sb.hp_last_launch_ns = sb.hp_gate = time.monotonic_ns()
+    return slot
+
+
+def test_gpu_gate_holds_be_kernels_on_the_gpu_while_hp_is_busy(daemon, spawn_app, tmp_path):
+    """TALLY_GPU_GATE=1: BE launches return at once and are neither held nor tracked, each behind a
+    wait for the scoreboard's hp_gate to be 0; the kernels run only once HP's work completed and
+    the agent's thread cleared the word, so the program's sync returns after that."""
+    sb = daemon.sb
+    hp = hp_marked_busy(sb)
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:4:1000:s0", f"wait_file:{go}", "sync", "launch:kernel:1:0:s1",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    app.wait_for("waiting")  # all four launches returned although HP is busy
+    slot = slot_of(daemon, app.pid)
+    c = sb.client(slot)
+    assert c["launches"] == 4 and c["held_launches"] == 0
+    assert lanes(sb, slot)[0] == (0, 0)  # not tracked: the GPU holds them, not the gate
+    go.touch()
+    time.sleep(0.05)  # the sync waits; had a kernel passed its wait, the word would be 0 by now
+    assert sb.hp_gate != 0, "the agent cleared the GPU-side gate while HP work was in flight"
+    released = time.monotonic_ns()
+    sb.set_lane_completed(hp, 3, 7)
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert sb.hp_gate == 0
+    assert r.gpu("gpu_kernels") == 5
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 5
+    assert r.stats()["gpu_gate_waits"] == 5
+    assert all(ret < released for _, ret in r.launches[:4])
+    assert r.launches[4][0] > released  # the sync returned only after HP had completed
+
+
+def test_gpu_gate_adds_no_wait_without_an_hp_client(daemon, run_app):
+    r = run_app("launch:kernel:6:100:s0", "launch:graph:2:100:null", "sync",
+                env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    completed_ok(r)
+    assert r.gpu("gpu_waits_issued") == 0 and r.stats()["gpu_gate_waits"] == 0
+
+
+@pytest.mark.parametrize("stream", ["ptds", "null", "s2"])
+def test_gpu_gate_waits_on_any_stream_and_before_graphs(daemon, spawn_app, tmp_path, stream):
+    """Kernels and graphs on the per-thread default stream, the legacy stream and a created one,
+    and four threads sharing the stream: each launch has its wait, and all of them pass once HP
+    is idle."""
+    sb = daemon.sb
+    hp = hp_marked_busy(sb)
+    go = tmp_path / "go"
+    app = spawn_app(f"launch:kernel:3:200:{stream}", f"launch:graph:2:300:{stream}",
+                    f"tlaunch:4:kernel:5:100:{stream}", f"wait_file:{go}", "sync",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    app.wait_for("waiting")
+    sb.set_lane_completed(hp, 3, 7)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3 + 2 + 20
+
+
+def test_gpu_gate_fails_open_when_hp_never_completes(daemon, spawn_app):
+    """HP work that never completes: after TALLY_MAX_HOLD_MS the process fails open with the one
+    warning, and the word is cleared so that its waiting kernels run."""
+    sb = daemon.sb
+    hp_marked_busy(sb)
+    app = spawn_app("launch:kernel:3:500:s0", "sync", "launch:kernel:2:500:s0", "sync",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1", TALLY_MAX_HOLD_MS="300"))
+    r = app.finish()
+    completed_ok(r)
+    one_warning(r, "held for 300 ms", "best-effort launches are not scheduled")
+    assert r.gpu("gpu_kernels") == 5
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3  # none after failing open
+
+
+def test_gpu_gate_releases_its_kernels_when_the_daemon_dies(daemon, spawn_app):
+    sb = daemon.sb
+    timeout = 300 * MS
+    sb.daemon_timeout_ns = timeout
+    hp_marked_busy(sb)
+    app = spawn_app("launch:kernel:3:1000:s0", "sync", env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    slot = slot_of(daemon, app.pid)
+    wait_until(lambda: sb.slot_get(slot, "launches") >= 3, what="the BE launches")
+    last_beat = daemon.stop_heartbeat()
+    r = app.finish(timeout=30)
+    completed_ok(r)
+    one_warning(r, "daemon stopped responding")
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3
+    assert sb.hp_gate == 0 and time.monotonic_ns() > last_beat + timeout
+
+
+def test_gpu_gate_child_of_fork_exits(daemon, run_app):
+    """A fork while kernels wait on the GPU: the child (no clearing thread, no usable context) has
+    the GPU-side gate off and exits normally; the parent finishes once HP is idle."""
+    sb = daemon.sb
+    throttle_be(sb, 1 * MS)
+    sb.hp_gate = time.monotonic_ns()  # an HP launch just now, nothing in flight: cleared soon
+    r = run_app("launch:kernel:20:500:s0", "fork:2:0", "sync", env=daemon.env("best-effort", TALLY_GPU_GATE="1"),
+                timeout=60)
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_kernels") == 20
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 20
 
 
 def test_hp_demoted_by_the_daemon_is_gated_from_its_next_launch(daemon, spawn_app, tmp_path):

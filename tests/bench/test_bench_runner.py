@@ -287,12 +287,12 @@ def test_tally_variants_pass_their_policy_to_tally_up():
 def test_tally_variants_set_agent_switches_for_the_be_client_only():
     from tally.bench import systems
 
-    variant = systems.make_system("tally[batch-writes=1;budget-us=50;kernel-times=0;run-ahead=1]")
+    variant = systems.make_system("tally[batch-writes=1;budget-us=50;kernel-times=0;run-ahead=1;gpu-gate=1]")
     assert variant.up_args == ["--budget-us", "50"]
     variant._runtime_dir = Path("/run/x")  # what start() would have made
     be, hp = variant.launch("be").env, variant.launch("hp").env
     assert be == {"TALLY_RUNTIME_DIR": "/run/x", "TALLY_BATCH_WRITES": "1", "TALLY_KERNEL_TIMES": "0",
-                  "TALLY_RUN_AHEAD": "1"}
+                  "TALLY_RUN_AHEAD": "1", "TALLY_GPU_GATE": "1"}
     assert hp == {"TALLY_RUNTIME_DIR": "/run/x"}
     block = systems.make_system("tally-block[batch-writes=1]")
     assert block.agent_env == {"TALLY_BATCH_WRITES": "1"}

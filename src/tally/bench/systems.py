@@ -462,10 +462,10 @@ def plan_kernels(plan: Path) -> int | None:
 # `tally up` options a bench system name may set: tally[budget-us=1000;idle-window-us=2000],
 # tally-block[budget-us=25] (';' because system lists are comma-separated)
 TALLY_TUNABLES = ("idle-window-us", "budget-us", "unthrottle-ms")
-# and agent switches of the BE client (docs/operations.md): tally[batch-writes=1], tally[kernel-times=0],
-# tally[run-ahead=1]
+# and agent switches of the BE client (docs/operations.md): tally[batch-writes=1], tally[kernel-times=1],
+# tally[run-ahead=1], tally[gpu-gate=1]
 AGENT_TUNABLES = {"batch-writes": "TALLY_BATCH_WRITES", "kernel-times": "TALLY_KERNEL_TIMES",
-                  "run-ahead": "TALLY_RUN_AHEAD"}
+                  "run-ahead": "TALLY_RUN_AHEAD", "gpu-gate": "TALLY_GPU_GATE"}
 
 
 def tally_variant(name: str) -> Tally:
