@@ -375,22 +375,6 @@ def test_gpu_gate_fails_open_when_hp_never_completes(daemon, spawn_app):
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3  # none after failing open
 
 
-def test_gpu_gate_releases_its_kernels_when_the_daemon_dies(daemon, spawn_app):
-    sb = daemon.sb
-    timeout = 300 * MS
-    sb.daemon_timeout_ns = timeout
-    hp_marked_busy(sb)
-    app = spawn_app("launch:kernel:3:1000:s0", "sync", env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
-    slot = slot_of(daemon, app.pid)
-    wait_until(lambda: sb.slot_get(slot, "launches") >= 3, what="the BE launches")
-    last_beat = daemon.stop_heartbeat()
-    r = app.finish(timeout=30)
-    completed_ok(r)
-    one_warning(r, "daemon stopped responding")
-    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3
-    assert sb.hp_gate == 0 and time.monotonic_ns() > last_beat + timeout
-
-
 def test_gpu_gate_child_of_fork_exits(daemon, run_app):
     """A fork while kernels wait on the GPU: the child (no clearing thread, no usable context) has
     the GPU-side gate off and exits normally; the parent finishes once HP is idle."""
@@ -608,21 +592,29 @@ def test_a_launch_is_never_held_forever(daemon, spawn_app):
     assert r.gpu("gpu_writes_issued") == 0
 
 
-def test_daemon_dying_while_be_is_held_releases_it(daemon, spawn_app):
+@pytest.mark.parametrize("gpu_gate", [False, True])
+def test_daemon_dying_while_be_is_held_releases_it(daemon, spawn_app, gpu_gate):
+    """Held at the gate, or (TALLY_GPU_GATE=1) behind waits on the GPU: a stale heartbeat
+    releases the BE work, with one warning."""
     sb = daemon.sb
     timeout = 300 * MS
     sb.daemon_timeout_ns = timeout
-    hp_client_in_flight(sb)
-    app = spawn_app("launch:kernel:3:1000:s0", env=daemon.env("best-effort"))
+    hp_marked_busy(sb)
+    extra = {"TALLY_GPU_GATE": "1"} if gpu_gate else {}
+    app = spawn_app("launch:kernel:3:1000:s0", "sync", env=daemon.env("best-effort", **extra))
     slot = slot_of(daemon, app.pid)
-    wait_until(lambda: sb.slot_get(slot, "launches") >= 1, what="the BE launch to reach the gate")
+    wait_until(lambda: sb.slot_get(slot, "launches") >= (3 if gpu_gate else 1), what="the BE launches")
     last_beat = daemon.stop_heartbeat()
     r = app.finish(timeout=30)
     completed_ok(r)
     one_warning(r, "daemon stopped responding")
     assert len(r.launches) == 3
-    assert r.launches[0][1] > last_beat + timeout  # released because the heartbeat went stale
     assert r.gpu("gpu_writes_issued") == 0
+    if gpu_gate:  # the launches returned at once; the GPU held the kernels until the word was cleared
+        assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3
+        assert sb.hp_gate == 0 and time.monotonic_ns() > last_beat + timeout
+    else:
+        assert r.launches[0][1] > last_beat + timeout  # released because the heartbeat went stale
 
 
 # ----------------------------------------------------------- stream capture
