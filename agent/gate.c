@@ -10,6 +10,9 @@ int tally_gate_hp_inflight(const struct tally_sb_header *h) {
         const struct tally_sb_slot *s = tally_sb_slot_at(hh, i);
         if (load32(&s->state) != TALLY_SB_SLOT_ACTIVE || load32(&s->priority) != TALLY_SB_PRIO_HIGH)
             continue;
+        /* A launch between API enter and exit: its work may already run, and its lane shows it
+         * only at exit, which a large graph can reach only after the idle window is over. */
+        if (load32(&s->launching)) return 1;
         for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) {
             /* completed first: a completion can only catch up with a launch
              * already published, so this order never misses in-flight work. */

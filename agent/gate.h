@@ -3,8 +3,8 @@
  *
  * Policy (defaults in scoreboard.h, set by `tally up`):
  *   - high-priority (HP) launches are never delayed;
- *   - HP is busy while any HP lane has work in flight on the GPU, or an HP
- *     launch happened within idle_window_ns;
+ *   - HP is busy while any HP lane has work in flight on the GPU, an HP
+ *     launch call is in progress, or an HP launch happened within idle_window_ns;
  *   - a BE launch waits while HP is busy; otherwise it is admitted if its
  *     process's own BE work in flight plus its estimate stay within
  *     turnaround_budget_ns, or alone if it alone exceeds the budget;
@@ -53,7 +53,7 @@ struct tally_gate_bucket {
 
 #define TALLY_GATE_IDLE_DEPTH_NS 2000000ull
 
-/* Nonzero when some active HP client has GPU work in flight. */
+/* Nonzero when some active HP client has GPU work in flight, or a launch call in progress. */
 int tally_gate_hp_inflight(const struct tally_sb_header *h);
 
 int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns);

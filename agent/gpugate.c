@@ -7,30 +7,31 @@
  * (benchmarks/results/issue3-switches-2026-12-03d-h200). Here the GPU itself
  * stops BE work the moment HP launches:
  * - while an HP client is connected, every BE launch is preceded on its stream
- *   by a wait for the scoreboard's hp_gate word to be 0;
- * - every HP launch stores its time (nonzero) into hp_gate before it is
- *   enqueued, so each BE stream stops at its next wait;
+ *   by a wait for the top bit of its process's gate word (gpu_gate in its
+ *   scoreboard slot) to be set: open;
+ * - every HP launch closes the gate word of every BE process that uses the
+ *   gate (gpu_gate_slots in the header) by storing its time, before the launch
+ *   is enqueued, so each BE stream stops at its next wait;
  * - BE work that passed its wait still runs: the kernel running at that moment
  *   and whatever the GPU's front end had already let past its wait.
  * The BE thread is never held, and there is no turnaround budget: what BE
  * leaves in HP's way does not depend on how far ahead the program queued.
  *
- * Clearing. A thread of each BE process that uses the gate clears the word
- * once the launch-level gate would admit a BE launch with nothing in flight:
- * HP has no work in flight and has been idle for the idle window, or nobody
- * is left to protect (no HP client, another policy, the daemon dead). It clears
- * by a CAS from the value it read, so the mark of a newer HP launch is never
- * lost. Any BE process's thread may clear it: the word is one per GPU.
+ * Opening. A thread of the BE process opens its word once the launch-level
+ * gate would admit a BE launch with nothing in flight: HP has nothing in flight
+ * (launch calls in progress included) and has been idle for the idle window,
+ * or nobody is left to protect (no HP client, another policy, the daemon
+ * dead). It opens by a CAS from the value it read, so the mark of a newer HP
+ * launch is never lost. A new word is 0: closed until the thread has looked.
  *
- * Never hanging. Our waits pass once the word is 0, which our own thread sees
- * to as long as the process lives, whether or not the daemon does (a dead
- * daemon makes the word clearable). HP looking busy for TALLY_MAX_HOLD_MS
- * without a break (an HP completion write that never lands) makes the process
- * fail open as the launch-level gate does, and the word is cleared. At exit,
- * the process waits (at most TALLY_MAX_HOLD_MS) until the word is 0 before
- * CUDA tears its context down, so no stream of ours is left waiting. */
+ * Never hanging, and failing open alone. Each process has a word of its own,
+ * so it can open its waits for good without opening anyone else's: the
+ * DISABLED value is open (top bit set) and HP launches leave it alone. The
+ * process disables its word when it fails open (the daemon dead, HP looking
+ * busy for TALLY_MAX_HOLD_MS while its waits may be pending, a refused wait),
+ * and at exit, so that no stream of its is left waiting when CUDA tears the
+ * context down. */
 #define _GNU_SOURCE
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -39,18 +40,25 @@
 
 #include "sched_internal.h"
 
-#define CU_STREAM_WAIT_VALUE_EQ 0x1
-/* How often the clearing thread looks while the word is 0: it only has to have seen the
- * word set before HP goes idle again, so a request's length is the scale, not a launch's. */
-#define LOOK_WHILE_OPEN_NS 50000
-#define LOOK_WITHOUT_HP_NS 1000000
+#define CU_STREAM_WAIT_VALUE_AND 0x2
+#define GATE_OPEN (1ull << 63)
+#define GATE_DISABLED (GATE_OPEN | 1) /* open for good: HP launches do not close it */
+/* While the word is open the thread only has to see it closed before HP is idle again (a
+ * request's length away); while it is closed, how often it looks adds to BE's restart. */
+#define LOOK_WHILE_OPEN_NS 200000
+#define LOOK_WHILE_CLOSED_NS 20000
+
+enum { THREAD_NONE = 0, THREAD_STARTING, THREAD_RUNNING, THREAD_FAILED };
 
 static struct {
-    int enabled;               /* TALLY_GPU_GATE=1, a BE client, stream waits available */
-    CUdeviceptr word_device;   /* &S.sb->hp_gate on the GPU */
-    atomic_int off;            /* a wait failed or no thread: the launch-level gate again */
-    atomic_int thread_started; /* 0, 1 starting/started, -1 could not start */
-    _Atomic uint64_t waits;    /* waits enqueued (the stats file's gpu_gate_waits) */
+    int enabled;                /* TALLY_GPU_GATE=1, a BE client, stream waits available */
+    uint64_t *word;             /* our slot's gpu_gate */
+    CUdeviceptr word_device;    /* the same on the GPU */
+    uint64_t slot_bit;          /* our bit in gpu_gate_slots */
+    atomic_int thread;          /* THREAD_*: waits are enqueued only while it runs */
+    atomic_int disabled;
+    _Atomic uint64_t waits;     /* waits enqueued (the stats file's gpu_gate_waits) */
+    _Atomic uint64_t last_wait_ns;
 } GG;
 
 static void nap(uint64_t ns) {
@@ -58,39 +66,60 @@ static void nap(uint64_t ns) {
     nanosleep(&ts, NULL);
 }
 
-/* Clears the word when the launch-level gate says HP is not busy; 1 when it is 0 afterwards. */
-static int clear_if_hp_idle(uint64_t word, uint64_t now, enum tally_gate_decision *d) {
-    *d = tally_gate_decide(S.sb, now, 0, 0, 0);
-    if (*d == TALLY_GATE_WAIT_HP) return 0;
-    __atomic_compare_exchange_n(&S.sb->hp_gate, &word, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-    return 1;
+/* For good: our waits pass from now on, and HP launches stop closing the word. */
+void gpugate_disable(void) {
+    if (!GG.enabled || atomic_exchange(&GG.disabled, 1)) return;
+    __atomic_fetch_and(&S.sb->gpu_gate_slots, ~GG.slot_bit, __ATOMIC_SEQ_CST);
+    __atomic_store_n(GG.word, GATE_DISABLED, __ATOMIC_SEQ_CST);
 }
 
-static void *clearing_thread(void *unused) {
+/* HP launch path, before the launch is enqueued: close every BE gate word in use. */
+void gpugate_close_all(uint64_t now) {
+    uint64_t slots = __atomic_load_n(&S.sb->gpu_gate_slots, __ATOMIC_SEQ_CST);
+    while (slots) {
+        uint32_t i = (uint32_t)__builtin_ctzll(slots);
+        slots &= slots - 1;
+        uint64_t *word = &tally_sb_slot_at(S.sb, i)->gpu_gate;
+        uint64_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        /* A CAS, not a store: a word disabled in between stays open. Any change of value makes
+         * an opener's CAS from what it read fail, so an older time is as good a mark. */
+        while (old != GATE_DISABLED &&
+               !__atomic_compare_exchange_n(word, &old, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+        }
+    }
+}
+
+static void *opening_thread(void *unused) {
     (void)unused;
-    uint64_t busy_since = 0;
-    for (;;) {
-        uint64_t word = __atomic_load_n(&S.sb->hp_gate, __ATOMIC_ACQUIRE);
+    uint64_t closed_since = 0;
+    while (!atomic_load(&GG.disabled)) {
+        uint64_t word = __atomic_load_n(GG.word, __ATOMIC_ACQUIRE);
         uint64_t now = tally_now_ns();
-        if (word == 0) {
-            busy_since = 0;
-            nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
+        if (word & GATE_OPEN) {
+            closed_since = 0;
+            nap(LOOK_WHILE_OPEN_NS);
             continue;
         }
-        if (!busy_since) busy_since = now;
-        enum tally_gate_decision d;
-        if (clear_if_hp_idle(word, now, &d)) {
+        if (!closed_since) closed_since = now;
+        enum tally_gate_decision d = tally_gate_decide(S.sb, now, 0, 0, 0);
+        if (d == TALLY_GATE_DAEMON_DEAD) {
             warn_if_daemon_dead(d);
-            busy_since = 0;
+            gpugate_disable();
+            break;
+        }
+        if (d != TALLY_GATE_WAIT_HP) {
+            __atomic_compare_exchange_n(GG.word, &word, GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
             continue;
         }
-        if (now - busy_since >= S.max_hold_ns) {
-            if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; no more waits of ours */
-            __atomic_compare_exchange_n(&S.sb->hp_gate, &word, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-            busy_since = 0;
-            continue;
+        /* Closed for the max hold: fail open only if waits of ours may be stuck behind it (one
+         * enqueued since shortly before it closed); a process not launching has nothing held. */
+        if (now - closed_since >= S.max_hold_ns &&
+            atomic_load(&GG.last_wait_ns) + S.max_hold_ns >= closed_since) {
+            if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
+            gpugate_disable();
+            break;
         }
-        gate_pause(now - busy_since, 1);
+        nap(LOOK_WHILE_CLOSED_NS);
     }
     return NULL;
 }
@@ -98,50 +127,61 @@ static void *clearing_thread(void *unused) {
 void gpugate_init(void) {
     const char *env = getenv("TALLY_GPU_GATE");
     GG.enabled = env && strcmp(env, "1") == 0 && drv.stream_wait_value64 != NULL;
-    GG.word_device = S.sb_device + offsetof(struct tally_sb_header, hp_gate);
+    if (!GG.enabled) return;
+    uint32_t index = (uint32_t)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
+    GG.word = &S.slot->gpu_gate;
+    GG.word_device = S.sb_device + (CUdeviceptr)((char *)GG.word - (char *)S.sb);
+    GG.slot_bit = 1ull << index;
 }
 
-int gpugate_try(const struct tally_launch *launch) {
-    /* Not trackable: the stream is not known (a multi-device launch), so there is none to wait on. */
-    if (!GG.enabled || !launch->trackable || atomic_load_explicit(&GG.off, memory_order_relaxed)) return 0;
-    if (__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY) return 0;
-    if (atomic_load(&GG.thread_started) <= 0) {
-        int expected = 0;
-        if (atomic_compare_exchange_strong(&GG.thread_started, &expected, 1) &&
-            !tally_spawn_detached(clearing_thread))
-            atomic_store(&GG.thread_started, -1);
-        if (atomic_load(&GG.thread_started) < 0) { /* nobody would clear the word for our waits */
-            if (!atomic_exchange(&GG.off, 1))
-                tally_warn("TALLY_GPU_GATE: cannot start the agent's thread; best-effort launches are "
-                           "gated at launch instead");
-            return 0;
-        }
+/* The first gated launch starts the thread; launches before it runs take the launch-level gate. */
+static int thread_running(void) {
+    int t = atomic_load(&GG.thread);
+    if (t == THREAD_RUNNING) return 1;
+    if (t != THREAD_NONE) return 0;
+    if (!atomic_compare_exchange_strong(&GG.thread, &t, THREAD_STARTING)) return 0;
+    /* Closed until the thread has looked at HP (a claimed slot's word is 0 already), then
+     * marked by HP launches from here on. */
+    __atomic_store_n(GG.word, 0, __ATOMIC_SEQ_CST);
+    __atomic_fetch_or(&S.sb->gpu_gate_slots, GG.slot_bit, __ATOMIC_SEQ_CST);
+    if (!tally_spawn_detached(opening_thread)) {
+        atomic_store(&GG.thread, THREAD_FAILED);
+        tally_warn("TALLY_GPU_GATE: cannot start the agent's thread; best-effort launches are gated at "
+                   "launch instead");
+        gpugate_disable();
+        return 0;
     }
-    if (drv.stream_wait_value64(launch->stream, GG.word_device, 0, CU_STREAM_WAIT_VALUE_EQ) != CUDA_SUCCESS) {
-        if (!atomic_exchange(&GG.off, 1))
+    atomic_store(&GG.thread, THREAD_RUNNING);
+    return 1;
+}
+
+int gpugate_try(const struct tally_launch *launch, uint64_t now) {
+    /* Not trackable: the stream is not known (a multi-device launch), so there is none to wait on. */
+    if (!GG.enabled || !launch->trackable || atomic_load_explicit(&GG.disabled, memory_order_relaxed)) return 0;
+    if (__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY) return 0;
+    if (!tally_gate_daemon_alive(S.sb, now)) {
+        warn_if_daemon_dead(TALLY_GATE_DAEMON_DEAD);
+        gpugate_disable();
+        return 0;
+    }
+    if (!thread_running()) return 0;
+    atomic_store_explicit(&GG.last_wait_ns, now, memory_order_relaxed);
+    if (drv.stream_wait_value64(launch->stream, GG.word_device, GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
+        CUDA_SUCCESS) {
+        if (!atomic_load(&GG.disabled))
             tally_warn("TALLY_GPU_GATE: the driver refused a stream wait; best-effort launches are gated at "
                        "launch instead");
+        gpugate_disable();
         return 0;
     }
     atomic_fetch_add_explicit(&GG.waits, 1, memory_order_relaxed);
     return 1;
 }
 
-void gpugate_exit(void) {
-    if (!GG.enabled || atomic_load(&GG.waits) == 0 || !S.sb) return;
-    uint64_t since = tally_now_ns();
-    for (;;) {
-        uint64_t word = __atomic_load_n(&S.sb->hp_gate, __ATOMIC_ACQUIRE);
-        uint64_t now = tally_now_ns();
-        enum tally_gate_decision d;
-        if (word == 0 || clear_if_hp_idle(word, now, &d) || now - since >= S.max_hold_ns) return;
-        gate_pause(now - since, 1);
-    }
-}
-
 void gpugate_after_fork(void) {
-    GG.enabled = 0; /* the child has neither the thread nor a usable context */
-    atomic_store(&GG.thread_started, 0);
+    /* The child has neither the thread nor a usable context, nor the parent's slot. */
+    GG.enabled = 0;
+    atomic_store(&GG.thread, THREAD_NONE);
     atomic_store(&GG.waits, 0);
 }
 

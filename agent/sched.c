@@ -57,6 +57,7 @@ int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) 
 
 static void give_up(const char *why) {
     runahead_release_all(); /* nothing may stay queued behind a wait once the gate is gone */
+    gpugate_disable();
     atomic_store(&S.state, UNGATED);
     tally_warn("%s; %s launches are not scheduled", why,
                S.priority == TALLY_SB_PRIO_HIGH ? "high-priority" : "best-effort");
@@ -891,6 +892,7 @@ static void demoted(void) {
 
 void tally_sched_launch_enter(const struct tally_launch *launch) {
     pending.track = 0;
+    pending.launching = 0;
     pending.ra = NULL;
     pending.in_place = 0;
     if (S.priority < 0) return;
@@ -921,17 +923,17 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     if (launch->trackable && capturing(launch->stream)) return; /* recorded into a graph, runs later */
     if (S.priority == TALLY_SB_PRIO_HIGH) {
         /* Busy from before the launch is enqueued until its completion is written. */
+        __atomic_add_fetch(&slot->launching, 1, __ATOMIC_SEQ_CST); /* until its lane shows it */
+        pending.launching = 1;
         __atomic_store_n(&S.sb->hp_last_launch_ns, now, __ATOMIC_RELEASE);
-        /* The GPU-side gate: BE streams stop at their next wait (gpugate.c). Stored on every
-         * launch, not only when 0: a clearer's CAS from an older mark must fail. */
-        __atomic_store_n(&S.sb->hp_gate, now, __ATOMIC_RELEASE);
+        gpugate_close_all(now); /* BE streams of the GPU-side gate stop at their next wait */
         hp_busy_period(previous_launch_ns, now);
         pending.track = launch->trackable;
         pending.be = 0;
         return;
     }
     pending.be = 1;
-    if (!(launch->rewrite && tally_blocksched_enabled()) && gpugate_try(launch))
+    if (!(launch->rewrite && tally_blocksched_enabled()) && gpugate_try(launch, now))
         return; /* waits on the GPU for HP to be idle: neither held nor tracked here */
     if (launch->rewrite && tally_blocksched_enabled()) runahead_drain(); /* slices are gated in place */
     if (launch->rewrite && tally_blocksched_enabled() &&
@@ -1038,6 +1040,10 @@ static void track_launch(const struct tally_launch *launch, CUresult result) {
 
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result) {
     track_launch(launch, result);
+    if (pending.launching) { /* after track_launch: its lane shows the work from now on */
+        pending.launching = 0;
+        if (S.slot) __atomic_sub_fetch(&S.slot->launching, 1, __ATOMIC_SEQ_CST);
+    }
     /* Last: its kernel and completion write are in the stream now, so a run-ahead wait may
      * follow them. */
     runahead_exit();
@@ -1050,7 +1056,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
  * can never lower a new owner's completed_seq. */
 void tally_sched_exit(void) {
     runahead_release_all(); /* before CUDA tears the context down: no stream may be left waiting */
-    gpugate_exit();
+    gpugate_disable();
     if (atomic_load(&S.state) != JOINED || !S.slot) return;
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
         uint64_t a = __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);

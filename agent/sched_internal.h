@@ -122,6 +122,7 @@ struct sched_pending {
     int in_place;          /* run-ahead: counted in RA.in_place until its API exit */
     int held, alone;       /* be_wait_at_gate: the launch waited; it was admitted alone (long_kernels) */
     int idle;              /* be_wait_at_gate: admitted under the idle depth (HP idle for unthrottle_after) */
+    int launching;         /* HP: counted in the slot's launching until the API exit */
     uint64_t now;          /* launch_enter's clock, for the lane's last_used_ns */
     uintptr_t ptds_key;    /* this thread's per-thread default stream's lane key; 0 until first used */
 };
@@ -154,8 +155,9 @@ void runahead_exit(void);                 /* the end of every API exit */
 
 /* gpugate.c (TALLY_GPU_GATE=1), for the same ways in and out. */
 void gpugate_init(void);                  /* join, for a BE client */
-int gpugate_try(const struct tally_launch *launch); /* launch_enter: 1 when the launch waits on the GPU */
-void gpugate_exit(void);                  /* process exit: no stream of ours left waiting */
+int gpugate_try(const struct tally_launch *launch, uint64_t now); /* launch_enter: 1 = waits on the GPU */
+void gpugate_close_all(uint64_t now);     /* an HP launch, before it is enqueued */
+void gpugate_disable(void);               /* failing open and process exit: our waits pass for good */
 void gpugate_after_fork(void);            /* tally_sched_after_fork */
 
 #pragma GCC visibility pop

@@ -27,15 +27,15 @@
 #define TALLY_SB_GPU_UUID_LEN 48u
 #define TALLY_SB_COMM_LEN 16u
 #define TALLY_SB_HEADER_SIZE 384u
-#define TALLY_SB_SLOT_SIZE 384u
+#define TALLY_SB_SLOT_SIZE 448u
 #define TALLY_SB_LANE_SIZE 16u
 #define TALLY_SB_SLO_SIZE 768u
-#define TALLY_SB_SLO_AREA_OFFSET 24960u /* struct tally_sb_slo_status */
-#define TALLY_SB_SLO_RECORDS_OFFSET 25024u /* struct tally_sb_slo of slot i: + i * SLO_SIZE */
+#define TALLY_SB_SLO_AREA_OFFSET 29056u /* struct tally_sb_slo_status */
+#define TALLY_SB_SLO_RECORDS_OFFSET 29120u /* struct tally_sb_slo of slot i: + i * SLO_SIZE */
 #define TALLY_SB_SLO_HIST_BUCKETS 94u
 #define TALLY_SB_SLO_HIST_PER_OCTAVE 4u
 #define TALLY_SB_SLO_HIST_MIN_LOG2 13u /* bucket 0: below 2^this ns */
-#define TALLY_SB_TOTAL_SIZE 77824u /* file size, whole pages */
+#define TALLY_SB_TOTAL_SIZE 81920u /* file size, whole pages */
 #define TALLY_SB_NAME_PREFIX "tally-"
 #define TALLY_SB_PREFIX_ENV "TALLY_SCOREBOARD_PREFIX"
 
@@ -100,7 +100,7 @@ struct tally_sb_header {
     uint8_t _pad200[56];
     uint64_t hp_last_busy_ns;                /* @256 BE agents/daemon: CLOCK_MONOTONIC ns at which HP work was last seen in flight (relaxed store; not a strict max) */
     uint8_t _pad264[56];
-    uint64_t hp_gate;                        /* @320 HP agents/BE agents: GPU-side gate: an HP launch stores its time before it is enqueued; a BE agent clears it (CAS to 0) once HP is idle. BE launches of TALLY_GPU_GATE=1 wait on the GPU for 0 */
+    uint64_t gpu_gate_slots;                 /* @320 BE agents: bit i: slot i's BE process uses the GPU-side gate (TALLY_GPU_GATE=1): HP launches close its gpu_gate */
     uint8_t _pad328[56];
 };
 _Static_assert(sizeof(struct tally_sb_header) == 384, "tally_sb_header size");
@@ -129,7 +129,7 @@ _Static_assert(offsetof(struct tally_sb_header, hp_rate_per_s) == 176, "tally_sb
 _Static_assert(offsetof(struct tally_sb_header, hp_standalone_rate_per_s) == 184, "tally_sb_header.hp_standalone_rate_per_s offset");
 _Static_assert(offsetof(struct tally_sb_header, hp_last_launch_ns) == 192, "tally_sb_header.hp_last_launch_ns offset");
 _Static_assert(offsetof(struct tally_sb_header, hp_last_busy_ns) == 256, "tally_sb_header.hp_last_busy_ns offset");
-_Static_assert(offsetof(struct tally_sb_header, hp_gate) == 320, "tally_sb_header.hp_gate offset");
+_Static_assert(offsetof(struct tally_sb_header, gpu_gate_slots) == 320, "tally_sb_header.gpu_gate_slots offset");
 
 /* One client process. */
 struct tally_sb_slot {
@@ -151,8 +151,11 @@ struct tally_sb_slot {
     uint64_t busy_periods;                   /* @112 agent: HP: busy periods started (a launch with nothing in flight after > idle_window_ns without launches) */
     uint64_t sliced_launches;                /* @120 agent: BE: launches run as slices of a transformed kernel (block-level scheduling) */
     struct tally_sb_lane lanes[TALLY_SB_MAX_LANES]; /* @128 agent/gpu: per-stream sequence numbers */
+    uint64_t gpu_gate;                       /* @384 HP agents/BE agent: BE, GPU-side gate: top bit set = open (BE launches wait on the GPU for it); an HP launch closes it by storing its time; the owner opens it once HP is idle, for good when it stops using the gate */
+    uint32_t launching;                      /* @392 agent: HP: launch API calls between enter and exit, whose work is in flight before any lane shows it */
+    uint8_t _pad396[52];
 };
-_Static_assert(sizeof(struct tally_sb_slot) == 384, "tally_sb_slot size");
+_Static_assert(sizeof(struct tally_sb_slot) == 448, "tally_sb_slot size");
 _Static_assert(offsetof(struct tally_sb_slot, state) == 0, "tally_sb_slot.state offset");
 _Static_assert(offsetof(struct tally_sb_slot, priority) == 4, "tally_sb_slot.priority offset");
 _Static_assert(offsetof(struct tally_sb_slot, pid) == 8, "tally_sb_slot.pid offset");
@@ -171,6 +174,8 @@ _Static_assert(offsetof(struct tally_sb_slot, busy_start_ns) == 104, "tally_sb_s
 _Static_assert(offsetof(struct tally_sb_slot, busy_periods) == 112, "tally_sb_slot.busy_periods offset");
 _Static_assert(offsetof(struct tally_sb_slot, sliced_launches) == 120, "tally_sb_slot.sliced_launches offset");
 _Static_assert(offsetof(struct tally_sb_slot, lanes) == 128, "tally_sb_slot.lanes offset");
+_Static_assert(offsetof(struct tally_sb_slot, gpu_gate) == 384, "tally_sb_slot.gpu_gate offset");
+_Static_assert(offsetof(struct tally_sb_slot, launching) == 392, "tally_sb_slot.launching offset");
 
 /* SLO mode's state, at the start of the SLO area (monitoring: read by status and metrics, not by agents). */
 struct tally_sb_slo_status {

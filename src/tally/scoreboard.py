@@ -219,14 +219,13 @@ HEADER = _struct("tally_sb_header", 384, "Scoreboard header: identity, policy, d
     # flight; read by BE agents. Off line 3 so HP launches never miss on it.
     (256, "hp_last_busy_ns", "u64", 1, "BE agents/daemon",
      "CLOCK_MONOTONIC ns at which HP work was last seen in flight (relaxed store; not a strict max)"),
-    # line 5: the GPU-side gate's word. The GPUs of waiting BE streams poll it over PCIe, so it
-    # has a line of its own; HP agents store it only when it is 0 (once per HP busy period).
-    (320, "hp_gate", "u64", 1, "HP agents/BE agents",
-     "GPU-side gate: an HP launch stores its time before it is enqueued; a BE agent clears it (CAS to 0) "
-     "once HP is idle. BE launches of TALLY_GPU_GATE=1 wait on the GPU for 0"),
+    # line 5: written by BE agents when they start or stop using the GPU-side gate; read by HP
+    # agents on every launch (a line that rarely changes stays in their caches)
+    (320, "gpu_gate_slots", "u64", 1, "BE agents",
+     "bit i: slot i's BE process uses the GPU-side gate (TALLY_GPU_GATE=1): HP launches close its gpu_gate"),
 ])
 
-SLOT = _struct("tally_sb_slot", 384, "One client process.", [
+SLOT = _struct("tally_sb_slot", 448, "One client process.", [
     # line 0: identity and the owner's counters
     (0, "state", "u32", 1, "agent/daemon", "TALLY_SB_SLOT_*; claimed by CAS 0 -> 1"),
     (4, "priority", "u32", 1, "agent", "TALLY_SB_PRIO_*"),
@@ -253,6 +252,13 @@ SLOT = _struct("tally_sb_slot", 384, "One client process.", [
      "BE: launches run as slices of a transformed kernel (block-level scheduling)"),
     # lines 2-5
     (128, "lanes", "tally_sb_lane", MAX_LANES, "agent/gpu", "per-stream sequence numbers"),
+    # line 6: a BE slot's gate word, which the GPU polls over PCIe while BE streams wait on it;
+    # an HP slot's launches in progress (a slot is one or the other, so the line is never both)
+    (384, "gpu_gate", "u64", 1, "HP agents/BE agent",
+     "BE, GPU-side gate: top bit set = open (BE launches wait on the GPU for it); an HP launch closes it "
+     "by storing its time; the owner opens it once HP is idle, for good when it stops using the gate"),
+    (392, "launching", "u32", 1, "agent",
+     "HP: launch API calls between enter and exit, whose work is in flight before any lane shows it"),
 ])
 
 SLO_STATUS = _struct("tally_sb_slo_status", 64, "SLO mode's state, at the start of the SLO area "

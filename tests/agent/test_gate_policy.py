@@ -115,6 +115,19 @@ def test_no_high_priority_client_means_ungated(gate, board):
     assert decide(gate, board, clock.at(10 * US), inflight=10**9, est=10**9) == UNGATED
 
 
+def test_an_hp_launch_call_in_progress_holds_best_effort(gate, board):
+    """Between an HP launch's API enter and exit its lane does not show the work yet; a launch
+    that takes longer than the idle window (a large graph) still counts as HP busy."""
+    clock = Clock(board)
+    i = add_hp(board, -10_000 * US, clock)
+    assert decide(gate, board, clock.at(0)) == ADMIT
+    board.slot_set(i, "launching", 1)
+    assert decide(gate, board, clock.at(0)) == WAIT_HP
+    board.slot_set(i, "launching", 0)
+    assert decide(gate, board, clock.at(50 * US)) == WAIT_HP  # idle only from when it was seen busy
+    assert decide(gate, board, clock.at(100 * US)) == ADMIT
+
+
 def test_hp_work_in_flight_holds_best_effort(gate, board):
     clock = Clock(board)
     i = add_hp(board, -10_000 * US, clock, launched=7, completed=6)

@@ -119,7 +119,6 @@ def test_hp_joins_tracks_completions_and_releases(daemon, spawn_app, tmp_path):
         assert sb.lane(slot, 0)[1] < 4
     hp_last = sb.hp_last_launch_ns
     assert long_call <= hp_last <= seen_at
-    assert long_call <= sb.hp_gate <= seen_at  # marked for the GPU-side gate at every HP launch
     assert sb.client(slot)["last_launch_ns"] == hp_last
     go1.touch()
     app.wait_for("waiting")
@@ -297,19 +296,16 @@ def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_pat
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
 
 
-def hp_marked_busy(sb: Scoreboard) -> int:
-    """An HP client with work in flight whose launch marked the GPU-side gate (as its agent does)."""
-    slot = hp_client_in_flight(sb)
-    sb.hp_last_launch_ns = sb.hp_gate = time.monotonic_ns()
-    return slot
+GATE_OPEN = 1 << 63
+GATE_DISABLED = GATE_OPEN | 1
 
 
 def test_gpu_gate_holds_be_kernels_on_the_gpu_while_hp_is_busy(daemon, spawn_app, tmp_path):
     """TALLY_GPU_GATE=1: BE launches return at once and are neither held nor tracked, each behind a
-    wait for the scoreboard's hp_gate to be 0; the kernels run only once HP's work completed and
-    the agent's thread cleared the word, so the program's sync returns after that."""
+    wait for its slot's gate word to be open; the word stays closed while HP work is in flight,
+    the agent's thread opens it once HP is idle, and only then does the program's sync return."""
     sb = daemon.sb
-    hp = hp_marked_busy(sb)
+    hp = hp_client_in_flight(sb)
     go = tmp_path / "go"
     app = spawn_app("launch:kernel:4:1000:s0", f"wait_file:{go}", "sync", "launch:kernel:1:0:s1",
                     env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
@@ -318,20 +314,50 @@ def test_gpu_gate_holds_be_kernels_on_the_gpu_while_hp_is_busy(daemon, spawn_app
     c = sb.client(slot)
     assert c["launches"] == 4 and c["held_launches"] == 0
     assert lanes(sb, slot)[0] == (0, 0)  # not tracked: the GPU holds them, not the gate
+    assert sb.gpu_gate_slots == 1 << slot
     go.touch()
-    time.sleep(0.05)  # the sync waits; had a kernel passed its wait, the word would be 0 by now
-    assert sb.hp_gate != 0, "the agent cleared the GPU-side gate while HP work was in flight"
+    time.sleep(0.05)  # the sync waits; a kernel that passed its wait would need the word open
+    assert not sb.slot_get(slot, "gpu_gate") & GATE_OPEN, "the agent opened its gate while HP was busy"
     released = time.monotonic_ns()
     sb.set_lane_completed(hp, 3, 7)
     r = app.finish()
     completed_ok(r)
     assert r.stderr == ""
-    assert sb.hp_gate == 0
     assert r.gpu("gpu_kernels") == 5
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 5
     assert r.stats()["gpu_gate_waits"] == 5
     assert all(ret < released for _, ret in r.launches[:4])
     assert r.launches[4][0] > released  # the sync returned only after HP had completed
+    assert sb.gpu_gate_slots == 0  # left at exit
+
+
+def test_gpu_gate_is_closed_by_real_hp_launches(daemon, spawn_app, tmp_path):
+    """Two agents: the HP program's launch closes the BE program's gate word before the HP kernel
+    is enqueued, and the BE kernels launched then run only after the HP kernel completed."""
+    sb = daemon.sb
+    sb.idle_window_ns = 0
+    hp_go, be_go = tmp_path / "hp_go", tmp_path / "be_go"
+    hp = spawn_app("launch:kernel:1:100:s0", "sync", f"wait_file:{hp_go}", "launch:kernel:1:300000:s0", "sync",
+                   env=daemon.env("high"))
+    hp.wait_for("waiting")
+    sb.hp_active = 1  # what the daemon's tick would count
+    be = spawn_app("launch:kernel:1:100:s0", "sync", f"wait_file:{be_go}", "launch:kernel:3:1000:s0", "sync",
+                   "launch:kernel:1:0:s1", env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    be.wait_for("waiting")  # the first kernel ran: the word was opened with HP idle
+    be_slot = slot_of(daemon, be.pid)
+    assert sb.slot_get(be_slot, "gpu_gate") & GATE_OPEN
+    hp_go.touch()
+    hp_call = int(re.search(r"launch i=1 call_ns=(\d+)", hp.wait_for("launch i=1")).group(1))
+    word = sb.slot_get(be_slot, "gpu_gate")
+    assert not word & GATE_OPEN and word >= hp_call  # closed with the HP launch's time
+    be_go.touch()
+    r_be = be.finish()
+    completed_ok(r_be)
+    r_hp = hp.finish()
+    completed_ok(r_hp)
+    assert r_be.stderr == "" and r_hp.stderr == ""
+    assert r_be.launches[-1][0] > hp_call + 300 * MS  # BE's sync returned after the 300 ms HP kernel
+    assert r_be.gpu("gpu_waits_issued") == r_be.gpu("gpu_waits_done") == 5
 
 
 def test_gpu_gate_adds_no_wait_without_an_hp_client(daemon, run_app):
@@ -347,7 +373,7 @@ def test_gpu_gate_waits_on_any_stream_and_before_graphs(daemon, spawn_app, tmp_p
     and four threads sharing the stream: each launch has its wait, and all of them pass once HP
     is idle."""
     sb = daemon.sb
-    hp = hp_marked_busy(sb)
+    hp = hp_client_in_flight(sb)
     go = tmp_path / "go"
     app = spawn_app(f"launch:kernel:3:200:{stream}", f"launch:graph:2:300:{stream}",
                     f"tlaunch:4:kernel:5:100:{stream}", f"wait_file:{go}", "sync",
@@ -361,26 +387,48 @@ def test_gpu_gate_waits_on_any_stream_and_before_graphs(daemon, spawn_app, tmp_p
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3 + 2 + 20
 
 
-def test_gpu_gate_fails_open_when_hp_never_completes(daemon, spawn_app):
-    """HP work that never completes: after TALLY_MAX_HOLD_MS the process fails open with the one
-    warning, and the word is cleared so that its waiting kernels run."""
+def test_gpu_gate_fails_open_alone_when_hp_never_completes(daemon, spawn_app):
+    """HP work that never completes: after its TALLY_MAX_HOLD_MS a process fails open with the one
+    warning and its own kernels run; another BE process with a longer hold stays held until HP
+    completes, and gets no warning."""
     sb = daemon.sb
-    hp_marked_busy(sb)
-    app = spawn_app("launch:kernel:3:500:s0", "sync", "launch:kernel:2:500:s0", "sync",
-                    env=daemon.env("best-effort", TALLY_GPU_GATE="1", TALLY_MAX_HOLD_MS="300"))
-    r = app.finish()
+    hp = hp_client_in_flight(sb)
+    patient = spawn_app("launch:kernel:2:500:s0", "sync", "launch:kernel:1:0:s1",
+                        env=daemon.env("best-effort", TALLY_GPU_GATE="1", TALLY_MAX_HOLD_MS="60000"))
+    quick = spawn_app("launch:kernel:3:500:s0", "sync", "launch:kernel:2:500:s0", "sync",
+                      env=daemon.env("best-effort", TALLY_GPU_GATE="1", TALLY_MAX_HOLD_MS="300"))
+    r = quick.finish()
     completed_ok(r)
     one_warning(r, "held for 300 ms", "best-effort launches are not scheduled")
     assert r.gpu("gpu_kernels") == 5
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3  # none after failing open
+    time.sleep(0.1)
+    assert not patient.printed("fake_app: launch i=2"), "the other BE process was released too"
+    released = time.monotonic_ns()
+    sb.set_lane_completed(hp, 3, 7)
+    r = patient.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.launches[2][0] > released
+
+
+def test_gpu_gate_exit_while_hp_is_busy_leaves_nothing_waiting(daemon, run_app):
+    """A program that exits with kernels still waiting behind a closed gate (HP busy, no sync):
+    its exit opens its word for good, so CUDA's teardown finds nothing waiting; no warning."""
+    sb = daemon.sb
+    hp_client_in_flight(sb)
+    r = run_app("launch:kernel:2:100:s0", "exit:0", env=daemon.env("best-effort", TALLY_GPU_GATE="1",
+                                                                    TALLY_MAX_HOLD_MS="600000"), timeout=30)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.gpu("gpu_waits_issued") == 2
+    slot = next(i for i in range(MAX_CLIENTS) if sb.slot_get(i, "gpu_gate") == GATE_DISABLED)
+    assert sb.slot_state(slot) == sbmod.SLOT_REPAIRING and sb.gpu_gate_slots == 0
 
 
 def test_gpu_gate_child_of_fork_exits(daemon, run_app):
-    """A fork while kernels wait on the GPU: the child (no clearing thread, no usable context) has
+    """A fork while kernels wait on the GPU: the child (no thread, no usable context, no slot) has
     the GPU-side gate off and exits normally; the parent finishes once HP is idle."""
-    sb = daemon.sb
-    throttle_be(sb, 1 * MS)
-    sb.hp_gate = time.monotonic_ns()  # an HP launch just now, nothing in flight: cleared soon
+    throttle_be(daemon.sb, 1 * MS)
     r = run_app("launch:kernel:20:500:s0", "fork:2:0", "sync", env=daemon.env("best-effort", TALLY_GPU_GATE="1"),
                 timeout=60)
     completed_ok(r)
@@ -599,7 +647,7 @@ def test_daemon_dying_while_be_is_held_releases_it(daemon, spawn_app, gpu_gate):
     sb = daemon.sb
     timeout = 300 * MS
     sb.daemon_timeout_ns = timeout
-    hp_marked_busy(sb)
+    hp_client_in_flight(sb)
     extra = {"TALLY_GPU_GATE": "1"} if gpu_gate else {}
     app = spawn_app("launch:kernel:3:1000:s0", "sync", env=daemon.env("best-effort", **extra))
     slot = slot_of(daemon, app.pid)
@@ -612,7 +660,7 @@ def test_daemon_dying_while_be_is_held_releases_it(daemon, spawn_app, gpu_gate):
     assert r.gpu("gpu_writes_issued") == 0
     if gpu_gate:  # the launches returned at once; the GPU held the kernels until the word was cleared
         assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3
-        assert sb.hp_gate == 0 and time.monotonic_ns() > last_beat + timeout
+        assert sb.gpu_gate_slots == 0 and time.monotonic_ns() > last_beat + timeout
     else:
         assert r.launches[0][1] > last_beat + timeout  # released because the heartbeat went stale
 

@@ -18,7 +18,7 @@ def test_naming_rule_uses_uid_and_overridable_dir(shm_dir):
 def test_create_writes_header_and_private_file(board):
     h = board.header()
     assert h["magic"] == sb.MAGIC and h["version"] == sb.VERSION
-    assert (h["header_size"], h["slot_size"], h["max_clients"], h["max_lanes"]) == (384, 384, 64, 16)
+    assert (h["header_size"], h["slot_size"], h["max_clients"], h["max_lanes"]) == (384, 448, 64, 16)
     assert h["gpu_uuid"] == "GPU-test-0000"
     assert h["daemon_pid"] == os.getpid()
     assert h["policy"] == sb.POLICY_TALLY

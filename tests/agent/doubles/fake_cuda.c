@@ -12,9 +12,9 @@
  * calling thread's current duration (fake_cuda_set_kernel_duration_us; 0 by
  * default: a zero-length kernel on an idle stream completes at once, without
  * the queue); cuStreamWriteValue64 enqueues a 64-bit store into host memory
- * registered with cuMemHostRegister, and cuStreamWaitValue64 (GEQ or EQ) a
+ * registered with cuMemHostRegister, and cuStreamWaitValue64 (GEQ or AND) a
  * wait on such memory that holds the rest of its stream until the word is
- * large enough (GEQ) or equal to the value (EQ). A background "GPU" thread runs the
+ * large enough (GEQ) or has a bit of the value set (AND). A background "GPU" thread runs the
  * streams concurrently, each in order: it sleeps through kernels and then
  * performs stores with release semantics, so completions arrive later,
  * asynchronously, in stream order. The legacy default stream (NULL or
@@ -170,8 +170,8 @@ typedef struct work {
     uint64_t end_ns;      /* kernel, once it reached the head of its stream */
     int started;
     uint64_t *address; /* write; wait: the word waited on */
-    uint64_t value;    /* write: stored; wait: the stream goes on once the word is >= this (or == with eq) */
-    int eq;            /* wait: CU_STREAM_WAIT_VALUE_EQ */
+    uint64_t value;    /* write: stored; wait: the stream goes on once the word is >= this (or & this) */
+    int and_mask;      /* wait: CU_STREAM_WAIT_VALUE_AND */
 } work;
 
 typedef struct {
@@ -275,7 +275,7 @@ static void *gpu_main(void *arg) {
                     /* Host writes do not wake this thread: poll the word every 20 us, as a GPU's
                      * front end polls a semaphore. */
                     uint64_t word = __atomic_load_n(w->address, __ATOMIC_ACQUIRE);
-                    if (w->eq ? word != w->value : word < w->value) {
+                    if (w->and_mask ? (word & w->value) == 0 : word < w->value) {
                         if (now + 20000 < next) next = now + 20000;
                         break;
                     }
@@ -538,10 +538,10 @@ EXPORT CUresult cuStreamIsCapturing(CUstream s, int *status) {
 }
 
 /* gpu.lock is held. */
-static void enqueue_memop(gpu_stream *q, int kind, uint64_t *address, uint64_t value, int eq) {
+static void enqueue_memop(gpu_stream *q, int kind, uint64_t *address, uint64_t value, int and_mask) {
     work *w = calloc(1, sizeof *w);
     w->kind = kind;
-    w->eq = eq;
+    w->and_mask = and_mask;
     w->address = address;
     w->value = value;
     gpu_enqueue(q, w);
@@ -567,11 +567,11 @@ static CUresult write_value64(CUstream s, CUdeviceptr address, uint64_t value, u
     return CUDA_SUCCESS;
 }
 
-/* cuStreamWaitValue64 with CU_STREAM_WAIT_VALUE_GEQ (0) or _EQ (1), the flags the agent uses,
+/* cuStreamWaitValue64 with CU_STREAM_WAIT_VALUE_GEQ (0) or _AND (2), the flags the agent uses,
  * on registered, device-mapped host memory. */
 static CUresult wait_value64(CUstream s, CUdeviceptr address, uint64_t value, unsigned int flags, int ptsz) {
     CHECK_INIT();
-    if (flags > 1) return CUDA_ERROR_INVALID_VALUE;
+    if (flags != 0 && flags != 2) return CUDA_ERROR_INVALID_VALUE;
     uint64_t *p = (uint64_t *)(uintptr_t)address;
     pthread_mutex_lock(&gpu.lock);
     int i = ((uintptr_t)p & 7) ? -1 : registration_of(p, 8);
@@ -580,7 +580,7 @@ static CUresult wait_value64(CUstream s, CUdeviceptr address, uint64_t value, un
         return CUDA_ERROR_INVALID_VALUE;
     }
     gpu.waits_issued++;
-    enqueue_memop(gpu_stream_of(gpu_key(s, ptsz)), WORK_WAIT, p, value, flags == 1);
+    enqueue_memop(gpu_stream_of(gpu_key(s, ptsz)), WORK_WAIT, p, value, flags == 2);
     pthread_mutex_unlock(&gpu.lock);
     return CUDA_SUCCESS;
 }
