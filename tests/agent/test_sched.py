@@ -228,8 +228,9 @@ def test_run_ahead_keeps_the_released_work_within_the_budget(daemon, run_app, bu
     only once those running have 400 us left between them, so at most three run together;
     with 100 ms all four streams run at once."""
     throttle_be(daemon.sb, budget_ms * MS)
-    env = daemon.env("best-effort", TALLY_RUN_AHEAD="1")
-    # teach the estimate first (an unknown kernel counts as the whole budget)
+    env = daemon.env("best-effort", TALLY_RUN_AHEAD="1", TALLY_KERNEL_TIMES="1")
+    # teach the estimate first (an unknown kernel counts as the whole budget), from the fake
+    # GPU's kernel times: poll timing would depend on how busy this machine is
     steps = ["launch:kernel:3:600:s0", "sync"] + [f"launch:kernel:1:600:s{i % 4}" for i in range(24)] + ["sync"]
     r = run_app(*steps, env=env, timeout=60)
     completed_ok(r)
@@ -515,7 +516,9 @@ def test_batched_completion_writes(daemon, run_app, batched):
     under 2 ms of estimated work, at most 16 launches), and every kernel still runs and is seen
     complete; without it, one write per launch."""
     throttle_be(daemon.sb, 8 * MS)
-    env = daemon.env("best-effort", TALLY_BATCH_WRITES="1" if batched else None)
+    # Group sizes follow the estimates: learned from the (fake) GPU's kernel times they are the
+    # kernels' 50 us; poll timing would make them longer, and the groups smaller, under load.
+    env = daemon.env("best-effort", TALLY_BATCH_WRITES="1" if batched else None, TALLY_KERNEL_TIMES="1")
     r = run_app("launch:kernel:60:50:s0", "sync", env=env, timeout=60)
     completed_ok(r)
     assert r.stderr == ""
