@@ -11,7 +11,8 @@
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
 # EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_SYSTEMS (default
 # "standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]") the systems of step 3.
-# A device that returns few files: pack OUT_DIR afterwards (tar), the raw HP latencies are dropped.
+# EVIDENCE_TAR=FILE packs OUT_DIR into FILE at the end (a device that returns only a few files);
+# the raw HP latency files are dropped either way (runs/ keeps every latency).
 set -u
 out=${1:?usage: issue3_evidence.sh OUT_DIR [STEPS]}
 steps=${2:-"1 2 3"}
@@ -20,7 +21,12 @@ budget=${EVIDENCE_BUDGET_S:-570}
 left() { echo $(( budget - ($(date +%s) - start) )); }
 mkdir -p "$out"
 cleanup() { python3 -m tally down --force >/dev/null 2>&1; true; }
-trap cleanup EXIT
+finish() {
+    cleanup
+    [ -n "${EVIDENCE_TAR:-}" ] && tar czf "$EVIDENCE_TAR" -C "$(dirname "$out")" "$(basename "$out")"
+    true
+}
+trap finish EXIT
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
   git log --oneline -1 2>/dev/null; } > "$out/env.txt" 2>&1
