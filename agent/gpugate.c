@@ -44,9 +44,15 @@
 #define GATE_OPEN (1ull << 63)
 #define GATE_DISABLED (GATE_OPEN | 1) /* open for good: HP launches do not close it */
 /* While the word is open the thread only has to see it closed before HP is idle again (a
- * request's length away); while it is closed, how often it looks adds to BE's restart. */
+ * request's length away); while it is closed with our waits behind it, how often it looks adds
+ * to BE's restart; closed with none, only to the first wait's. */
 #define LOOK_WHILE_OPEN_NS 200000
-#define LOOK_WHILE_CLOSED_NS 20000
+#define LOOK_WITHOUT_HP_NS 1000000
+#define LOOK_WHILE_HOLDING_NS 50000
+#define LOOK_WHILE_CLOSED_NS 500000
+/* Waits enqueued this long before the word closed may still be queued behind the GPU's work;
+ * older ones are taken to have passed (a deeper queue of BE work is not expected). */
+#define RECENT_WAIT_NS 100000000ull
 
 enum { THREAD_NONE = 0, THREAD_STARTING, THREAD_RUNNING, THREAD_FAILED };
 
@@ -59,6 +65,7 @@ static struct {
     atomic_int disabled;
     _Atomic uint64_t waits;     /* waits enqueued (the stats file's gpu_gate_waits) */
     _Atomic uint64_t last_wait_ns;
+    _Atomic uint64_t first_closed_wait_ns; /* the first wait enqueued while the word was closed; 0 = none */
 } GG;
 
 static void nap(uint64_t ns) {
@@ -79,12 +86,17 @@ void gpugate_close_all(uint64_t now) {
     while (slots) {
         uint32_t i = (uint32_t)__builtin_ctzll(slots);
         slots &= slots - 1;
-        uint64_t *word = &tally_sb_slot_at(S.sb, i)->gpu_gate;
+        struct tally_sb_slot *slot = tally_sb_slot_at(S.sb, i);
+        /* a bit left by a process that died: its waits died with its context */
+        if (__atomic_load_n(&slot->state, __ATOMIC_RELAXED) != TALLY_SB_SLOT_ACTIVE) continue;
+        uint64_t *word = &slot->gpu_gate;
         uint64_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
         /* A CAS, not a store: a word disabled in between stays open. Any change of value makes
-         * an opener's CAS from what it read fail, so an older time is as good a mark. */
+         * an opener's CAS from what it read fail, so an older time is as good a mark; the same
+         * time would not be a change. */
         while (old != GATE_DISABLED &&
-               !__atomic_compare_exchange_n(word, &old, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
+               !__atomic_compare_exchange_n(word, &old, old == now ? now + 1 : now, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_ACQUIRE)) {
         }
     }
 }
@@ -97,7 +109,8 @@ static void *opening_thread(void *unused) {
         uint64_t now = tally_now_ns();
         if (word & GATE_OPEN) {
             closed_since = 0;
-            nap(LOOK_WHILE_OPEN_NS);
+            atomic_store(&GG.first_closed_wait_ns, 0);
+            nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
             continue;
         }
         if (!closed_since) closed_since = now;
@@ -108,18 +121,25 @@ static void *opening_thread(void *unused) {
             break;
         }
         if (d != TALLY_GATE_WAIT_HP) {
-            __atomic_compare_exchange_n(GG.word, &word, GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+            if (__atomic_compare_exchange_n(GG.word, &word, GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+                closed_since = 0; /* HP may close it again before the next look */
+                atomic_store(&GG.first_closed_wait_ns, 0);
+            }
             continue;
         }
-        /* Closed for the max hold: fail open only if waits of ours may be stuck behind it (one
-         * enqueued since shortly before it closed); a process not launching has nothing held. */
-        if (now - closed_since >= S.max_hold_ns &&
-            atomic_load(&GG.last_wait_ns) + S.max_hold_ns >= closed_since) {
+        /* Held since: the first wait enqueued while closed, or the close itself when a wait
+         * enqueued shortly before may still be queued. Without either nothing of ours is held:
+         * a process that is not launching is not failed open because HP is busy. */
+        uint64_t first = atomic_load(&GG.first_closed_wait_ns);
+        uint64_t held_since = first ? first : 0;
+        if (!held_since && atomic_load(&GG.last_wait_ns) + RECENT_WAIT_NS >= closed_since)
+            held_since = closed_since;
+        if (held_since && now - held_since >= S.max_hold_ns) {
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
             break;
         }
-        nap(LOOK_WHILE_CLOSED_NS);
+        nap(held_since ? LOOK_WHILE_HOLDING_NS : LOOK_WHILE_CLOSED_NS);
     }
     return NULL;
 }
@@ -141,9 +161,17 @@ static int thread_running(void) {
     if (t != THREAD_NONE) return 0;
     if (!atomic_compare_exchange_strong(&GG.thread, &t, THREAD_STARTING)) return 0;
     /* Closed until the thread has looked at HP (a claimed slot's word is 0 already), then
-     * marked by HP launches from here on. */
-    __atomic_store_n(GG.word, 0, __ATOMIC_SEQ_CST);
+     * marked by HP launches from here on; a word disabled meanwhile (another thread failed
+     * open, or the process is exiting) stays disabled, and nothing waits on it. */
+    uint64_t old = __atomic_load_n(GG.word, __ATOMIC_SEQ_CST);
+    if (old != GATE_DISABLED) __atomic_compare_exchange_n(GG.word, &old, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     __atomic_fetch_or(&S.sb->gpu_gate_slots, GG.slot_bit, __ATOMIC_SEQ_CST);
+    if (atomic_load(&GG.disabled)) {
+        __atomic_fetch_and(&S.sb->gpu_gate_slots, ~GG.slot_bit, __ATOMIC_SEQ_CST);
+        __atomic_store_n(GG.word, GATE_DISABLED, __ATOMIC_SEQ_CST);
+        atomic_store(&GG.thread, THREAD_FAILED);
+        return 0;
+    }
     if (!tally_spawn_detached(opening_thread)) {
         atomic_store(&GG.thread, THREAD_FAILED);
         tally_warn("TALLY_GPU_GATE: cannot start the agent's thread; best-effort launches are gated at "
@@ -166,6 +194,10 @@ int gpugate_try(const struct tally_launch *launch, uint64_t now) {
     }
     if (!thread_running()) return 0;
     atomic_store_explicit(&GG.last_wait_ns, now, memory_order_relaxed);
+    if (!(__atomic_load_n(GG.word, __ATOMIC_ACQUIRE) & GATE_OPEN)) {
+        uint64_t none = 0;
+        atomic_compare_exchange_strong(&GG.first_closed_wait_ns, &none, now);
+    }
     if (drv.stream_wait_value64(launch->stream, GG.word_device, GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
         CUDA_SUCCESS) {
         if (!atomic_load(&GG.disabled))

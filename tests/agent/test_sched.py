@@ -413,6 +413,31 @@ def test_gpu_gate_fails_open_alone_when_hp_never_completes(daemon, spawn_app):
     assert r.launches[2][0] > released
 
 
+def test_gpu_gate_does_not_fail_open_a_process_with_nothing_held(daemon, spawn_app, tmp_path):
+    """HP busy for longer than TALLY_MAX_HOLD_MS while the BE process launches nothing (its last
+    wait long passed): nothing of it is held, so it is not failed open; its next launches wait
+    for HP as usual."""
+    sb = daemon.sb
+    throttle_be(sb, 1 * MS)  # an HP client, idle: the word opens
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:100:s0", "sync", f"wait_file:{go}", "launch:kernel:2:100:s0", "sync",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1", TALLY_MAX_HOLD_MS="300"))
+    app.wait_for("waiting")
+    slot = slot_of(daemon, app.pid)
+    time.sleep(0.15)  # the last wait is older than what may still be queued
+    hp = hp_client_in_flight(sb)
+    sb.slot_set(slot, "gpu_gate", time.monotonic_ns())  # what an HP launch does
+    time.sleep(0.6)  # twice the max hold
+    assert sb.slot_get(slot, "failopen") == 0
+    assert not sb.slot_get(slot, "gpu_gate") & GATE_OPEN
+    sb.set_lane_completed(hp, 3, 7)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 3
+
+
 def test_gpu_gate_exit_while_hp_is_busy_leaves_nothing_waiting(daemon, run_app):
     """A program that exits with kernels still waiting behind a closed gate (HP busy, no sync):
     its exit opens its word for good, so CUDA's teardown finds nothing waiting; no warning."""
