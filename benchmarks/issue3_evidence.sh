@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 3's open measurements in one GPU session, each step time-boxed so that a
 # 10-minute device call keeps what finished:
+#   0. what the GPU-side gate lets past a closed word, and what its waits cost (gpu_gate_lookahead.py)
 #   1. host cost per BE launch on each gate path (tracked_launch_cost.py)
 #   2. what the gate costs BE with no HP client, against plain MPS, interleaved over
 #      three rounds (gate_depth_cost.py --rounds 3)
 #   3. the issue's two pairs under standalone + tally, repeated with different seeds
 #
-#   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 1 2 3 (default: all)
+#   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 0 1 2 3 (default: all)
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
 # EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_SYSTEMS (default
@@ -15,7 +16,7 @@
 # the raw HP latency files are dropped either way (runs/ keeps every latency).
 set -u
 out=${1:?usage: issue3_evidence.sh OUT_DIR [STEPS]}
-steps=${2:-"1 2 3"}
+steps=${2:-"0 1 2 3"}
 start=$(date +%s)
 budget=${EVIDENCE_BUDGET_S:-570}
 left() { echo $(( budget - ($(date +%s) - start) )); }
@@ -33,6 +34,9 @@ trap finish EXIT
 
 for step in $steps; do
   case $step in
+  0) timeout -s TERM $(( $(left) < 60 ? $(left) : 60 )) python3 benchmarks/gpu_gate_lookahead.py --out "$out/lookahead" \
+       > "$out/lookahead.log" 2>&1
+     echo "step 0 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   1) timeout -s TERM $(( $(left) < 60 ? $(left) : 60 )) python3 benchmarks/tracked_launch_cost.py --out "$out/launch" \
        > "$out/launch.log" 2>&1
      echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
