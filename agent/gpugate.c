@@ -41,8 +41,8 @@
 #include "sched_internal.h"
 
 #define CU_STREAM_WAIT_VALUE_AND 0x2
-#define GATE_OPEN (1ull << 63)
-#define GATE_DISABLED (GATE_OPEN | 1) /* open for good: HP launches do not close it */
+#define GATE_OPEN TALLY_SB_GPU_GATE_OPEN
+#define GATE_DISABLED TALLY_SB_GPU_GATE_DISABLED /* open for good: HP launches do not close it */
 /* While the word is open the thread only has to see it closed before HP is idle again (a
  * request's length away); while it is closed with our waits behind it, how often it looks adds
  * to BE's restart; closed with none, only to the first wait's. */

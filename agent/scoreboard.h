@@ -53,6 +53,8 @@
 #define TALLY_SB_SLO_STATE_HOLD 3u
 #define TALLY_SB_SLO_STATE_DECREASE 4u
 #define TALLY_SB_SLO_STATE_FLOOR 5u
+#define TALLY_SB_GPU_GATE_OPEN 0x8000000000000000ULL /* gpu_gate: top bit set = open */
+#define TALLY_SB_GPU_GATE_DISABLED 0x8000000000000001ULL /* open for good */
 
 /* defaults the daemon writes unless told otherwise */
 #define TALLY_SB_DEFAULT_IDLE_WINDOW_NS 100000ull

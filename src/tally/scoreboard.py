@@ -86,6 +86,21 @@ SLO_STATE_NAMES = {SLO_STATE_OFF: "off", SLO_STATE_WARMUP: "warmup", SLO_STATE_I
 # latencies below 2**SLO_HIST_MIN_LOG2 ns (8.2 us); bucket i in 1..N-2 holds
 # [2**(MIN_LOG2 + (i-1)/P), 2**(MIN_LOG2 + i/P)) ns; the last bucket everything
 # from 2**(MIN_LOG2 + (N-2)/P) ns (68.7 s) up.
+# A BE slot's gpu_gate word (the GPU-side gate, agent/gpugate.c): BE launches wait on the GPU
+# until its top bit is set; HP launches close it by storing their time (top bit clear).
+GPU_GATE_OPEN = 1 << 63
+GPU_GATE_DISABLED = GPU_GATE_OPEN | 1  # open for good: the process stopped using the gate
+
+
+def gpu_gate_state(word: int, in_use: bool) -> str | None:
+    """A slot's GPU-side gate as `tally status` shows it; None when its process does not use it."""
+    if word == GPU_GATE_DISABLED:
+        return "disabled"
+    if not in_use:
+        return None
+    return "open" if word & GPU_GATE_OPEN else "closed"
+
+
 SLO_HIST_BUCKETS = 94
 SLO_HIST_PER_OCTAVE = 4
 SLO_HIST_MIN_LOG2 = 13
@@ -758,6 +773,7 @@ class Scoreboard:
         info["state_name"] = SLOT_STATE_NAMES.get(info["state"], str(info["state"]))
         info["priority_name"] = PRIORITY_NAMES.get(info["priority"], str(info["priority"]))
         info["in_flight"] = self.in_flight(index)
+        info["gpu_gate_state"] = gpu_gate_state(info["gpu_gate"], bool(self.gpu_gate_slots >> index & 1))
         info["requests"], info["request_sum_ns"] = self.slo_requests(index)
         return info
 

@@ -297,8 +297,8 @@ def test_run_ahead_fails_open_and_releases_everything(daemon, spawn_app, tmp_pat
     assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") >= 1
 
 
-GATE_OPEN = 1 << 63
-GATE_DISABLED = GATE_OPEN | 1
+GATE_OPEN = sbmod.GPU_GATE_OPEN
+GATE_DISABLED = sbmod.GPU_GATE_DISABLED
 
 
 def test_gpu_gate_holds_be_kernels_on_the_gpu_while_hp_is_busy(daemon, spawn_app, tmp_path):

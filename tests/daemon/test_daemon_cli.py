@@ -58,14 +58,18 @@ def test_status_shows_clients_and_json(tally_env):
         board.slot_set(slot, "launches", 1234)
         board.slot_set(slot, "held_ns", 2_500_000)
         board.slot_set(slot, "sliced_launches", 77)
+        be = board.claim_slot(os.getpid(), sb.PRIORITY_BEST_EFFORT, comm="pytest-be")
+        board.gpu_gate_slots = 1 << be  # a BE process of the GPU-side gate, its word closed by HP
+        board.slot_set(be, "gpu_gate", 12345)
         import json
         result = tally_env.tally("status", "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
         assert report["daemon"]["pid"] == state["pid"]
         clients = report["gpus"][1]["clients"]
-        assert [(c["pid"], c["priority"], c["launches"], c["held_ms"], c["sliced_launches"]) for c in clients] == [
-            (os.getpid(), "high", 1234, 2.5, 77)]
+        assert [(c["pid"], c["priority"], c["launches"], c["held_ms"], c["sliced_launches"], c["gpu_gate"])
+                for c in clients] == [(os.getpid(), "high", 1234, 2.5, 77, None),
+                                      (os.getpid(), "best-effort", 0, 0.0, 0, "closed")]
         assert "pytest" in clients[0]["command"] or "python" in clients[0]["command"]
         assert report["gpus"][0]["clients"] == []
         table = tally_env.tally("status", env={"COLUMNS": "200"})
@@ -73,7 +77,9 @@ def test_status_shows_clients_and_json(tally_env):
         # a live client makes `down` refuse, unless forced
         refused = tally_env.tally("down")
         assert "still run under the tally daemon" in one_line_error(refused)
+        assert "closed" in table.stdout  # the GPU gate column
         board.release_slot(slot)
+        board.release_slot(be)
     assert tally_env.tally("down").returncode == 0
 
 

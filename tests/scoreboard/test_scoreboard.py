@@ -127,3 +127,11 @@ def test_close_is_idempotent(board):
     board.claim_slot(pid=1, priority=0)  # maps the buffer for CAS too
     board.close()
     board.close()
+
+
+def test_gpu_gate_state_names():
+    assert sb.gpu_gate_state(0, in_use=False) is None
+    assert sb.gpu_gate_state(0, in_use=True) == "closed"  # a new word: closed until the agent looks at HP
+    assert sb.gpu_gate_state(12345, in_use=True) == "closed"
+    assert sb.gpu_gate_state(sb.GPU_GATE_OPEN, in_use=True) == "open"
+    assert sb.gpu_gate_state(sb.GPU_GATE_DISABLED, in_use=False) == "disabled"

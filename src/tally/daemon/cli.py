@@ -142,7 +142,7 @@ def collect_status(state: dict) -> dict:
                         "held_ms": c["held_ns"] / 1e6, "held_launches": c["held_launches"],
                         "long_kernels": c["long_kernels"], "sliced_launches": c["sliced_launches"],
                         "in_flight": c["in_flight"],
-                        "failopen": bool(c["failopen"]),
+                        "failopen": bool(c["failopen"]), "gpu_gate": c["gpu_gate_state"],
                         "slo_p99_ms": c["slo_p99_ns"] / 1e6 if c["slo_p99_ns"] else None,
                         "requests": c["requests"], "busy_periods": c["busy_periods"],
                         "memory_bytes": (memory or {}).get(gpu.get("uuid"), {}).get(c["pid"]),
@@ -220,12 +220,13 @@ def _print_tables(report: dict) -> None:
                             f"heartbeat {f'{beat:.0f} ms ago' if beat is not None else 'stopped'}, "
                             f"epoch {gpu['epoch']}", title_justify="left")
         for column in ("slot", "pid", "priority", "state", "command", "memory", "launches", "held ms",
-                       "long kernels", "sliced", "in flight", "SLO ms", "failopen"):
+                       "long kernels", "sliced", "in flight", "GPU gate", "SLO ms", "failopen"):
             table.add_column(column, justify="right" if column not in ("priority", "state", "command") else "left")
         for c in gpu["clients"]:
             table.add_row(str(c["slot"]), str(c["pid"]), c["priority"], c["state"], c["command"][:60],
                           _memory_text(c.get("memory_bytes")), str(c["launches"]), f"{c['held_ms']:.1f}",
                           str(c["long_kernels"]), str(c["sliced_launches"]), str(c["in_flight"]),
+                          c.get("gpu_gate") or "",
                           f"{c['slo_p99_ms']:g}" if c.get("slo_p99_ms") else "",
                           "yes" if c["failopen"] else "")
         console.print(table)
