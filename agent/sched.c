@@ -247,6 +247,10 @@ static void join(CUcontext context) {
     }
     S.sb = h;
     S.slot = slot;
+    /* A bit of the GPU-side gate left by the slot's previous owner (killed): not ours. */
+    __atomic_fetch_and(&h->gpu_gate_slots,
+                       ~(1ull << (((char *)slot - (char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE)),
+                       __ATOMIC_SEQ_CST);
     S.context = context;
     /* A reused slot keeps its lanes' numbers (repaired: launched == completed);
      * continue after them so "launched > completed" stays meaningful. */

@@ -361,6 +361,20 @@ def test_gpu_gate_is_closed_by_real_hp_launches(daemon, spawn_app, tmp_path):
     assert r_be.gpu("gpu_waits_issued") == r_be.gpu("gpu_waits_done") == 5
 
 
+def test_a_new_owner_clears_a_stale_gpu_gate_bit(daemon, spawn_app, tmp_path):
+    """A killed process of the GPU-side gate leaves its bit in gpu_gate_slots; whoever claims the
+    slot next clears it (HP launches would otherwise keep closing a word nobody waits on)."""
+    sb = daemon.sb
+    sb.gpu_gate_slots = (1 << 64) - 1
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:0:s0", f"wait_file:{go}", env=daemon.env("best-effort"))
+    app.wait_for("waiting")
+    slot = slot_of(daemon, app.pid)
+    assert sb.gpu_gate_slots == ((1 << 64) - 1) & ~(1 << slot)
+    go.touch()
+    completed_ok(app.finish())
+
+
 def test_gpu_gate_adds_no_wait_without_an_hp_client(daemon, run_app):
     r = run_app("launch:kernel:6:100:s0", "launch:graph:2:100:null", "sync",
                 env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
