@@ -23,6 +23,9 @@ typedef unsigned long long CUdeviceptr;
 typedef struct { char bytes[16]; } CUuuid;
 
 #define CUDA_SUCCESS 0
+/* cuStreamWaitValue64's conditions: the word >= value, or (word & value) != 0 */
+#define CU_STREAM_WAIT_VALUE_GEQ 0x0
+#define CU_STREAM_WAIT_VALUE_AND 0x2
 
 /* cuLaunchKernel's parameter block as CUPTI hands it to callbacks
  * (generated_cuda_meta.h: cuLaunchKernel_params / cuLaunchKernel_ptsz_params). */

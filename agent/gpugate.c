@@ -40,9 +40,6 @@
 
 #include "sched_internal.h"
 
-#define CU_STREAM_WAIT_VALUE_AND 0x2
-#define GATE_OPEN TALLY_SB_GPU_GATE_OPEN
-#define GATE_DISABLED TALLY_SB_GPU_GATE_DISABLED /* open for good: HP launches do not close it */
 /* While the word is open the thread only has to see it closed before HP is idle again (a
  * request's length away); while it is closed with our waits behind it, how often it looks adds
  * to BE's restart; closed with none, only to the first wait's. */
@@ -73,11 +70,14 @@ static void nap(uint64_t ns) {
     nanosleep(&ts, NULL);
 }
 
-/* For good: our waits pass from now on, and HP launches stop closing the word. */
-void gpugate_disable(void) {
-    if (!GG.enabled || atomic_exchange(&GG.disabled, 1)) return;
+/* Our waits pass from now on, and HP launches stop closing the word. */
+static void open_for_good(void) {
     __atomic_fetch_and(&S.sb->gpu_gate_slots, ~GG.slot_bit, __ATOMIC_SEQ_CST);
-    __atomic_store_n(GG.word, GATE_DISABLED, __ATOMIC_SEQ_CST);
+    __atomic_store_n(GG.word, TALLY_SB_GPU_GATE_DISABLED, __ATOMIC_SEQ_CST);
+}
+
+void gpugate_disable(void) {
+    if (GG.enabled && !atomic_exchange(&GG.disabled, 1)) open_for_good();
 }
 
 /* HP launch path, before the launch is enqueued: close every BE gate word in use. */
@@ -94,7 +94,7 @@ void gpugate_close_all(uint64_t now) {
         /* A CAS, not a store: a word disabled in between stays open. Any change of value makes
          * an opener's CAS from what it read fail, so an older time is as good a mark; the same
          * time would not be a change. */
-        while (old != GATE_DISABLED &&
+        while (old != TALLY_SB_GPU_GATE_DISABLED &&
                !__atomic_compare_exchange_n(word, &old, old == now ? now + 1 : now, 0, __ATOMIC_SEQ_CST,
                                             __ATOMIC_ACQUIRE)) {
         }
@@ -107,7 +107,7 @@ static void *opening_thread(void *unused) {
     while (!atomic_load(&GG.disabled)) {
         uint64_t word = __atomic_load_n(GG.word, __ATOMIC_ACQUIRE);
         uint64_t now = tally_now_ns();
-        if (word & GATE_OPEN) {
+        if (word & TALLY_SB_GPU_GATE_OPEN) {
             closed_since = 0;
             atomic_store(&GG.first_closed_wait_ns, 0);
             nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
@@ -121,7 +121,7 @@ static void *opening_thread(void *unused) {
             break;
         }
         if (d != TALLY_GATE_WAIT_HP) {
-            if (__atomic_compare_exchange_n(GG.word, &word, GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+            if (__atomic_compare_exchange_n(GG.word, &word, TALLY_SB_GPU_GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
                 closed_since = 0; /* HP may close it again before the next look */
                 atomic_store(&GG.first_closed_wait_ns, 0);
             }
@@ -130,8 +130,7 @@ static void *opening_thread(void *unused) {
         /* Held since: the first wait enqueued while closed, or the close itself when a wait
          * enqueued shortly before may still be queued. Without either nothing of ours is held:
          * a process that is not launching is not failed open because HP is busy. */
-        uint64_t first = atomic_load(&GG.first_closed_wait_ns);
-        uint64_t held_since = first ? first : 0;
+        uint64_t held_since = atomic_load(&GG.first_closed_wait_ns);
         if (!held_since && atomic_load(&GG.last_wait_ns) + RECENT_WAIT_NS >= closed_since)
             held_since = closed_since;
         if (held_since && now - held_since >= S.max_hold_ns) {
@@ -148,10 +147,9 @@ void gpugate_init(void) {
     const char *env = getenv("TALLY_GPU_GATE");
     GG.enabled = env && strcmp(env, "1") == 0 && drv.stream_wait_value64 != NULL;
     if (!GG.enabled) return;
-    uint32_t index = (uint32_t)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
     GG.word = &S.slot->gpu_gate;
     GG.word_device = S.sb_device + (CUdeviceptr)((char *)GG.word - (char *)S.sb);
-    GG.slot_bit = 1ull << index;
+    GG.slot_bit = 1ull << tally_sb_slot_index(S.sb, S.slot);
 }
 
 /* The first gated launch starts the thread; launches before it runs take the launch-level gate. */
@@ -164,11 +162,10 @@ static int thread_running(void) {
      * marked by HP launches from here on; a word disabled meanwhile (another thread failed
      * open, or the process is exiting) stays disabled, and nothing waits on it. */
     uint64_t old = __atomic_load_n(GG.word, __ATOMIC_SEQ_CST);
-    if (old != GATE_DISABLED) __atomic_compare_exchange_n(GG.word, &old, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    if (old != TALLY_SB_GPU_GATE_DISABLED) __atomic_compare_exchange_n(GG.word, &old, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     __atomic_fetch_or(&S.sb->gpu_gate_slots, GG.slot_bit, __ATOMIC_SEQ_CST);
-    if (atomic_load(&GG.disabled)) {
-        __atomic_fetch_and(&S.sb->gpu_gate_slots, ~GG.slot_bit, __ATOMIC_SEQ_CST);
-        __atomic_store_n(GG.word, GATE_DISABLED, __ATOMIC_SEQ_CST);
+    if (atomic_load(&GG.disabled)) { /* undo what may have landed after the disabling */
+        open_for_good();
         atomic_store(&GG.thread, THREAD_FAILED);
         return 0;
     }
@@ -194,11 +191,11 @@ int gpugate_try(const struct tally_launch *launch, uint64_t now) {
     }
     if (!thread_running()) return 0;
     atomic_store_explicit(&GG.last_wait_ns, now, memory_order_relaxed);
-    if (!(__atomic_load_n(GG.word, __ATOMIC_ACQUIRE) & GATE_OPEN)) {
+    if (!(__atomic_load_n(GG.word, __ATOMIC_ACQUIRE) & TALLY_SB_GPU_GATE_OPEN)) {
         uint64_t none = 0;
         atomic_compare_exchange_strong(&GG.first_closed_wait_ns, &none, now);
     }
-    if (drv.stream_wait_value64(launch->stream, GG.word_device, GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
+    if (drv.stream_wait_value64(launch->stream, GG.word_device, TALLY_SB_GPU_GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
         CUDA_SUCCESS) {
         if (!atomic_load(&GG.disabled))
             tally_warn("TALLY_GPU_GATE: the driver refused a stream wait; best-effort launches are gated at "

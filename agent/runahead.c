@@ -264,7 +264,7 @@ static int runahead_enter(const struct tally_launch *launch, uint64_t now, uint6
      * would sit behind a launch that cannot be released until the group is seen complete. */
     flush_unwritten();
     int queued = started &&
-                 drv.stream_wait_value64(launch->stream, RA.word_device, e->ticket, 0 /* GEQ */) == CUDA_SUCCESS;
+                 drv.stream_wait_value64(launch->stream, RA.word_device, e->ticket, CU_STREAM_WAIT_VALUE_GEQ) == CUDA_SUCCESS;
     if (!queued) { /* nobody to release it, or no wait: stop queueing; what is queued is released */
         pthread_mutex_unlock(&RA.order);
         runahead_release_all();

@@ -249,7 +249,7 @@ static void join(CUcontext context) {
     S.slot = slot;
     /* A bit of the GPU-side gate left by the slot's previous owner (killed): not ours. */
     __atomic_fetch_and(&h->gpu_gate_slots,
-                       ~(1ull << (((char *)slot - (char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE)),
+                       ~(1ull << tally_sb_slot_index(h, slot)),
                        __ATOMIC_SEQ_CST);
     S.context = context;
     /* A reused slot keeps its lanes' numbers (repaired: launched == completed);
@@ -272,7 +272,7 @@ static void join(CUcontext context) {
     if (verbose && *verbose && strcmp(verbose, "0") != 0)
         fprintf(stderr, "tally: pid %d joined %s as %s (slot %ld)\n", (int)getpid(), path,
                 S.priority == TALLY_SB_PRIO_HIGH ? "high priority" : "best effort",
-                (long)(((char *)slot - (char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE));
+                (long)tally_sb_slot_index(h, slot));
 out:
     pthread_mutex_unlock(&S.join_lock);
 }
@@ -626,7 +626,7 @@ static void hp_busy_period(uint64_t previous_launch_ns, uint64_t now) {
 TALLY_EXPORT int tally_agent_slot(void **scoreboard) {
     if (atomic_load(&S.state) != JOINED || !S.slot || !S.sb) return -1;
     if (scoreboard) *scoreboard = S.sb;
-    return (int)(((char *)S.slot - (char *)S.sb - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
+    return (int)tally_sb_slot_index(S.sb, S.slot);
 }
 
 /* Between two looks at the gate, held_ns into a wait: spin (yielding) at first, then sleep. */

@@ -207,6 +207,11 @@ static inline struct tally_sb_slot *tally_sb_slot_at(struct tally_sb_header *h, 
 {
     return (struct tally_sb_slot *)((char *)h + TALLY_SB_HEADER_SIZE + (size_t)i * TALLY_SB_SLOT_SIZE);
 }
+/* The index of a slot of h. */
+static inline uint32_t tally_sb_slot_index(const struct tally_sb_header *h, const struct tally_sb_slot *s)
+{
+    return (uint32_t)(((const char *)s - (const char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
+}
 /* Slot i's request latencies (SLO mode), in the SLO area after the slots. */
 static inline struct tally_sb_slo *tally_sb_slo_at(struct tally_sb_header *h, uint32_t i)
 {

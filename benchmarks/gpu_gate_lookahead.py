@@ -4,13 +4,17 @@ The gate puts cuStreamWaitValue64(word, 1 << 63, AND) before each best-effort ke
 launch closes the word (clears its top bit). Work that already passed its wait still runs. Two
 unknowns decide whether the design pays, and this script measures both without the agent:
 
-  lookahead   One stream gets N pairs [wait(word), probe kernel i]. Kernel i spins for
-              --kernel-us and stores the word's value as it saw it when it started (a volatile
-              load of the host-mapped word). The host closes the word partway through, waits,
-              then reopens it with another value. Kernels that saw the closed value ran after
-              the close: that count is how many kernels the GPU lets past a closed gate.
+  lookahead   One stream gets N pairs [wait(word), probe kernel i], all enqueued behind a wait
+              on a second, closed word, which is then opened: the GPU runs from a full queue,
+              whatever the host's launch rate. Kernel i spins for --kernel-us and stores the
+              word's value as it saw it when it started (a volatile load of the host-mapped
+              word). The host closes the word partway through, waits, then reopens it with
+              another value. Kernels that saw the closed value ran after the close: that count
+              is how many kernels the GPU lets past a closed gate. A round whose close came
+              before the first kernel or after the last is marked invalid.
   wait cost   The same N kernels with and without a wait before each (the word open), timed
-              with events: what a wait costs a BE kernel stream when nothing is closed.
+              with events, again from a full queue: what a wait costs a BE kernel stream when
+              nothing is closed.
 
     python3 benchmarks/gpu_gate_lookahead.py --out DIR [--kernel-us 20,100] [--rounds 5]
 
@@ -28,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-OPEN = 1 << 63
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tally.scoreboard import GPU_GATE_OPEN as OPEN  # noqa: E402  (the agent's value, defined once)
+
 REOPENED = OPEN | 2
 CLOSED = 12345
 WAIT_VALUE_AND = 0x2
@@ -53,7 +59,7 @@ def summarize(seen: list[int]) -> dict:
     after_close = sum(1 for v in seen if v == CLOSED)
     reopened = sum(1 for v in seen if v == REOPENED)
     return {"before_close": before, "lookahead": after_close, "after_reopen": reopened,
-            "never_ran": len(seen) - before - after_close - reopened}
+            "never_ran": len(seen) - before - after_close - reopened, "valid": before > 0 and reopened > 0}
 
 
 def markdown(result: dict) -> str:
@@ -65,12 +71,28 @@ def markdown(result: dict) -> str:
              "| kernel us | lookahead per round | median | ran before the close / after the reopening | "
              "us per kernel without waits | with waits | wait cost us |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        looks = [r["lookahead"] for r in row["rounds"]]
+        looks = [r["lookahead"] for r in row["rounds"] if r["valid"]] or [float("nan")]
         split = ", ".join(f"{r['before_close']}/{r['after_reopen']}" for r in row["rounds"])
         lines.append(f"| {row['kernel_us']} | {', '.join(map(str, looks))} | {statistics.median(looks):g} | {split} | "
                      f"{row['us_per_kernel_plain']:.2f} | {row['us_per_kernel_waits']:.2f} | "
                      f"{row['us_per_kernel_waits'] - row['us_per_kernel_plain']:+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+class HostWord:
+    """A 64-bit word in mapped, pinned host memory: the host stores into it, the GPU polls it."""
+
+    def __init__(self, cp, cuda):
+        self.host = cp.cuda.runtime.hostAlloc(8, cp.cuda.runtime.hostAllocMapped)
+        self.value = ctypes.c_uint64.from_address(self.host)
+        device = ctypes.c_uint64()
+        r = cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(device), ctypes.c_void_p(self.host), 0)
+        if r != 0:
+            raise RuntimeError(f"cuMemHostGetDevicePointer failed: CUresult {r}")
+        self.device = device.value
+
+    def set(self, value: int) -> None:
+        self.value.value = value
 
 
 class Gpu:
@@ -79,49 +101,58 @@ class Gpu:
 
         self.cp = cupy
         self.cuda = ctypes.CDLL("libcuda.so.1")
-        self.cuda.cuStreamWaitValue64.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
-        self.cuda.cuStreamWaitValue64.restype = ctypes.c_int
-        self.host = cupy.cuda.runtime.hostAlloc(8, cupy.cuda.runtime.hostAllocMapped)
-        self.word = ctypes.c_uint64.from_address(self.host)
-        self.device_word = cupy.cuda.runtime.hostGetDevicePointer(self.host, 0)
+        # the _v2 entry point first, as the agent does: the old one may refuse without a driver option
+        self.wait_value = getattr(self.cuda, "cuStreamWaitValue64_v2", None) or self.cuda.cuStreamWaitValue64
+        self.wait_value.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+        self.wait_value.restype = ctypes.c_int
+        self.cuda.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
+                                                             ctypes.c_uint]
+        self.word = HostWord(cupy, self.cuda)  # the gate
+        self.hold = HostWord(cupy, self.cuda)  # holds the stream until everything is enqueued
         self.kernel = cupy.RawKernel(PROBE, "probe")
         self.stream = cupy.cuda.Stream(non_blocking=True)
 
-    def set_word(self, value: int) -> None:
-        self.word.value = value
+    def wait(self, word: HostWord) -> None:
+        r = self.wait_value(ctypes.c_void_p(self.stream.ptr), word.device, OPEN, WAIT_VALUE_AND)
+        if r != 0:
+            raise RuntimeError(f"cuStreamWaitValue64 failed: CUresult {r}")
 
-    def enqueue(self, seen, n: int, spin_ns: int, waits: bool) -> None:
+    def enqueue_held(self, seen, n: int, spin_ns: int, waits: bool, events=None) -> None:
+        """Enqueues n kernels (each behind a wait on the gate with `waits`) behind a closed hold
+        word, then opens it: the GPU starts on a full queue."""
+        self.stream.synchronize()
+        self.hold.set(0)
         with self.stream:
+            self.wait(self.hold)
+            if events:
+                events[0].record(self.stream)
             for i in range(n):
                 if waits:
-                    r = self.cuda.cuStreamWaitValue64(ctypes.c_void_p(self.stream.ptr), self.device_word, OPEN,
-                                                      WAIT_VALUE_AND)
-                    if r != 0:
-                        raise RuntimeError(f"cuStreamWaitValue64 failed: CUresult {r}")
-                self.kernel((1,), (32,), (self.device_word, seen, self.cp.int32(i), self.cp.uint64(spin_ns)))
+                    self.wait(self.word)
+                self.kernel((1,), (32,), (self.cp.uint64(self.word.device), seen, self.cp.int32(i),
+                                          self.cp.uint64(spin_ns)))
+            if events:
+                events[1].record(self.stream)
+        self.hold.set(OPEN)
 
     def lookahead(self, n: int, kernel_us: int, close_after_s: float, hold_s: float) -> dict:
         seen = self.cp.zeros(n, dtype=self.cp.uint64)
-        self.stream.synchronize()
-        self.set_word(OPEN)
-        self.enqueue(seen, n, kernel_us * 1000, waits=True)
+        self.word.set(OPEN)
+        self.enqueue_held(seen, n, kernel_us * 1000, waits=True)
         time.sleep(close_after_s)
-        self.set_word(CLOSED)
-        time.sleep(hold_s)  # whatever passed its wait before the close has finished by now
-        self.set_word(REOPENED)
+        self.word.set(CLOSED)
+        time.sleep(hold_s)  # whatever passed its wait before the close has started by now
+        self.word.set(REOPENED)
         self.stream.synchronize()
         return summarize([int(v) for v in self.cp.asnumpy(seen)])
 
     def per_kernel_us(self, n: int, kernel_us: int, waits: bool) -> float:
         seen = self.cp.zeros(n, dtype=self.cp.uint64)
-        self.set_word(OPEN)
-        start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
-        self.stream.synchronize()
-        start.record(self.stream)
-        self.enqueue(seen, n, kernel_us * 1000, waits)
-        end.record(self.stream)
-        end.synchronize()
-        return self.cp.cuda.get_elapsed_time(start, end) * 1000 / n
+        self.word.set(OPEN)
+        events = (self.cp.cuda.Event(), self.cp.cuda.Event())
+        self.enqueue_held(seen, n, kernel_us * 1000, waits, events)
+        events[1].synchronize()
+        return self.cp.cuda.get_elapsed_time(*events) * 1000 / n
 
 
 def environment() -> dict:
@@ -139,7 +170,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--kernel-us", default="20,100", help="probe kernel lengths, comma-separated")
-    parser.add_argument("--kernels", type=int, default=2000, help="kernels per stream")
+    parser.add_argument("--kernels", type=int, default=400,
+                        help="kernels per stream (each with its wait: stay under the driver's queue of pending work)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     try:
@@ -148,16 +180,22 @@ def main() -> int:
         parser.error(f"--kernel-us takes whole microseconds, not {args.kernel_us!r}")
     try:
         gpu = Gpu()
-    except Exception as exc:  # no CuPy, no driver, no GPU: one line, no traceback
+    except (ImportError, OSError, AttributeError) as exc:  # no CuPy, no libcuda: one line, no traceback
         print(f"gpu_gate_lookahead: needs a CUDA GPU and CuPy ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
+    except Exception as exc:  # CuPy's CUDA errors (no device, a driver too old), ours above
+        if type(exc).__module__.startswith("cupy") or isinstance(exc, RuntimeError):
+            print(f"gpu_gate_lookahead: needs a CUDA GPU and CuPy ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        raise
     rows = []
     for kernel_us in lengths:
         n = args.kernels
-        # Close 2 ms after the enqueueing returned (the driver's queue may have made it wait for
-        # the GPU, so little may be left), and hold it closed as long as the whole stream would
-        # take: whatever passed its wait has started (and recorded CLOSED) before the reopening.
-        rounds = [gpu.lookahead(n, kernel_us, close_after_s=0.002, hold_s=n * kernel_us * 1e-6 + 0.02)
+        # The GPU starts on the full queue: close a third of the way through, and hold it closed
+        # as long as the whole stream would take, so whatever passed its wait before the close
+        # has started (and recorded CLOSED) before the reopening.
+        run_s = n * kernel_us * 1e-6
+        rounds = [gpu.lookahead(n, kernel_us, close_after_s=run_s / 3, hold_s=run_s + 0.02)
                   for _ in range(args.rounds)]
         plain = statistics.median(gpu.per_kernel_us(n, kernel_us, waits=False) for _ in range(3))
         waited = statistics.median(gpu.per_kernel_us(n, kernel_us, waits=True) for _ in range(3))

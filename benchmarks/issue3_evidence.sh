@@ -5,14 +5,16 @@
 #   1. host cost per BE launch on each gate path (tracked_launch_cost.py)
 #   2. what the gate costs BE with no HP client, against plain MPS, interleaved over
 #      three rounds (gate_depth_cost.py --rounds 3)
-#   3. the issue's two pairs under standalone + tally, repeated with different seeds
+#   3. the issue's two pairs under EVIDENCE_SYSTEMS, once per seed of EVIDENCE_SEEDS
 #
 #   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 0 1 2 3, run in the order given
 #                                                         (default "0 3 2 1": the time box cuts the least needed)
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
-# EVIDENCE_SEEDS (default "0 1 2") the repeated pair runs; EVIDENCE_SYSTEMS (default
-# "standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]") the systems of step 3.
+# EVIDENCE_SEEDS (default "0": four systems take about 5 min a seed) the pair runs;
+# EVIDENCE_SYSTEMS (default "standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]") their systems.
+# A step starts only with time left for it (a minimum per step, below), and is killed at the
+# end of the budget (TERM, then KILL 10 s later).
 # EVIDENCE_TAR=FILE packs OUT_DIR into FILE at the end (a device that returns only a few files);
 # the raw HP latency files are dropped either way (runs/ keeps every latency).
 set -u
@@ -21,6 +23,13 @@ steps=${2:-"0 3 2 1"}
 start=$(date +%s)
 budget=${EVIDENCE_BUDGET_S:-570}
 left() { echo $(( budget - ($(date +%s) - start) )); }
+# boxed SECONDS MIN_SECONDS LOG CMD...: CMD for at most SECONDS (and the budget's rest), if MIN_SECONDS are left
+boxed() {
+  local cap=$1 need=$2 log=$3; shift 3
+  local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt "$need" ]; then echo "skipped: $(left) s left" > "$log"; return 124; fi
+  timeout -k 10 -s TERM "$t" "$@" > "$log" 2>&1
+}
 mkdir -p "$out"
 cleanup() { python3 -m tally down --force >/dev/null 2>&1; true; }
 finish() {
@@ -35,21 +44,18 @@ trap finish EXIT
 
 for step in $steps; do
   case $step in
-  0) timeout -s TERM $(( $(left) < 60 ? $(left) : 60 )) python3 benchmarks/gpu_gate_lookahead.py --out "$out/lookahead" \
-       > "$out/lookahead.log" 2>&1
+  0) boxed 60 20 "$out/lookahead.log" python3 benchmarks/gpu_gate_lookahead.py --out "$out/lookahead"
      echo "step 0 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
-  1) timeout -s TERM $(( $(left) < 60 ? $(left) : 60 )) python3 benchmarks/tracked_launch_cost.py --out "$out/launch" \
-       > "$out/launch.log" 2>&1
+  1) boxed 60 30 "$out/launch.log" python3 benchmarks/tracked_launch_cost.py --out "$out/launch"
      echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
-  2) timeout -s TERM $(( $(left) < 180 ? $(left) : 180 )) python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
-       --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp > "$out/depth.log" 2>&1
+  2) boxed 180 90 "$out/depth.log" python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
+       --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
-  3) for seed in ${EVIDENCE_SEEDS:-0 1 2}; do
-       [ "$(left)" -lt 140 ] && { echo "step 3: seed $seed skipped ($(left) s left)" >> "$out/env.txt"; break; }
+  3) for seed in ${EVIDENCE_SEEDS:-0}; do
        systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]}
-       timeout -s TERM "$(left)" python3 -m tally bench --hp bert-infer@graph --be resnet50-train,bert-base-train \
-         --systems "$systems" --arrivals poisson --duration 15 --seed "$seed" --out "$out/pairs-seed$seed" \
-         > "$out/pairs-seed$seed.log" 2>&1
+       boxed 600 240 "$out/pairs-seed$seed.log" python3 -m tally bench --hp bert-infer@graph \
+         --be resnet50-train,bert-base-train --systems "$systems" --arrivals poisson --duration 15 \
+         --seed "$seed" --out "$out/pairs-seed$seed"
        echo "step 3 seed $seed rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt"
        find "$out/pairs-seed$seed/raw" -name hp.json -delete 2>/dev/null
      done

@@ -86,6 +86,10 @@ SLO_STATE_NAMES = {SLO_STATE_OFF: "off", SLO_STATE_WARMUP: "warmup", SLO_STATE_I
 # latencies below 2**SLO_HIST_MIN_LOG2 ns (8.2 us); bucket i in 1..N-2 holds
 # [2**(MIN_LOG2 + (i-1)/P), 2**(MIN_LOG2 + i/P)) ns; the last bucket everything
 # from 2**(MIN_LOG2 + (N-2)/P) ns (68.7 s) up.
+SLO_HIST_BUCKETS = 94
+SLO_HIST_PER_OCTAVE = 4
+SLO_HIST_MIN_LOG2 = 13
+
 # A BE slot's gpu_gate word (the GPU-side gate, agent/gpugate.c): BE launches wait on the GPU
 # until its top bit is set; HP launches close it by storing their time (top bit clear).
 GPU_GATE_OPEN = 1 << 63
@@ -100,10 +104,6 @@ def gpu_gate_state(word: int, in_use: bool) -> str | None:
         return None
     return "open" if word & GPU_GATE_OPEN else "closed"
 
-
-SLO_HIST_BUCKETS = 94
-SLO_HIST_PER_OCTAVE = 4
-SLO_HIST_MIN_LOG2 = 13
 
 SCOREBOARD_NAME_PREFIX = "tally-"
 DEFAULT_SHM_DIR = "/dev/shm"

@@ -11,16 +11,22 @@ probe = load("gpu_gate_lookahead")
 
 def test_kernels_are_sorted_by_the_word_they_saw():
     seen = [probe.OPEN] * 5 + [probe.CLOSED] * 3 + [probe.REOPENED] * 2 + [0]
-    assert probe.summarize(seen) == {"before_close": 5, "lookahead": 3, "after_reopen": 2, "never_ran": 1}
+    assert probe.summarize(seen) == {"before_close": 5, "lookahead": 3, "after_reopen": 2, "never_ran": 1,
+                                     "valid": True}
+    # a close that came after the last kernel (or before the first) measured nothing
+    assert not probe.summarize([probe.OPEN] * 4)["valid"]
+    assert not probe.summarize([probe.CLOSED] * 2 + [probe.REOPENED] * 2)["valid"]
 
 
 def test_the_table_has_the_median_lookahead_and_the_wait_cost():
-    rounds = [{"before_close": 10, "lookahead": k, "after_reopen": 5, "never_ran": 0} for k in (1, 4, 2)]
+    rounds = [{"before_close": 10, "lookahead": k, "after_reopen": 5, "never_ran": 0, "valid": True}
+              for k in (1, 4, 2)]
+    rounds.append({"before_close": 20, "lookahead": 99, "after_reopen": 0, "never_ran": 0, "valid": False})
     text = probe.markdown({"environment": {"date": "d", "gpu": "g"},
                            "rows": [{"kernel_us": 20, "kernels": 17, "rounds": rounds,
                                      "us_per_kernel_plain": 21.0, "us_per_kernel_waits": 22.5}]})
     line = next(l for l in text.splitlines() if l.startswith("| 20 |"))
-    assert line.split(" | ")[1:4] == ["1, 4, 2", "2", "10/5, 10/5, 10/5"]
+    assert line.split(" | ")[1:4] == ["1, 4, 2", "2", "10/5, 10/5, 10/5, 20/0"]  # the invalid round: no median
     assert line.rstrip(" |").endswith("+1.50")
 
 
