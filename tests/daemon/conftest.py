@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -5,6 +7,7 @@ import signal
 import pytest
 
 from daemon_helpers import Env
+from tally.daemon.daemon import Daemon, DaemonConfig
 
 
 @pytest.fixture
@@ -33,3 +36,31 @@ def tally_env(tmp_path, monkeypatch):
             proc.wait()
 
 
+
+
+@pytest.fixture
+def start_daemon(tmp_path, monkeypatch):
+    """start_daemon(params=None): an in-process daemon (no MPS, one fake GPU) and its scoreboard;
+    the test drives its tick. Stopped at the end of the test."""
+    monkeypatch.setenv("TALLY_SHM_DIR", str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    started = []
+
+    def start(params: dict | None = None):
+        config = DaemonConfig(gpus=[{"index": 0, "uuid": "GPU-aaaa1111", "name": "fake"}], mps_mode="none",
+                              metrics_port=0, **({"params": params} if params else {}))
+        daemon = Daemon(config, runtime)
+        daemon.start()
+        started.append(daemon)
+        return daemon, daemon.boards[0]
+
+    yield start
+    for daemon in started:
+        daemon.shutdown()
+
+
+@pytest.fixture
+def tally_daemon(start_daemon):
+    return start_daemon()

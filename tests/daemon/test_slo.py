@@ -223,20 +223,6 @@ def test_busy_tracker_waits_for_the_idle_window_after_the_last_launch():
 # ------------------------------------------------------------------ daemon wiring
 
 
-@pytest.fixture
-def tally_daemon(tmp_path, monkeypatch):
-    monkeypatch.setenv("TALLY_SHM_DIR", str(tmp_path / "shm"))
-    (tmp_path / "shm").mkdir()
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    config = DaemonConfig(gpus=[{"index": 0, "uuid": "GPU-aaaa1111", "name": "fake"}], mps_mode="none",
-                          metrics_port=0)
-    daemon = Daemon(config, runtime)
-    daemon.start()
-    yield daemon, daemon.boards[0]
-    daemon.shutdown()
-
-
 def _report(board, slot, latency_ns, n=1):
     from tally.slo import Reporter
 

@@ -220,18 +220,8 @@ def test_sample_and_apply_on_a_scoreboard(tmp_path):
 
 
 @pytest.fixture
-def tgs_daemon(tmp_path, monkeypatch):
-    monkeypatch.setenv("TALLY_SHM_DIR", str(tmp_path / "shm"))
-    (tmp_path / "shm").mkdir()
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    params = {**sb.PolicyParams().__dict__, "policy": sb.POLICY_TGS}
-    config = DaemonConfig(gpus=[{"index": 0, "uuid": "GPU-aaaa1111", "name": "fake"}], mps_mode="none",
-                          metrics_port=0, params=params)
-    daemon = Daemon(config, runtime)
-    daemon.start()
-    yield daemon, daemon.boards[0]
-    daemon.shutdown()
+def tgs_daemon(start_daemon):
+    return start_daemon({**sb.PolicyParams().__dict__, "policy": sb.POLICY_TGS})
 
 
 def test_daemon_tick_runs_the_controller(tgs_daemon):

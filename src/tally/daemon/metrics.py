@@ -62,6 +62,8 @@ class ScoreboardCollector(Collector):
                                       labels=["gpu", "state"])
         per_client = [(kind(name, doc, labels=CLIENT_LABELS), field, scale)
                       for kind, name, doc, field, scale in CLIENT_METRICS]
+        gpu_gate = GaugeMetricFamily("tally_client_gpu_gate", "1 for the state of a BE client's GPU-side gate "
+                                     "(TALLY_GPU_GATE): open, closed or disabled", labels=[*CLIENT_LABELS, "state"])
 
         now = time.monotonic_ns()
         with d.boards_lock:
@@ -75,6 +77,8 @@ class ScoreboardCollector(Collector):
                     labels = [uuid, str(c["slot"]), str(c["pid"]), c["priority_name"], c["comm"]]
                     for family, field, scale in per_client:
                         family.add_metric(labels, c[field] * scale)
+                    if c["gpu_gate_state"]:
+                        gpu_gate.add_metric([*labels, c["gpu_gate_state"]], 1)
                 for priority, n in counts.items():
                     clients.add_metric([uuid, priority], n)
                 hp_active.add_metric([uuid], board.hp_active)
@@ -85,5 +89,6 @@ class ScoreboardCollector(Collector):
                 slo_target.add_metric([uuid], board.slo_target_ns / 1e9)
                 slo_p99.add_metric([uuid], board.slo_p99_ns / 1e9)
                 slo_state.add_metric([uuid, sbmod.SLO_STATE_NAMES.get(board.slo_state, str(board.slo_state))], 1)
-        yield from (start, clients, hp_active, heartbeat_age, repairs, budget, slo_target, slo_p99, slo_state)
+        yield from (start, clients, hp_active, heartbeat_age, repairs, budget, slo_target, slo_p99, slo_state,
+                    gpu_gate)
         yield from (family for family, _, _ in per_client)
