@@ -148,7 +148,7 @@ void gpugate_init(void) {
     GG.enabled = env && strcmp(env, "1") == 0 && drv.stream_wait_value64 != NULL;
     if (!GG.enabled) return;
     GG.word = &S.slot->gpu_gate;
-    GG.word_device = S.sb_device + (CUdeviceptr)((char *)GG.word - (char *)S.sb);
+    GG.word_device = sb_device_address(GG.word);
     GG.slot_bit = 1ull << tally_sb_slot_index(S.sb, S.slot);
 }
 

@@ -55,9 +55,15 @@ static _Atomic uintptr_t ptds_keys; /* per-thread keys handed out so far */
 
 int tally_sched_enabled(void) { return S.priority >= 0 && atomic_load(&S.state) != UNGATED; }
 
-static void give_up(const char *why) {
-    runahead_release_all(); /* nothing may stay queued behind a wait once the gate is gone */
+/* Nothing of ours may stay waiting on the GPU once the gate is gone (failing open, process exit):
+ * run-ahead's queued launches are released, the GPU-side gate's word opened for good. */
+static void release_gpu_waits(void) {
+    runahead_release_all();
     gpugate_disable();
+}
+
+static void give_up(const char *why) {
+    release_gpu_waits();
     atomic_store(&S.state, UNGATED);
     tally_warn("%s; %s launches are not scheduled", why,
                S.priority == TALLY_SB_PRIO_HIGH ? "high-priority" : "best-effort");
@@ -248,9 +254,7 @@ static void join(CUcontext context) {
     S.sb = h;
     S.slot = slot;
     /* A bit of the GPU-side gate left by the slot's previous owner (killed): not ours. */
-    __atomic_fetch_and(&h->gpu_gate_slots,
-                       ~(1ull << tally_sb_slot_index(h, slot)),
-                       __ATOMIC_SEQ_CST);
+    __atomic_fetch_and(&h->gpu_gate_slots, ~(1ull << tally_sb_slot_index(h, slot)), __ATOMIC_SEQ_CST);
     S.context = context;
     /* A reused slot keeps its lanes' numbers (repaired: launched == completed);
      * continue after them so "launched > completed" stays meaningful. */
@@ -568,8 +572,9 @@ static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *
 }
 
 /* A poll of every lane; returns what is still in flight. skipped: NULL to wait for every
- * lane's lock; else lanes whose lock is busy are left out and counted there (run-ahead's releaser must never wait for a thread that may itself be
- * blocked in the driver behind a stream wait only the releaser can release). */
+ * lane's lock; else lanes whose lock is busy are left out and counted there (run-ahead's
+ * releaser must never wait for a thread that may itself be blocked in the driver behind a
+ * stream wait only the releaser can release). */
 struct be_backlog retire_lanes(uint64_t now, uint32_t *skipped) {
     struct be_backlog backlog = {0, 0};
     uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
@@ -937,11 +942,12 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
         return;
     }
     pending.be = 1;
-    if (!(launch->rewrite && tally_blocksched_enabled()) && gpugate_try(launch, now))
+    int planned = launch->rewrite && tally_blocksched_enabled(); /* may run as slices, gated in place */
+    if (!planned && gpugate_try(launch, now))
         return; /* waits on the GPU for HP to be idle: neither held nor tracked here */
-    if (launch->rewrite && tally_blocksched_enabled()) runahead_drain(); /* slices are gated in place */
-    if (launch->rewrite && tally_blocksched_enabled() &&
-        __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY && be_launch_sliced(launch, now))
+    if (planned) runahead_drain();
+    if (planned && __atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) == TALLY_SB_POLICY_TALLY &&
+        be_launch_sliced(launch, now))
         return;
     if (!runahead_try(launch, now)) be_wait_at_gate(launch, now, 0, 1);
     if (pending.track && !launch->is_graph) expect_gpu_time(launch->correlation);
@@ -963,8 +969,7 @@ static void write_completion(struct lane *l, CUstream stream) {
     struct tally_sb_lane *shared = &S.slot->lanes[l - S.lanes];
     uint64_t seq = l->next_seq;
     __atomic_store_n(&shared->launched_seq, seq, __ATOMIC_RELEASE);
-    CUdeviceptr target = S.sb_device + (CUdeviceptr)((char *)&shared->completed_seq - (char *)S.sb);
-    if (drv.stream_write_value64(stream, target, seq, 0) != CUDA_SUCCESS) {
+    if (drv.stream_write_value64(stream, sb_device_address(&shared->completed_seq), seq, 0) != CUDA_SUCCESS) {
         /* Untrackable stream: count it done now rather than block anyone (and learn nothing from it). */
         for (uint32_t k = l->head; k != l->tail; k++)
             if (l->ring[k % RING].seq > __atomic_load_n(&shared->completed_seq, __ATOMIC_ACQUIRE))
@@ -1059,8 +1064,7 @@ void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result)
  * the daemon frees the slot only after its quarantine, so such a late write
  * can never lower a new owner's completed_seq. */
 void tally_sched_exit(void) {
-    runahead_release_all(); /* before CUDA tears the context down: no stream may be left waiting */
-    gpugate_disable();
+    release_gpu_waits(); /* before CUDA tears the context down */
     if (atomic_load(&S.state) != JOINED || !S.slot) return;
     for (uint32_t i = 0; i < TALLY_SB_MAX_LANES; i++) {
         uint64_t a = __atomic_load_n(&S.slot->lanes[i].launched_seq, __ATOMIC_ACQUIRE);

@@ -107,6 +107,11 @@ struct sched_state {
 };
 extern struct sched_state S;
 
+/* Where a word of the scoreboard is on the GPU, for the stream memory operations on it. */
+static inline CUdeviceptr sb_device_address(const void *word) {
+    return S.sb_device + (CUdeviceptr)((const char *)word - (const char *)S.sb);
+}
+
 struct ra_entry; /* runahead.c's queue entry; sched.c only carries pointers to it */
 
 /* What launch_enter decided, for launch_exit on the same thread. Run-ahead
