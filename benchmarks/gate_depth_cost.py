@@ -32,7 +32,6 @@ Writes gate_depth_cost.json and gate_depth_cost.md in DIR; prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -143,10 +142,10 @@ def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
 
 
 def environment() -> dict:
-    out = {"date": dt.datetime.now().isoformat(timespec="seconds")}
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True)
-    out["gpu"] = smi.stdout.strip()
+    """tally bench's environment (date, GPU, driver) and the Python and PyTorch the workers run."""
+    from tally.bench.runner import collect_environment
+
+    out = collect_environment()
     probe = subprocess.run([sys.executable, "-c", "import torch,sys;print(sys.version.split()[0], torch.__version__)"],
                            capture_output=True, text=True)
     out["python_torch"] = probe.stdout.strip()
@@ -161,7 +160,8 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         groups.setdefault((row["workload"], row["config"]), []).append(row)
     median = {key: statistics.median(r["steps_per_s"] for r in rows) for key, rows in groups.items()}
-    lines = [f"# Gate depth cost ({env['date']}, {env['gpu']}, Python/PyTorch {env['python_torch']})", "",
+    lines = [f"# Gate depth cost ({env['date']}, {env.get('gpu', '?')}, driver {env.get('driver', '?')}, "
+             f"Python/PyTorch {env['python_torch']})", "",
              f"{result['seconds']:g} s of BE training per configuration after warm-up, "
              f"{result.get('rounds', 1)} round(s) with the configurations interleaved; the HP client joined "
              "and then sent nothing. Ratio: median steps/s against the plain MPS client's.", "",

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime as dt
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tally.bench.runner import collect_environment  # noqa: E402
 from tally.scoreboard import GPU_GATE_OPEN as OPEN  # noqa: E402  (the agent's value, defined once)
 
 REOPENED = OPEN | 2
@@ -64,7 +63,8 @@ def summarize(seen: list[int]) -> dict:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# GPU-side gate: lookahead and wait cost ({env['date']}, {env['gpu']})", "",
+    lines = [f"# GPU-side gate: lookahead and wait cost ({env['date']}, {env.get('gpu', '?')}, driver "
+             f"{env.get('driver', '?')})", "",
              "Kernels that started after the word was closed (they had passed their wait already), "
              "per round; and the time per kernel of a stream with a wait before each kernel, against "
              "one without (word open).", "",
@@ -155,17 +155,6 @@ class Gpu:
         return self.cp.cuda.get_elapsed_time(*events) * 1000 / n
 
 
-def environment() -> dict:
-    out = {"date": dt.datetime.now().isoformat(timespec="seconds")}
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        out["gpu"] = smi.stdout.strip()
-    except OSError:
-        out["gpu"] = "?"
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -203,7 +192,7 @@ def main() -> int:
                      "us_per_kernel_waits": waited})
         print(f"kernel {kernel_us} us: lookahead {[r['lookahead'] for r in rounds]}, "
               f"{plain:.2f} -> {waited:.2f} us per kernel with waits", flush=True)
-    result = {"environment": environment(), "rows": rows}
+    result = {"environment": {**collect_environment(), "cupy": gpu.cp.__version__}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_gate_lookahead.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "gpu_gate_lookahead.md").write_text(markdown(result))
