@@ -133,7 +133,11 @@ static void *opening_thread(void *unused) {
         uint64_t held_since = atomic_load(&GG.first_closed_wait_ns);
         if (!held_since && atomic_load(&GG.last_wait_ns) + RECENT_WAIT_NS >= closed_since)
             held_since = closed_since;
-        if (held_since && now - held_since >= S.max_hold_ns) {
+        /* The launch path marks its wait with its own clock, possibly after `now` was read here:
+         * measured against `now`, such a mark wrapped around to a hold of centuries and failed the
+         * process open at once (seen on an H200). A fresh reading after the load is never earlier. */
+        now = tally_now_ns();
+        if (held_since && now > held_since && now - held_since >= S.max_hold_ns) {
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
             break;

@@ -27,6 +27,7 @@ import ctypes
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,14 @@ class Gpu:
         self.hold = HostWord(cupy, self.cuda)  # holds the stream until everything is enqueued
         self.kernel = cupy.RawKernel(PROBE, "probe")
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        # Compile and load the kernel before any stream is held: a module load may wait for the
+        # device, which would wait for the hold word only this thread could open.
+        self.word.set(OPEN)
+        with self.stream:
+            self.kernel((1,), (32,), (self.cp.uint64(self.word.device), self.cp.zeros(1, dtype=self.cp.uint64),
+                                      self.cp.int32(0), self.cp.uint64(0)))
+        self.stream.synchronize()
+        self.watchdog_fired = 0
 
     def wait(self, word: HostWord) -> None:
         r = self.wait_value(ctypes.c_void_p(self.stream.ptr), word.device, OPEN, WAIT_VALUE_AND)
@@ -122,6 +131,10 @@ class Gpu:
         word, then opens it: the GPU starts on a full queue."""
         self.stream.synchronize()
         self.hold.set(0)
+        # If the driver's queue fills before everything is enqueued, a launch blocks until the
+        # GPU drains it, which the hold forbids: a watchdog opens the hold (the round is marked).
+        watchdog = threading.Timer(2.0, self._release_hold)
+        watchdog.start()
         with self.stream:
             self.wait(self.hold)
             if events:
@@ -133,12 +146,22 @@ class Gpu:
                                           self.cp.uint64(spin_ns)))
             if events:
                 events[1].record(self.stream)
+        watchdog.cancel()
         self.hold.set(OPEN)
+
+    def _release_hold(self) -> None:
+        self.watchdog_fired += 1
+        self.hold.set(OPEN)
+        self.word.set(OPEN)
 
     def lookahead(self, n: int, kernel_us: int, close_after_s: float, hold_s: float) -> dict:
         seen = self.cp.zeros(n, dtype=self.cp.uint64)
         self.word.set(OPEN)
+        fired = self.watchdog_fired
         self.enqueue_held(seen, n, kernel_us * 1000, waits=True)
+        if self.watchdog_fired != fired:
+            self.stream.synchronize()
+            return {**summarize([]), "valid": False, "queue_full": True}
         time.sleep(close_after_s)
         self.word.set(CLOSED)
         time.sleep(hold_s)  # whatever passed its wait before the close has started by now
@@ -159,7 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--kernel-us", default="20,100", help="probe kernel lengths, comma-separated")
-    parser.add_argument("--kernels", type=int, default=400,
+    parser.add_argument("--kernels", type=int, default=128,
                         help="kernels per stream (each with its wait: stay under the driver's queue of pending work)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -180,6 +203,7 @@ def main() -> int:
     rows = []
     for kernel_us in lengths:
         n = args.kernels
+        print(f"kernel {kernel_us} us: {n} kernels, {args.rounds} rounds", flush=True)
         # The GPU starts on the full queue: close a third of the way through, and hold it closed
         # as long as the whole stream would take, so whatever passed its wait before the close
         # has started (and recorded CLOSED) before the reopening.
@@ -189,8 +213,8 @@ def main() -> int:
         plain = statistics.median(gpu.per_kernel_us(n, kernel_us, waits=False) for _ in range(3))
         waited = statistics.median(gpu.per_kernel_us(n, kernel_us, waits=True) for _ in range(3))
         rows.append({"kernel_us": kernel_us, "kernels": n, "rounds": rounds, "us_per_kernel_plain": plain,
-                     "us_per_kernel_waits": waited})
-        print(f"kernel {kernel_us} us: lookahead {[r['lookahead'] for r in rounds]}, "
+                     "us_per_kernel_waits": waited, "watchdog_fired": gpu.watchdog_fired})
+        print(f"kernel {kernel_us} us: watchdog fired {gpu.watchdog_fired} time(s); lookahead {[r['lookahead'] for r in rounds]}, "
               f"{plain:.2f} -> {waited:.2f} us per kernel with waits", flush=True)
     result = {"environment": {**collect_environment(), "cupy": gpu.cp.__version__}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

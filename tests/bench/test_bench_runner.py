@@ -298,6 +298,22 @@ def test_tally_variants_set_agent_switches_for_the_be_client_only():
     assert block.agent_env == {"TALLY_BATCH_WRITES": "1"}
 
 
+def test_tally_variant_can_put_hp_requests_on_the_greatest_stream_priority():
+    """The HP program's own choice (what mps-priority does), under tally: set for the HP worker only."""
+    from tally.bench import systems
+    from tally.errors import TallyError
+
+    variant = systems.make_system("tally[gpu-gate=1;hp-stream-priority=1]")
+    variant._runtime_dir = Path("/run/x")
+    assert variant.launch("hp").env == {"TALLY_RUNTIME_DIR": "/run/x", systems.HP_STREAM_PRIORITY_ENV: "high"}
+    assert systems.HP_STREAM_PRIORITY_ENV not in variant.launch("be").env
+    off = systems.make_system("tally[hp-stream-priority=0]")
+    off._runtime_dir = Path("/run/x")
+    assert off.launch("hp").env == {"TALLY_RUNTIME_DIR": "/run/x"}
+    with pytest.raises(TallyError, match="hp-stream-priority is 0 or 1"):
+        systems.make_system("tally[hp-stream-priority=high]")
+
+
 # ---------------------------------------------------------------- reused workers
 
 

@@ -188,11 +188,13 @@ class Tally(System):
     agent_stats = True
 
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
-                 up_args: list[str] | None = None, name: str | None = None, agent_env: dict | None = None):
+                 up_args: list[str] | None = None, name: str | None = None, agent_env: dict | None = None,
+                 hp_env: dict | None = None):
         # `python -m tally` rather than a `tally` on PATH: the same installation as this process
         self.tally_command = tally_command or [sys.executable, "-m", "tally"]
         self.up_args = list(up_args or [])
         self.agent_env = dict(agent_env or {})  # agent variables of the BE client (AGENT_TUNABLES)
+        self.hp_env = dict(hp_env or {})  # the HP program's own settings (HP_TUNABLES)
         if name:
             self.name = name
         self.timeout_s = timeout_s
@@ -251,7 +253,7 @@ class Tally(System):
     def launch(self, role: str, ref: str | None = None, stats_dir: Path | None = None) -> RoleLaunch:
         assert self._runtime_dir is not None, "start() first"
         priority = "high" if role == "hp" else "best-effort"
-        env = {"TALLY_RUNTIME_DIR": str(self._runtime_dir), **(self.agent_env if role == "be" else {})}
+        env = {"TALLY_RUNTIME_DIR": str(self._runtime_dir), **(self.agent_env if role == "be" else self.hp_env)}
         return RoleLaunch(env=env,
                           prefix=self.tally_command + ["run", "--priority", priority] + _stats_args(stats_dir) + ["--"])
 
@@ -346,9 +348,9 @@ class TallyBlock(Tally):
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
                  prepare_timeout_s: float = 300.0, capture_s: float = 1.0, capture_steps: int = 2,
                  arch: str | None = None, name: str | None = None, up_args: list[str] | None = None,
-                 agent_env: dict | None = None):
+                 agent_env: dict | None = None, hp_env: dict | None = None):
         super().__init__(tally_command=tally_command, timeout_s=timeout_s, up_args=up_args,
-                         name=name or "tally-block", agent_env=agent_env)
+                         name=name or "tally-block", agent_env=agent_env, hp_env=hp_env)
         self.prepare_timeout_s = prepare_timeout_s
         self.capture_s = capture_s          # the capture run: warm-up steps, then this many seconds of steps
         self.capture_steps = capture_steps
@@ -466,6 +468,9 @@ TALLY_TUNABLES = ("idle-window-us", "budget-us", "unthrottle-ms")
 # tally[run-ahead=1], tally[gpu-gate=1]
 AGENT_TUNABLES = {"batch-writes": "TALLY_BATCH_WRITES", "kernel-times": "TALLY_KERNEL_TIMES",
                   "run-ahead": "TALLY_RUN_AHEAD", "gpu-gate": "TALLY_GPU_GATE"}
+# and what the HP program itself may choose: tally[hp-stream-priority=1] runs its requests on the
+# device's greatest stream priority, as mps-priority does (tally leaves HP streams alone: docs/scheduling.md)
+HP_TUNABLES = {"hp-stream-priority": (HP_STREAM_PRIORITY_ENV, "high")}
 
 
 def tally_variant(name: str) -> Tally:
@@ -474,24 +479,29 @@ def tally_variant(name: str) -> Tally:
     settings = rest[:-1]
     args: list[str] = []
     agent_env: dict[str, str] = {}
+    hp_env: dict[str, str] = {}
     for item in filter(None, settings.split(";")):
         key, sep, value = item.partition("=")
-        if sep and key in AGENT_TUNABLES:
+        if sep and (key in AGENT_TUNABLES or key in HP_TUNABLES):
             if value not in ("0", "1"):
                 raise TallyError(f"system {name!r}: {key} is 0 or 1, not {value!r}")
-            agent_env[AGENT_TUNABLES[key]] = value
+            if key in AGENT_TUNABLES:
+                agent_env[AGENT_TUNABLES[key]] = value
+            elif value == "1":
+                variable, setting = HP_TUNABLES[key]
+                hp_env[variable] = setting
             continue
         if not sep or key not in TALLY_TUNABLES:
             raise TallyError(f"system {name!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join((*TALLY_TUNABLES, *AGENT_TUNABLES))}")
+                             f"{', '.join((*TALLY_TUNABLES, *AGENT_TUNABLES, *HP_TUNABLES))}")
         try:
             float(value)
         except ValueError:
             raise TallyError(f"system {name!r}: {key} needs a number, not {value!r}") from None
         args += [f"--{key}", value]
     if base == "tally-block":
-        return TallyBlock(up_args=args, name=name, agent_env=agent_env)
-    return Tally(up_args=args, name=name, agent_env=agent_env)
+        return TallyBlock(up_args=args, name=name, agent_env=agent_env, hp_env=hp_env)
+    return Tally(up_args=args, name=name, agent_env=agent_env, hp_env=hp_env)
 
 
 def make_system(name: str, mps_split_percent: int = 50, mps_factory: Callable | None = None,
