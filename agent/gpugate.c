@@ -156,6 +156,12 @@ void gpugate_init(void) {
     GG.slot_bit = 1ull << tally_sb_slot_index(S.sb, S.slot);
 }
 
+static int slo_mode_on(void) {
+    const struct tally_sb_slo_status *slo =
+        (const struct tally_sb_slo_status *)((const char *)S.sb + TALLY_SB_SLO_AREA_OFFSET);
+    return __atomic_load_n(&slo->slo_target_ns, __ATOMIC_RELAXED) != 0;
+}
+
 /* The first gated launch starts the thread; launches before it runs take the launch-level gate. */
 static int thread_running(void) {
     int t = atomic_load(&GG.thread);
@@ -188,6 +194,9 @@ int gpugate_try(const struct tally_launch *launch, uint64_t now) {
     /* Not trackable: the stream is not known (a multi-device launch), so there is none to wait on. */
     if (!GG.enabled || !launch->trackable || atomic_load_explicit(&GG.disabled, memory_order_relaxed)) return 0;
     if (__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY) return 0;
+    /* SLO mode adapts the turnaround budget, which only the launch-level gate applies: while it
+     * is on, new launches take that gate (waits already queued are opened as before). */
+    if (slo_mode_on()) return 0;
     if (!tally_gate_daemon_alive(S.sb, now)) {
         warn_if_daemon_dead(TALLY_GATE_DAEMON_DEAD);
         gpugate_disable();

@@ -12,7 +12,7 @@
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
 # EVIDENCE_SEEDS (default "0": four systems take about 5 min a seed) the pair runs;
-# EVIDENCE_SYSTEMS (default "standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]") their systems.
+# EVIDENCE_SYSTEMS (default "standalone,tally,tally[gpu-gate=0],tally[run-ahead=1]") their systems.
 # A step starts only with time left for it (a minimum per step, below), and is killed at the
 # end of the budget (TERM, then KILL 10 s later).
 # EVIDENCE_TAR=FILE packs OUT_DIR into FILE at the end (a device that returns only a few files);
@@ -52,7 +52,7 @@ for step in $steps; do
        --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   3) for seed in ${EVIDENCE_SEEDS:-0}; do
-       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[run-ahead=1],tally[gpu-gate=1]}
+       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[gpu-gate=0],tally[run-ahead=1]}
        boxed 600 240 "$out/pairs-seed$seed.log" python3 -m tally bench --hp bert-infer@graph \
          --be resnet50-train,bert-base-train --systems "$systems" --arrivals poisson --duration 15 \
          --seed "$seed" --out "$out/pairs-seed$seed"

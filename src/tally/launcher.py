@@ -142,10 +142,18 @@ class NotFound(TallyError):
     help="With --priority best-effort: a launch the gate holds waits on the GPU, not in the program's thread. "
     "More best-effort throughput, at some cost to high-priority p99 (docs/scheduling.md, run-ahead admission).",
 )
+@click.option(
+    "--gpu-gate/--no-gpu-gate",
+    default=None,
+    help="With --priority best-effort (default: on): while a high-priority client is connected, each "
+    "best-effort kernel waits on the GPU for a gate word that high-priority launches close, instead of "
+    "being held in the program's thread (docs/scheduling.md, the GPU-side gate). --no-gpu-gate holds "
+    "launches in the program's thread; a TALLY_GPU_GATE in the environment wins over the default.",
+)
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_modules, block_level, plan_path,
-                run_ahead, verbose, command):
+                run_ahead, gpu_gate, verbose, command):
     """Run COMMAND with the tally agent injected.
 
     Use `--` before the command: tally run --priority high -- python serve.py
@@ -166,7 +174,18 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
     if run_ahead:
         if priority != "best-effort":
             raise TallyError("--run-ahead needs --priority best-effort: only best-effort launches are held")
+        if gpu_gate:
+            raise TallyError("--run-ahead and --gpu-gate are two ways of holding launches on the GPU: pick one")
         env["TALLY_RUN_AHEAD"] = "1"
+        gpu_gate = False  # run-ahead is the other way of waiting on the GPU
+    if gpu_gate is not None and priority != "best-effort":
+        raise TallyError(f"--{'' if gpu_gate else 'no-'}gpu-gate needs --priority best-effort: "
+                         "only best-effort launches are gated")
+    if priority == "best-effort" and (gpu_gate is not None or "TALLY_GPU_GATE" not in env):
+        # on by default (measured: benchmarks/results/issue3-gpu-gate-2026-12-03e-h200), except
+        # under run-ahead, the other way of waiting on the GPU, set in the environment
+        default_on = env.get("TALLY_RUN_AHEAD") != "1"
+        env["TALLY_GPU_GATE"] = "1" if (gpu_gate if gpu_gate is not None else default_on) else "0"
     if priority:
         from tally import config as cfgmod
         from tally.daemon.client import client_env, ensure_daemon, version_skew

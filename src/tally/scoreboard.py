@@ -277,7 +277,7 @@ SLOT = _struct("tally_sb_slot", 448, "One client process.", [
 ])
 
 SLO_STATUS = _struct("tally_sb_slo_status", 64, "SLO mode's state, at the start of the SLO area "
-                     "(monitoring: read by status and metrics, not by agents).", [
+                     "(read by status and metrics; BE agents read slo_target_ns: the GPU-side gate steps aside in SLO mode).", [
     (0, "slo_target_ns", "u64", 1, "daemon",
      "policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off)"),
     (8, "slo_p99_ns", "u64", 1, "daemon",
@@ -747,6 +747,11 @@ class Scoreboard:
     def in_flight(self, slot: int) -> int:
         """Work launched but not completed, over the slot's lanes."""
         return sum(launched - completed for launched, completed in (self.lane(slot, j) for j in range(MAX_LANES)))
+
+    def busy(self, slot: int) -> bool:
+        """Work of the slot on the GPU as the gate counts it (agent/gate.c): in flight on a lane, or
+        an (HP) launch call between API enter and exit, whose work no lane shows yet."""
+        return self.slot_get(slot, "launching") > 0 or self.in_flight(slot) > 0
 
     def slots(self) -> Iterator[int]:
         """Indices of slots that are not free."""

@@ -465,6 +465,25 @@ def test_gpu_gate_exit_while_hp_is_busy_leaves_nothing_waiting(daemon, run_app):
     assert sb.slot_state(slot) == sbmod.SLOT_REPAIRING and sb.gpu_gate_slots == 0
 
 
+def test_gpu_gate_steps_aside_in_slo_mode(daemon, spawn_app, tmp_path):
+    """SLO mode adapts the turnaround budget, which only the launch-level gate applies: while the
+    daemon holds an SLO, a BE process of the GPU-side gate is held at launch instead (no waits)."""
+    sb = daemon.sb
+    sb.slo_target_ns = 5 * MS  # what the daemon's SLO controller publishes
+    hp = hp_client_in_flight(sb)
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:100:s0", f"wait_file:{go}", "sync",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    time.sleep(0.2)
+    assert not app.printed("fake_app: launch i=0"), "the launch was not held at the launch-level gate"
+    sb.set_lane_completed(hp, 3, 7)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    assert r.gpu("gpu_waits_issued") == 0 and r.stats()["gpu_gate_waits"] == 0
+
+
 def test_gpu_gate_is_not_failed_open_by_a_race_with_its_own_waits(daemon, spawn_app):
     """A real HP agent launching short requests with gaps, and a BE process launching as fast as
     it can: the BE launch path marks the first wait it enqueues while the word is closed, with

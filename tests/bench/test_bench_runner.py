@@ -314,6 +314,19 @@ def test_tally_variant_can_put_hp_requests_on_the_greatest_stream_priority():
         systems.make_system("tally[hp-stream-priority=high]")
 
 
+def test_tally_variant_can_cap_the_be_clients_share_of_sms():
+    from tally.bench import systems
+    from tally.errors import TallyError
+
+    variant = systems.make_system("tally[be-thread-percent=80]")
+    variant._runtime_dir = Path("/run/x")
+    assert variant.launch("be").env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "80"
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in variant.launch("hp").env
+    for bad in ("0", "101", "80.5", "most"):
+        with pytest.raises(TallyError, match="whole percentage 1..100"):
+            systems.make_system(f"tally[be-thread-percent={bad}]")
+
+
 # ---------------------------------------------------------------- reused workers
 
 

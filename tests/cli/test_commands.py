@@ -46,6 +46,9 @@ def test_help_lists_every_command():
         (["trace", "--top", "0", "--summary", "x.jsonl"], "--top"),
         (["run", "--run-ahead", "--", "true"], "--run-ahead needs --priority best-effort"),
         (["run", "--priority", "high", "--run-ahead", "--", "true"], "--run-ahead needs --priority best-effort"),
+        (["run", "--priority", "high", "--gpu-gate", "--", "true"], "--gpu-gate needs --priority best-effort"),
+        (["run", "--no-gpu-gate", "--", "true"], "--no-gpu-gate needs --priority best-effort"),
+        (["run", "--priority", "best-effort", "--run-ahead", "--gpu-gate", "--", "true"], "pick one"),
     ],
 )
 def test_argument_errors_are_one_line(args, fragment):
@@ -143,6 +146,39 @@ def test_run_ahead_turns_the_agent_switch_on_for_best_effort_only(monkeypatch):
     r = CliRunner().invoke(launcher.run_command, ["--priority", "best-effort", "--run-ahead", "--", "/bin/true"])
     assert r.exit_code == 0, r.output
     assert seen["TALLY_RUN_AHEAD"] == "1"
+    assert seen["TALLY_GPU_GATE"] == "0"  # run-ahead is the other way of waiting on the GPU
     seen.clear()
     assert CliRunner().invoke(launcher.run_command, ["--priority", "best-effort", "--", "/bin/true"]).exit_code == 0
     assert "TALLY_RUN_AHEAD" not in seen
+
+
+def test_gpu_gate_is_on_by_default_for_best_effort(monkeypatch):
+    """Best effort gets TALLY_GPU_GATE=1 unless --no-gpu-gate or the user's own TALLY_GPU_GATE says
+    otherwise; high priority never gets the switch."""
+    from click.testing import CliRunner
+
+    import tally.daemon.client as client
+    from tally import launcher
+
+    monkeypatch.delenv("TALLY_GPU_GATE", raising=False)
+    monkeypatch.setattr(client, "ensure_daemon", lambda auto_up=False: {})
+    monkeypatch.setattr(client, "client_env", lambda state, priority: {})
+    seen = {}
+    monkeypatch.setattr(launcher, "exec_command", lambda command, env: seen.update(env))
+
+    def gate(*args: str) -> str | None:
+        seen.clear()
+        r = CliRunner().invoke(launcher.run_command, [*args, "--", "/bin/true"])
+        assert r.exit_code == 0, r.output
+        return seen.get("TALLY_GPU_GATE")
+
+    assert gate("--priority", "best-effort") == "1"
+    assert gate("--priority", "best-effort", "--gpu-gate") == "1"
+    assert gate("--priority", "best-effort", "--no-gpu-gate") == "0"
+    assert gate("--priority", "high") is None
+    monkeypatch.setenv("TALLY_GPU_GATE", "0")
+    assert gate("--priority", "best-effort") == "0"  # the user's own setting wins over the default
+    assert gate("--priority", "best-effort", "--gpu-gate") == "1"  # and the flag over it
+    monkeypatch.delenv("TALLY_GPU_GATE")
+    monkeypatch.setenv("TALLY_RUN_AHEAD", "1")  # run-ahead set in the environment (tally bench's variants)
+    assert gate("--priority", "best-effort") == "0"

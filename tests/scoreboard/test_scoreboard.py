@@ -115,6 +115,20 @@ def test_repair_completes_lanes_and_bumps_epoch(board):
     assert board.claim_slot(pid=101, priority=sb.PRIORITY_HIGH) == i
 
 
+def test_busy_counts_lanes_in_flight_and_launch_calls_in_progress(board):
+    """What the daemon's HP-busy flag and SLO mode's busy periods read: the gate's notion of busy."""
+    i = board.claim_slot(pid=99, priority=sb.PRIORITY_HIGH)
+    assert not board.busy(i)
+    board.slot_set(i, "launching", 1)  # a graph launch between API enter and exit
+    assert board.busy(i) and board.in_flight(i) == 0
+    board.slot_set(i, "launching", 0)
+    board.set_lane_launched(i, 2, 5)
+    board.set_lane_completed(i, 2, 4)
+    assert board.busy(i)
+    board.set_lane_completed(i, 2, 5)
+    assert not board.busy(i)
+
+
 def test_heartbeat_and_daemon_alive(board):
     now = board.heartbeat()
     assert board.daemon_heartbeat_ns == now and board.daemon_alive()

@@ -184,7 +184,7 @@ class Tally(System):
     """End to end through the CLI: `tally up`, `tally run --priority ... --`, `tally down`."""
 
     name = "tally"
-    description = "tally daemon + agent, launch-level scheduling"
+    description = "tally daemon + agent (GPU-side gate unless gpu-gate=0: launch-level gate)"
     agent_stats = True
 
     def __init__(self, tally_command: list[str] | None = None, timeout_s: float = 120.0,
@@ -471,6 +471,9 @@ AGENT_TUNABLES = {"batch-writes": "TALLY_BATCH_WRITES", "kernel-times": "TALLY_K
 # and what the HP program itself may choose: tally[hp-stream-priority=1] runs its requests on the
 # device's greatest stream priority, as mps-priority does (tally leaves HP streams alone: docs/scheduling.md)
 HP_TUNABLES = {"hp-stream-priority": (HP_STREAM_PRIORITY_ENV, "high")}
+# and the share of SMs MPS lets the BE client use: tally[be-thread-percent=80]
+# (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, as mps-split sets it): the rest is always free for HP's first blocks
+BE_THREAD_PERCENT = "be-thread-percent"
 
 
 def tally_variant(name: str) -> Tally:
@@ -491,9 +494,14 @@ def tally_variant(name: str) -> Tally:
                 variable, setting = HP_TUNABLES[key]
                 hp_env[variable] = setting
             continue
+        if sep and key == BE_THREAD_PERCENT:
+            if not (value.isdigit() and 1 <= int(value) <= 100):
+                raise TallyError(f"system {name!r}: {key} is a whole percentage 1..100, not {value!r}")
+            agent_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(int(value))
+            continue
         if not sep or key not in TALLY_TUNABLES:
             raise TallyError(f"system {name!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join((*TALLY_TUNABLES, *AGENT_TUNABLES, *HP_TUNABLES))}")
+                             f"{', '.join((*TALLY_TUNABLES, *AGENT_TUNABLES, *HP_TUNABLES, BE_THREAD_PERCENT))}")
         try:
             float(value)
         except ValueError:

@@ -282,7 +282,7 @@ class Daemon:
                     if self._check_active(board, key, now, key in exited):
                         if board.slot_get(slot, "priority") == sbmod.PRIORITY_HIGH:
                             hp += 1
-                            hp_busy = hp_busy or board.in_flight(slot) > 0 or board.slot_get(slot, "launching") > 0
+                            hp_busy = hp_busy or board.busy(slot)
                             slo += board.slot_get(slot, "slo_p99_ns") != 0
                         else:
                             be += 1

@@ -261,7 +261,7 @@ def sample_board(board, now_ns: int, trackers: dict) -> SloSample:
         periods = board.slot_get(slot, "busy_periods")
         start = board.slot_get(slot, "busy_start_ns")
         if board.slot_get(slot, "busy_periods") == periods:  # not torn by a new period starting
-            tracker.observe(now_ns, periods, start, board.in_flight(slot), board.slot_get(slot, "last_launch_ns"),
+            tracker.observe(now_ns, periods, start, int(board.busy(slot)), board.slot_get(slot, "last_launch_ns"),
                             idle)
         requests, _ = board.slo_requests(slot)
         if requests:
