@@ -145,7 +145,8 @@ class NotFound(TallyError):
 @click.option(
     "--gpu-gate/--no-gpu-gate",
     default=None,
-    help="With --priority best-effort (default: on): while a high-priority client is connected, each "
+    help="With --priority best-effort (default: on; off with --run-ahead or --block-level): while a "
+    "high-priority client is connected, each "
     "best-effort kernel waits on the GPU for a gate word that high-priority launches close, instead of "
     "being held in the program's thread (docs/scheduling.md, the GPU-side gate). --no-gpu-gate holds "
     "launches in the program's thread; a TALLY_GPU_GATE in the environment wins over the default.",
@@ -183,8 +184,9 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
                          "only best-effort launches are gated")
     if priority == "best-effort" and (gpu_gate is not None or "TALLY_GPU_GATE" not in env):
         # on by default (measured: benchmarks/results/issue3-gpu-gate-2026-12-03e-h200), except
-        # under run-ahead, the other way of waiting on the GPU, set in the environment
-        default_on = env.get("TALLY_RUN_AHEAD") != "1"
+        # under run-ahead, the other way of waiting on the GPU, set in the environment, and under
+        # block-level scheduling, whose slices and sliced-share accounting are the launch-level gate's
+        default_on = env.get("TALLY_RUN_AHEAD") != "1" and not env.get("TALLY_BLOCKSCHED_PLAN")
         env["TALLY_GPU_GATE"] = "1" if (gpu_gate if gpu_gate is not None else default_on) else "0"
     if priority:
         from tally import config as cfgmod

@@ -21,6 +21,10 @@ def test_parse_ref_variants_roles_and_errors():
     ref = registry.parse_ref("llama-decode")
     assert ref.variant == "graph" and ref.text == "llama-decode"
     assert registry.parse_ref("llama-decode@eager").text == "llama-decode@eager"
+    # torch.compile with Triton GEMM/conv templates only: training workloads, for block-level scheduling
+    assert registry.parse_ref("gpt2-train@compile-triton").variant == "compile-triton"
+    with pytest.raises(TallyError, match="no variant 'compile-triton'"):
+        registry.parse_ref("bert-infer@compile-triton")
     with pytest.raises(TallyError, match="no variant 'graph'"):
         registry.parse_ref("resnet50-train@graph")
     with pytest.raises(TallyError, match="unknown workload 'nope'"):

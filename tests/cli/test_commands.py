@@ -182,3 +182,7 @@ def test_gpu_gate_is_on_by_default_for_best_effort(monkeypatch):
     monkeypatch.delenv("TALLY_GPU_GATE")
     monkeypatch.setenv("TALLY_RUN_AHEAD", "1")  # run-ahead set in the environment (tally bench's variants)
     assert gate("--priority", "best-effort") == "0"
+    monkeypatch.delenv("TALLY_RUN_AHEAD")
+    monkeypatch.setenv("TALLY_BLOCKSCHED_PLAN", "/plans/plan")  # block-level: slices take the launch-level gate
+    assert gate("--priority", "best-effort") == "0"
+    assert gate("--priority", "best-effort", "--gpu-gate") == "1"

@@ -11,8 +11,15 @@ deploy; also keeps CUDA-graph capture free of autocast caches); training uses
 AMP (bf16 autocast, fp32 master weights and optimizer state).
 
 Variants: eager; compile (torch.compile, default mode; the compile happens in
-the worker's warm-up); graph (inference only: the request is captured once as a
-CUDA graph with static input/output buffers and replayed per request).
+the worker's warm-up); compile-triton (training only: torch.compile with
+max-autotune restricted to Inductor's Triton GEMM and convolution templates,
+so that matrix multiplications and forward convolutions become Triton kernels,
+whose PTX block-level scheduling can slice, instead of cuBLAS/cuDNN kernels,
+which have none; ExecuTorch's CUDA backend compiles the same way to avoid
+libtorch's kernels. Backward convolutions and attention stay library kernels.
+Autotuning makes the first compile take minutes); graph (inference only: the
+request is captured once as a CUDA graph with static input/output buffers and
+replayed per request).
 
 HP requests run on a non-default stream created by the workload; with
 TALLY_BENCH_HP_STREAM_PRIORITY=high (system mps-priority) that stream has the
@@ -33,6 +40,9 @@ import torch.nn.functional as F
 from tally.errors import TallyError
 
 HP_STREAM_PRIORITY_ENV = "TALLY_BENCH_HP_STREAM_PRIORITY"
+# Inductor options of the compile-triton variant: GEMMs and convolutions from Triton templates only
+TRITON_KERNELS_ONLY = {"max_autotune": True, "max_autotune_gemm_backends": "TRITON",
+                       "max_autotune_conv_backends": "TRITON"}
 
 
 def _device() -> torch.device:
@@ -495,6 +505,8 @@ class TrainingWorkload:
         self.parameters = sum(p.numel() for p in model.parameters())
         if variant == "compile":
             self.model = torch.compile(self.model)
+        elif variant == "compile-triton":
+            self.model = torch.compile(self.model, options=TRITON_KERNELS_ONLY)
         self.make_loss = make_loss
         self.optimizer = optimizer
         self.loss = None

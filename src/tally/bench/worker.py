@@ -463,7 +463,7 @@ def self_check(args) -> int:
             if spec.fake and not args.include_fakes:
                 continue
             for variant in spec.variants:
-                if variant == "compile" and not args.include_compile:
+                if variant.startswith("compile") and not args.include_compile:
                     continue
                 refs.append(registry.parse_ref(f"{name}@{variant}"))
     else:
