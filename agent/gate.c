@@ -126,3 +126,7 @@ const char *tally_gate_decision_name(enum tally_gate_decision d) {
     }
     return "unknown";
 }
+
+int tally_gate_held_too_long(uint64_t held_since, uint64_t now_ns, uint64_t max_hold_ns) {
+    return held_since != 0 && now_ns > held_since && now_ns - held_since >= max_hold_ns;
+}

@@ -85,4 +85,9 @@ enum tally_gate_decision tally_gate_decide_be(const struct tally_sb_header *h, u
 
 const char *tally_gate_decision_name(enum tally_gate_decision d);
 
+/* Whether something held since held_since (0: nothing is held) has been held for max_hold_ns
+ * at now_ns. held_since may be another thread's clock reading, taken after now_ns was read:
+ * such a mark is no hold at all, not one that wrapped around to centuries. */
+int tally_gate_held_too_long(uint64_t held_since, uint64_t now_ns, uint64_t max_hold_ns);
+
 #endif

@@ -1,4 +1,4 @@
-/* The GPU-side gate (TALLY_GPU_GATE=1; experimental, off by default).
+/* The GPU-side gate (TALLY_GPU_GATE=1; what `tally run --priority best-effort` sets by default).
  *
  * Why. On an H200, HP's overhead under the launch-level gate came from BE work
  * that was already on the GPU when an HP request arrived: about the budget's
@@ -135,9 +135,10 @@ static void *opening_thread(void *unused) {
             held_since = closed_since;
         /* The launch path marks its wait with its own clock, possibly after `now` was read here:
          * measured against `now`, such a mark wrapped around to a hold of centuries and failed the
-         * process open at once (seen on an H200). A fresh reading after the load is never earlier. */
+         * process open at once (2 of 5 runs on an H200). Read the clock again after the load, and
+         * count a mark still ahead of it as no hold. */
         now = tally_now_ns();
-        if (held_since && now > held_since && now - held_since >= S.max_hold_ns) {
+        if (tally_gate_held_too_long(held_since, now, S.max_hold_ns)) {
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
             break;
@@ -156,10 +157,11 @@ void gpugate_init(void) {
     GG.slot_bit = 1ull << tally_sb_slot_index(S.sb, S.slot);
 }
 
+/* From the SLO controller's first step on (its warm-up included, when no target is judged yet). */
 static int slo_mode_on(void) {
     const struct tally_sb_slo_status *slo =
         (const struct tally_sb_slo_status *)((const char *)S.sb + TALLY_SB_SLO_AREA_OFFSET);
-    return __atomic_load_n(&slo->slo_target_ns, __ATOMIC_RELAXED) != 0;
+    return __atomic_load_n(&slo->slo_state, __ATOMIC_RELAXED) != TALLY_SB_SLO_STATE_OFF;
 }
 
 /* The first gated launch starts the thread; launches before it runs take the launch-level gate. */

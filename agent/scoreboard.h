@@ -179,9 +179,9 @@ _Static_assert(offsetof(struct tally_sb_slot, lanes) == 128, "tally_sb_slot.lane
 _Static_assert(offsetof(struct tally_sb_slot, gpu_gate) == 384, "tally_sb_slot.gpu_gate offset");
 _Static_assert(offsetof(struct tally_sb_slot, launching) == 392, "tally_sb_slot.launching offset");
 
-/* SLO mode's state, at the start of the SLO area (read by status and metrics; BE agents read slo_target_ns: the GPU-side gate steps aside in SLO mode). */
+/* SLO mode's state, at the start of the SLO area (read by status and metrics; BE agents read slo_state: the GPU-side gate steps aside in SLO mode). */
 struct tally_sb_slo_status {
-    uint64_t slo_target_ns;                  /* @0   daemon: policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off) */
+    uint64_t slo_target_ns;                  /* @0   daemon: policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off, or none judged yet: warm-up) */
     uint64_t slo_p99_ns;                     /* @8   daemon: SLO mode: that client's p99 latency over the controller's window (0 = not measured yet) */
     uint32_t slo_state;                      /* @16  daemon: SLO mode: TALLY_SB_SLO_STATE_* of the controller's last step */
     uint8_t _pad20[44];

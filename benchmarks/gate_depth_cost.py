@@ -7,12 +7,16 @@ timed in turn as
 
   mps           a plain client of the daemon's MPS (no agent): the reference
   tally-no-hp   a tally best-effort client with no HP client (the gate's fast path)
-  idle-hp       tally BE next to an HP client that joined and then only sleeps:
-                after --unthrottle-ms (100 ms) BE work in flight is bounded by
-                the 2 ms idle depth; every launch is tracked
+  idle-hp       tally BE under the launch-level gate (TALLY_GPU_GATE=0) next to
+                an HP client that joined and then only sleeps: after
+                --unthrottle-ms (100 ms) BE work in flight is bounded by the
+                2 ms idle depth; every launch is tracked
   budget-N      the same, never unthrottled: BE work in flight stays bounded by
                 an N us budget for the whole run (what BE meets between HP
                 requests)
+  idle-hp-gpu-gate  tally's default, the GPU-side gate, next to the same idle HP
+                client: the gate word stays open, every launch waits on it on
+                the GPU (no budget, no tracking)
   *-kernel-times  (with --kernel-times) the same with TALLY_KERNEL_TIMES=1:
                 duration estimates learned from the GPU's kernel times (CUPTI
                 activity), not from when the gate's polls see completions
@@ -50,22 +54,30 @@ IDLE_HP = ("import sys, time, torch\n"
            "print('joined', flush=True); time.sleep(float(sys.argv[1]))\n")
 
 
+LAUNCH_LEVEL = {"TALLY_GPU_GATE": "0"}  # tally run's default is the GPU-side gate, which has no budget
+
+
 def configs(budgets: list[int], kernel_times: bool = False, batched: bool = False, run_ahead: bool = False) -> list[dict]:
     out = [
         {"name": "mps", "up": [], "hp": False, "client": "mps"},
         {"name": "tally-no-hp", "up": [], "hp": False, "client": "tally"},
-        {"name": "idle-hp", "up": [], "hp": True, "client": "tally"},
+        {"name": "idle-hp", "up": [], "hp": True, "client": "tally", "env": LAUNCH_LEVEL},
     ]
     for b in budgets:
         out.append({"name": f"budget-{b}", "up": ["--budget-us", str(b), "--unthrottle-ms", "10000000"],
-                    "hp": True, "client": "tally"})
+                    "hp": True, "client": "tally", "env": LAUNCH_LEVEL})
     gated = [c for c in out if c["hp"]]
+    out.append({"name": "idle-hp-gpu-gate", "up": [], "hp": True, "client": "tally", "env": {"TALLY_GPU_GATE": "1"}})
+
+    def variant(c: dict, suffix: str, env: dict) -> dict:
+        return dict(c, name=c["name"] + suffix, env={**c.get("env", {}), **env})
+
     if kernel_times:
-        out += [dict(c, name=c["name"] + "-kernel-times", env={"TALLY_KERNEL_TIMES": "1"}) for c in gated]
+        out += [variant(c, "-kernel-times", {"TALLY_KERNEL_TIMES": "1"}) for c in gated]
     if batched:
-        out += [dict(c, name=c["name"] + "-batched", env={"TALLY_BATCH_WRITES": "1"}) for c in gated]
+        out += [variant(c, "-batched", {"TALLY_BATCH_WRITES": "1"}) for c in gated]
     if run_ahead:
-        out += [dict(c, name=c["name"] + "-run-ahead", env={"TALLY_RUN_AHEAD": "1"}) for c in gated]
+        out += [variant(c, "-run-ahead", {"TALLY_RUN_AHEAD": "1"}) for c in gated]
     return out
 
 

@@ -62,6 +62,12 @@ def summarize(seen: list[int]) -> dict:
             "never_ran": len(seen) - before - after_close - reopened, "valid": before > 0 and reopened > 0}
 
 
+def median_of_samples(samples: list[float]) -> float:
+    """The median of the samples the watchdog did not spoil (NaN); NaN when none is left."""
+    kept = [v for v in samples if v == v]
+    return statistics.median(kept) if kept else float("nan")
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# GPU-side gate: lookahead and wait cost ({env['date']}, {env.get('gpu', '?')}, driver "
@@ -70,13 +76,15 @@ def markdown(result: dict) -> str:
              "per round; and the time per kernel of a stream with a wait before each kernel, against "
              "one without (word open).", "",
              "| kernel us | lookahead per round | median | ran before the close / after the reopening | "
-             "us per kernel without waits | with waits | wait cost us |", "|---|---|---|---|---|---|---|"]
+             "us per kernel without waits | with waits | wait cost us | watchdog fired |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         looks = [r["lookahead"] for r in row["rounds"] if r["valid"]] or [float("nan")]
         split = ", ".join(f"{r['before_close']}/{r['after_reopen']}" for r in row["rounds"])
         lines.append(f"| {row['kernel_us']} | {', '.join(map(str, looks))} | {statistics.median(looks):g} | {split} | "
                      f"{row['us_per_kernel_plain']:.2f} | {row['us_per_kernel_waits']:.2f} | "
-                     f"{row['us_per_kernel_waits'] - row['us_per_kernel_plain']:+.2f} |")
+                     f"{row['us_per_kernel_waits'] - row['us_per_kernel_plain']:+.2f} | "
+                     f"{row.get('watchdog_fired', 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +181,11 @@ class Gpu:
         seen = self.cp.zeros(n, dtype=self.cp.uint64)
         self.word.set(OPEN)
         events = (self.cp.cuda.Event(), self.cp.cuda.Event())
+        fired = self.watchdog_fired
         self.enqueue_held(seen, n, kernel_us * 1000, waits, events)
         events[1].synchronize()
+        if self.watchdog_fired != fired:  # the GPU idled behind the hold until the watchdog: no sample
+            return float("nan")
         return self.cp.cuda.get_elapsed_time(*events) * 1000 / n
 
 
@@ -210,8 +221,8 @@ def main() -> int:
         run_s = n * kernel_us * 1e-6
         rounds = [gpu.lookahead(n, kernel_us, close_after_s=run_s / 3, hold_s=run_s + 0.02)
                   for _ in range(args.rounds)]
-        plain = statistics.median(gpu.per_kernel_us(n, kernel_us, waits=False) for _ in range(3))
-        waited = statistics.median(gpu.per_kernel_us(n, kernel_us, waits=True) for _ in range(3))
+        plain = median_of_samples([gpu.per_kernel_us(n, kernel_us, waits=False) for _ in range(3)])
+        waited = median_of_samples([gpu.per_kernel_us(n, kernel_us, waits=True) for _ in range(3)])
         rows.append({"kernel_us": kernel_us, "kernels": n, "rounds": rounds, "us_per_kernel_plain": plain,
                      "us_per_kernel_waits": waited, "watchdog_fired": gpu.watchdog_fired})
         print(f"kernel {kernel_us} us: watchdog fired {gpu.watchdog_fired} time(s); lookahead {[r['lookahead'] for r in rounds]}, "

@@ -6,7 +6,8 @@ job, while its offered load steps 0.25 -> 0.75 -> 0.25 of its standalone
 capacity. The daemon's SLO controller (src/tally/daemon/slo.py) should shrink
 the BE turnaround budget when HP's p99 latency approaches X and grow it again
 when there is room; the same run without `--slo-p99-ms` ("noslo", the daemon's
-fixed configured budget) is the comparison. Outputs in --out:
+fixed configured budget; BE runs with `--no-gpu-gate` in both modes, so both
+apply a budget) is the comparison. Outputs in --out:
 
   slo_demo.json   environment, parameters, per mode: every HP request (arrival,
                   start, end), the daemon's status sampled every 0.25 s
@@ -805,7 +806,9 @@ class Demo:
         return argv
 
     def _be_argv(self, work: Path) -> list[str]:
-        argv = self.tally_cmd + ["run", "--priority", "best-effort", "--", sys.executable, "-m", "tally.bench.worker",
+        # the launch-level gate in both modes (SLO mode uses it anyway): "noslo" is the fixed budget
+        argv = self.tally_cmd + ["run", "--priority", "best-effort", "--no-gpu-gate", "--", sys.executable, "-m",
+                                 "tally.bench.worker",
                                  "--role", "be", "--workload", self.args.be, "--result", str(work / BE_RESULT_FILE),
                                  "--ready-file", str(work / BE_READY_FILE), "--warmup-steps", "3",
                                  "--warmup-s", f"{self.args.warmup_s:g}",

@@ -5,11 +5,14 @@ time only). Here it runs as a client of one tally daemon (MPS), in turn:
 
   mps               a plain MPS client, no agent
   be-no-hp          tally best effort, no HP client: the gate's fast path
-  be-tracked        an HP client is connected (idle): every launch is tracked
-                    (completion write, gate check); estimates from the polls
+  be-tracked        an HP client is connected (idle), launch-level gate
+                    (TALLY_GPU_GATE=0): every launch is tracked (completion
+                    write, gate check); estimates from the polls
   be-tracked-kernel-times  the same with TALLY_KERNEL_TIMES=1 (CUPTI activity)
   be-tracked-batched  the same as be-tracked with TALLY_BATCH_WRITES=1 (completion
                     writes shared)
+  be-gpu-gate       an HP client is connected (idle), the GPU-side gate (tally
+                    run's default): every launch enqueues a stream wait first
 
     python3 benchmarks/tracked_launch_cost.py --out DIR [--rounds 3]
 
@@ -35,9 +38,10 @@ TALLY = [sys.executable, "-m", "tally"]
 CONFIGS = [
     ("mps", False, None),
     ("be-no-hp", False, {}),
-    ("be-tracked", True, {}),
-    ("be-tracked-kernel-times", True, {"TALLY_KERNEL_TIMES": "1"}),
-    ("be-tracked-batched", True, {"TALLY_BATCH_WRITES": "1"}),
+    ("be-tracked", True, {"TALLY_GPU_GATE": "0"}),
+    ("be-tracked-kernel-times", True, {"TALLY_GPU_GATE": "0", "TALLY_KERNEL_TIMES": "1"}),
+    ("be-tracked-batched", True, {"TALLY_GPU_GATE": "0", "TALLY_BATCH_WRITES": "1"}),
+    ("be-gpu-gate", True, {"TALLY_GPU_GATE": "1"}),
 ]
 
 

@@ -139,8 +139,9 @@ class NotFound(TallyError):
 @click.option(
     "--run-ahead",
     is_flag=True,
-    help="With --priority best-effort: a launch the gate holds waits on the GPU, not in the program's thread. "
-    "More best-effort throughput, at some cost to high-priority p99 (docs/scheduling.md, run-ahead admission).",
+    help="With --priority best-effort, instead of the GPU-side gate: a launch the launch-level gate holds waits "
+    "on the GPU, not in the program's thread (docs/scheduling.md, run-ahead admission; measured below the "
+    "GPU-side gate in best-effort throughput and high-priority p99).",
 )
 @click.option(
     "--gpu-gate/--no-gpu-gate",
@@ -149,7 +150,8 @@ class NotFound(TallyError):
     "high-priority client is connected, each "
     "best-effort kernel waits on the GPU for a gate word that high-priority launches close, instead of "
     "being held in the program's thread (docs/scheduling.md, the GPU-side gate). --no-gpu-gate holds "
-    "launches in the program's thread; a TALLY_GPU_GATE in the environment wins over the default.",
+    "launches in the program's thread; a TALLY_GPU_GATE in the environment wins over the default, and "
+    "--run-ahead over both.",
 )
 @click.option("--verbose", is_flag=True, help="The agent says when it is active.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -179,6 +181,9 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
             raise TallyError("--run-ahead and --gpu-gate are two ways of holding launches on the GPU: pick one")
         env["TALLY_RUN_AHEAD"] = "1"
         gpu_gate = False  # run-ahead is the other way of waiting on the GPU
+    elif gpu_gate and env.get("TALLY_RUN_AHEAD") == "1":
+        raise TallyError("--gpu-gate with TALLY_RUN_AHEAD=1 in the environment: both hold launches on the GPU, "
+                         "pick one")
     if gpu_gate is not None and priority != "best-effort":
         raise TallyError(f"--{'' if gpu_gate else 'no-'}gpu-gate needs --priority best-effort: "
                          "only best-effort launches are gated")

@@ -277,9 +277,10 @@ SLOT = _struct("tally_sb_slot", 448, "One client process.", [
 ])
 
 SLO_STATUS = _struct("tally_sb_slo_status", 64, "SLO mode's state, at the start of the SLO area "
-                     "(read by status and metrics; BE agents read slo_target_ns: the GPU-side gate steps aside in SLO mode).", [
+                     "(read by status and metrics; BE agents read slo_state: the GPU-side gate steps aside in SLO mode).", [
     (0, "slo_target_ns", "u64", 1, "daemon",
-     "policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off)"),
+     "policy tally, SLO mode: p99 target of the HP client the controller is holding to (0 = SLO mode off, "
+     "or none judged yet: warm-up)"),
     (8, "slo_p99_ns", "u64", 1, "daemon",
      "SLO mode: that client's p99 latency over the controller's window (0 = not measured yet)"),
     (16, "slo_state", "u32", 1, "daemon", "SLO mode: TALLY_SB_SLO_STATE_* of the controller's last step"),

@@ -38,6 +38,8 @@ def gate(tmp_path_factory):
     g.tally_gate_decide.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
                                     ctypes.c_uint64]
     g.tally_gate_decision_name.restype = ctypes.c_char_p
+    g.tally_gate_held_too_long.restype = ctypes.c_int
+    g.tally_gate_held_too_long.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
     g.tally_gate_bound_ns.restype = ctypes.c_uint64
     g.tally_gate_bound_ns.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
     g.tally_gate_decide_rate.restype = ctypes.c_int
@@ -425,3 +427,16 @@ def test_budget_counts_remaining_work_but_a_long_kernel_waits_for_none_in_flight
     # estimated work left
     assert decide(gate, board, now, inflight=0, est=300 * US, launches=1) == WAIT_BUDGET
     assert decide(gate, board, now, inflight=0, est=300 * US, launches=0) == ADMIT_ALONE
+
+
+def test_held_too_long_ignores_a_mark_after_now(gate):
+    """The GPU-side gate's thread reads the clock, then loads the mark the launch path stored with
+    its own, later reading: a mark ahead of now is no hold (it once wrapped around to centuries
+    and failed BE processes open at once on an H200)."""
+    max_hold = 10_000_000_000
+    now = 5_000_000_000_000
+    assert not gate.tally_gate_held_too_long(0, now, max_hold)  # nothing held
+    assert not gate.tally_gate_held_too_long(now + 1, now, max_hold)  # marked after now was read
+    assert not gate.tally_gate_held_too_long(now, now, max_hold)
+    assert not gate.tally_gate_held_too_long(now - max_hold + 1, now, max_hold)
+    assert gate.tally_gate_held_too_long(now - max_hold, now, max_hold)

@@ -13,13 +13,18 @@ SCRIPT = Path(depth.__file__)
 
 def test_variants_apply_to_the_configurations_with_an_hp_client_only():
     names = {c["name"]: c for c in depth.configs([100], kernel_times=True, batched=True, run_ahead=True)}
-    assert set(names) == {"mps", "tally-no-hp", "idle-hp", "budget-100", "idle-hp-kernel-times", "budget-100-kernel-times",
-                          "idle-hp-batched", "budget-100-batched", "idle-hp-run-ahead", "budget-100-run-ahead"}
-    assert names["budget-100-run-ahead"]["env"] == {"TALLY_RUN_AHEAD": "1"}
-    assert names["budget-100-kernel-times"]["env"] == {"TALLY_KERNEL_TIMES": "1"}
-    assert names["budget-100-batched"]["env"] == {"TALLY_BATCH_WRITES": "1"}
+    assert set(names) == {"mps", "tally-no-hp", "idle-hp", "budget-100", "idle-hp-gpu-gate",
+                          "idle-hp-kernel-times", "budget-100-kernel-times", "idle-hp-batched", "budget-100-batched",
+                          "idle-hp-run-ahead", "budget-100-run-ahead"}
+    # the budget configurations are the launch-level gate's (tally run's default is the GPU-side gate)
+    launch_level = {"TALLY_GPU_GATE": "0"}
+    assert names["idle-hp"]["env"] == names["budget-100"]["env"] == launch_level
+    assert names["budget-100-run-ahead"]["env"] == {**launch_level, "TALLY_RUN_AHEAD": "1"}
+    assert names["budget-100-kernel-times"]["env"] == {**launch_level, "TALLY_KERNEL_TIMES": "1"}
+    assert names["budget-100-batched"]["env"] == {**launch_level, "TALLY_BATCH_WRITES": "1"}
+    assert names["idle-hp-gpu-gate"]["env"] == {"TALLY_GPU_GATE": "1"} and names["idle-hp-gpu-gate"]["hp"]
     assert names["budget-100"]["up"] == ["--budget-us", "100", "--unthrottle-ms", "10000000"]
-    assert "env" not in names["idle-hp"] and not names["tally-no-hp"]["hp"]
+    assert "env" not in names["tally-no-hp"] and not names["tally-no-hp"]["hp"]
 
 
 def test_the_table_gives_medians_over_rounds_against_the_mps_median():

@@ -24,10 +24,18 @@ def test_the_table_has_the_median_lookahead_and_the_wait_cost():
     rounds.append({"before_close": 20, "lookahead": 99, "after_reopen": 0, "never_ran": 0, "valid": False})
     text = probe.markdown({"environment": {"date": "d", "gpu": "g"},
                            "rows": [{"kernel_us": 20, "kernels": 17, "rounds": rounds,
-                                     "us_per_kernel_plain": 21.0, "us_per_kernel_waits": 22.5}]})
+                                     "us_per_kernel_plain": 21.0, "us_per_kernel_waits": 22.5,
+                                     "watchdog_fired": 1}]})
     line = next(l for l in text.splitlines() if l.startswith("| 20 |"))
-    assert line.split(" | ")[1:4] == ["1, 4, 2", "2", "10/5, 10/5, 10/5, 20/0"]  # the invalid round: no median
-    assert line.rstrip(" |").endswith("+1.50")
+    cells = line.split(" | ")
+    assert cells[1:4] == ["1, 4, 2", "2", "10/5, 10/5, 10/5, 20/0"]  # the invalid round: no median
+    assert cells[-2:] == ["+1.50", "1 |"]  # the wait cost, and how often the watchdog had to open a hold
+
+
+def test_a_sample_the_watchdog_spoiled_is_left_out():
+    nan = float("nan")
+    assert probe.median_of_samples([10.0, nan, 12.0]) == 11.0
+    assert probe.median_of_samples([nan, nan]) != probe.median_of_samples([nan, nan])  # NaN: nothing measured
 
 
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path):

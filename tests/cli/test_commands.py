@@ -160,7 +160,8 @@ def test_gpu_gate_is_on_by_default_for_best_effort(monkeypatch):
     import tally.daemon.client as client
     from tally import launcher
 
-    monkeypatch.delenv("TALLY_GPU_GATE", raising=False)
+    for variable in ("TALLY_GPU_GATE", "TALLY_RUN_AHEAD", "TALLY_BLOCKSCHED_PLAN"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(client, "ensure_daemon", lambda auto_up=False: {})
     monkeypatch.setattr(client, "client_env", lambda state, priority: {})
     seen = {}
@@ -182,6 +183,8 @@ def test_gpu_gate_is_on_by_default_for_best_effort(monkeypatch):
     monkeypatch.delenv("TALLY_GPU_GATE")
     monkeypatch.setenv("TALLY_RUN_AHEAD", "1")  # run-ahead set in the environment (tally bench's variants)
     assert gate("--priority", "best-effort") == "0"
+    r = CliRunner().invoke(launcher.run_command, ["--priority", "best-effort", "--gpu-gate", "--", "/bin/true"])
+    assert r.exit_code != 0 and "pick one" in str(r.exception)  # as --run-ahead --gpu-gate
     monkeypatch.delenv("TALLY_RUN_AHEAD")
     monkeypatch.setenv("TALLY_BLOCKSCHED_PLAN", "/plans/plan")  # block-level: slices take the launch-level gate
     assert gate("--priority", "best-effort") == "0"
