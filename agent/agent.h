@@ -128,6 +128,7 @@ struct tally_blocksched_stats {
      * past unthrottle_after) that ran sliced / whole */
     _Atomic uint64_t sliced_est_ns, unsliced_est_ns;
     _Atomic uint64_t not_in_plan, unusable;          /* lookups that found no usable slice kernel */
+    _Atomic uint64_t gpu_gated_slices;               /* slices that waited on the GPU-side gate instead */
 };
 
 /* What a launch of a plan kernel runs instead, per slice. */

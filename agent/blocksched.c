@@ -526,11 +526,13 @@ void tally_blocksched_write_stats(FILE *f) {
     fputs(",\"blocksched\":{\"plan\":", f);
     tally_json_string(f, B.path);
     fprintf(f, ",\"plan_kernels\":%llu,\"sliced_launches\":%llu,\"slices\":%llu,\"unsliced_launches\":%llu,"
-               "\"sliced_est_ns\":%llu,\"unsliced_est_ns\":%llu,\"not_in_plan\":%llu,\"unusable\":%llu,\"kernels\":[",
+               "\"sliced_est_ns\":%llu,\"unsliced_est_ns\":%llu,\"not_in_plan\":%llu,\"unusable\":%llu,"
+               "\"gpu_gated_slices\":%llu,\"kernels\":[",
             (unsigned long long)s->plan_kernels, (unsigned long long)atomic_load(&s->sliced_launches),
             (unsigned long long)atomic_load(&s->slices), (unsigned long long)atomic_load(&s->unsliced_launches),
             (unsigned long long)atomic_load(&s->sliced_est_ns), (unsigned long long)atomic_load(&s->unsliced_est_ns),
-            (unsigned long long)atomic_load(&s->not_in_plan), (unsigned long long)atomic_load(&s->unusable));
+            (unsigned long long)atomic_load(&s->not_in_plan), (unsigned long long)atomic_load(&s->unusable),
+            (unsigned long long)atomic_load(&s->gpu_gated_slices));
     int first = 1;
     for (size_t i = 0; i < B.n_kernels; i++) {
         struct plan_kernel *k = &B.kernels[i];

@@ -192,9 +192,8 @@ static int thread_running(void) {
     return 1;
 }
 
-int gpugate_try(const struct tally_launch *launch, uint64_t now) {
-    /* Not trackable: the stream is not known (a multi-device launch), so there is none to wait on. */
-    if (!GG.enabled || !launch->trackable || atomic_load_explicit(&GG.disabled, memory_order_relaxed)) return 0;
+int gpugate_ready(uint64_t now) {
+    if (!GG.enabled || atomic_load_explicit(&GG.disabled, memory_order_relaxed)) return 0;
     if (__atomic_load_n(&S.sb->policy, __ATOMIC_RELAXED) != TALLY_SB_POLICY_TALLY) return 0;
     /* SLO mode adapts the turnaround budget, which only the launch-level gate applies: while it
      * is on, new launches take that gate (waits already queued are opened as before). */
@@ -204,13 +203,16 @@ int gpugate_try(const struct tally_launch *launch, uint64_t now) {
         gpugate_disable();
         return 0;
     }
-    if (!thread_running()) return 0;
+    return thread_running();
+}
+
+int gpugate_wait(CUstream stream, uint64_t now) {
     atomic_store_explicit(&GG.last_wait_ns, now, memory_order_relaxed);
     if (!(__atomic_load_n(GG.word, __ATOMIC_ACQUIRE) & TALLY_SB_GPU_GATE_OPEN)) {
         uint64_t none = 0;
         atomic_compare_exchange_strong(&GG.first_closed_wait_ns, &none, now);
     }
-    if (drv.stream_wait_value64(launch->stream, GG.word_device, TALLY_SB_GPU_GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
+    if (drv.stream_wait_value64(stream, GG.word_device, TALLY_SB_GPU_GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
         CUDA_SUCCESS) {
         if (!atomic_load(&GG.disabled))
             tally_warn("TALLY_GPU_GATE: the driver refused a stream wait; best-effort launches are gated at "
@@ -220,6 +222,11 @@ int gpugate_try(const struct tally_launch *launch, uint64_t now) {
     }
     atomic_fetch_add_explicit(&GG.waits, 1, memory_order_relaxed);
     return 1;
+}
+
+int gpugate_try(const struct tally_launch *launch, uint64_t now) {
+    /* Not trackable: the stream is not known (a multi-device launch), so there is none to wait on. */
+    return launch->trackable && gpugate_ready(now) && gpugate_wait(launch->stream, now);
 }
 
 void gpugate_after_fork(void) {

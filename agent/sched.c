@@ -805,16 +805,18 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     slice.symbol = sk.slice_symbol;
     slice.grid_threads = sk.wave_blocks * block_threads;
     slice.correlation = 0; /* the program's call's id belongs to the last slice, its own launch */
-    uint64_t wave_ns = 0, whole_wave_ns = 0;
+    uint64_t wave_ns = 0, whole_wave_ns = 0, wave_samples = 0;
     pthread_mutex_lock(&S.profile_lock);
     uint32_t whole = profile_index(launch->kernel, launch->grid_threads, launch->symbol);
     uint32_t one_wave = profile_index(slice.kernel, slice.grid_threads, slice.symbol);
     if (whole < PROFILE_SLOTS && S.profiles[whole].samples && S.profiles[whole].est_ns)
         whole_wave_ns = S.profiles[whole].est_ns / waves;
-    if (one_wave < PROFILE_SLOTS && S.profiles[one_wave].samples && S.profiles[one_wave].est_ns)
+    if (one_wave < PROFILE_SLOTS && S.profiles[one_wave].samples && S.profiles[one_wave].est_ns) {
         wave_ns = S.profiles[one_wave].est_ns; /* measured as slices: includes what slicing costs */
-    else
+        wave_samples = S.profiles[one_wave].samples;
+    } else {
         wave_ns = whole_wave_ns;
+    }
     pthread_mutex_unlock(&S.profile_lock);
     /* Both known: slices that keep less than the floor of the whole kernel's speed are not
      * worth their bound (docs/blocksched.md, "The choice"); the kernel runs whole. */
@@ -837,14 +839,25 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
     for (uint32_t i = 0; i < sk.nparams; i++) args[i] = a.args[i];
     for (int i = 0; i < 4; i++) args[sk.nparams + i] = &appended[i];
     appended[0] = a.grid[0], appended[1] = a.grid[1], appended[2] = a.grid[2];
-    uint64_t est_sum = 0;
+    uint64_t est_sum = 0, on_gpu_slices = 0;
     int any_held = 0, any_alone = 0;
+    /* With the GPU-side gate (tally run --block-level --gpu-gate), once a wave's time is known from
+     * slices the launch-level gate timed: every slice waits on the GPU for the gate word, so an HP
+     * launch stops this kernel at its next slice and the thread is never held. Such slices are not
+     * tracked, so they teach nothing: the wave's time stays what the timed slices learned. */
+    int on_gpu = wave_samples >= GPU_GATED_SLICE_SAMPLES && launch->trackable && gpugate_ready(now);
     for (uint64_t i = 0; i < n; i++) {
         uint64_t offset = i * per_slice, blocks = total - offset < per_slice ? total - offset : per_slice;
         appended[3] = (uint32_t)offset;
         /* Slices are timed per wave: every slice of this kernel and block shape teaches one estimate. */
         uint32_t units = (uint32_t)((blocks + sk.wave_blocks - 1) / sk.wave_blocks);
-        if (atomic_load(&S.state) == JOINED) {
+        if (on_gpu && !gpugate_wait(launch->stream, now)) on_gpu = 0; /* refused: the rest wait at launch */
+        if (on_gpu) { /* not admitted under the budget: outside the sliced share (gpu_gated_slices) */
+            pending.track = 0;
+            pending.held = pending.alone = 0;
+            pending.idle = 1;
+            on_gpu_slices++;
+        } else if (atomic_load(&S.state) == JOINED) {
             be_wait_at_gate(&slice, now, wave_ns, units);
         } else { /* the gate gave up on an earlier slice: the rest run ungated */
             pending.track = 0;
@@ -882,6 +895,7 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         if (any_alone) __atomic_fetch_add(&S.slot->long_kernels, 1, __ATOMIC_RELAXED);
     }
     atomic_fetch_add_explicit(&st->slices, n, memory_order_relaxed);
+    atomic_fetch_add_explicit(&st->gpu_gated_slices, on_gpu_slices, memory_order_relaxed);
     atomic_fetch_add_explicit(&st->sliced_est_ns, est_sum, memory_order_relaxed);
     tally_blocksched_sliced(&sk, n, waves_per_slice, wave_ns, budget);
     return 1;

@@ -22,6 +22,7 @@
 #define CU_MEMHOSTREGISTER_DEVICEMAP 0x02
 /* Sizes of struct lane and struct sched_state below. */
 #define RING 512            /* tracked BE launches in flight per lane */
+#define GPU_GATED_SLICE_SAMPLES 4 /* timed slices of a kernel before its slices wait on the GPU-side gate */
 #define PROFILE_SLOTS 4096  /* kernels with a duration estimate */
 
 /* The releaser runs only while the process is JOINED. */
@@ -161,6 +162,8 @@ void runahead_exit(void);                 /* the end of every API exit */
 /* gpugate.c (TALLY_GPU_GATE=1), for the same ways in and out. */
 void gpugate_init(void);                  /* join, for a BE client */
 int gpugate_try(const struct tally_launch *launch, uint64_t now); /* launch_enter: 1 = waits on the GPU */
+int gpugate_ready(uint64_t now);         /* whether launches may wait on the GPU now (starts the thread) */
+int gpugate_wait(CUstream stream, uint64_t now); /* one wait on stream; 0: refused, the gate is off for good */
 void gpugate_close_all(uint64_t now);     /* an HP launch, before it is enqueued */
 void gpugate_disable(void);               /* failing open and process exit: our waits pass for good */
 void gpugate_after_fork(void);            /* tally_sched_after_fork */

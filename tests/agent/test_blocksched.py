@@ -166,6 +166,76 @@ def test_a_run_saves_its_wave_time_for_the_next(daemon, run_app, tmp_path):
     assert any(line.split()[1] == str(WAVE * 128) and line.endswith(f" {ENTRY}__tally_slice") for line in lines)
 
 
+def saved_wave(tmp_path: Path, samples: int) -> Path:
+    """A profile file with a wave of the 64-block kernel timed at 0.3 ms over `samples` slices."""
+    profile = tmp_path / "profile"
+    profile.write_text(f"tally-profiles 1 1\n{fnv1a64((ENTRY + '__tally_slice').encode()):016x} {WAVE * 128} "
+                       f"300000 {samples} {ENTRY}__tally_slice\n")
+    return profile
+
+
+def test_with_the_gpu_side_gate_slices_wait_on_the_gpu_once_a_wave_is_timed(daemon, run_app, tmp_path):
+    """tally run --block-level --gpu-gate: with a wave's time learned from enough timed slices, every
+    slice is preceded by a wait on the gate word instead of being admitted (and tracked) at launch;
+    they still cover the grid exactly, in order, sized by the budget."""
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:2:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
+               env={"TALLY_PROFILE_FILE": str(saved_wave(tmp_path, 5)), "TALLY_BLOCKSCHED_FLOOR": "0",
+                    "TALLY_GPU_GATE": "1"})
+    completed_ok(r)
+    launches = slices_of(records(r), (64, 1, 1))
+    assert [[rec["grid"][0] for rec in launch] for launch in launches] == [[24, 24, 16]] * 2
+    for launch in launches:
+        assert_exact_cover(launch, (64, 1, 1), r.values["pk_first_param"])
+    assert r.gpu("gpu_waits_issued") == r.gpu("gpu_waits_done") == 6  # one per slice
+    assert r.gpu("gpu_writes_issued") == 0  # none admitted at launch, none tracked
+    st = r.stats()["blocksched"]
+    assert st["sliced_launches"] == 2 and st["slices"] == st["gpu_gated_slices"] == 6
+    assert st["sliced_est_ns"] == 0  # the sliced share counts launch-level admissions only
+
+
+def test_with_the_gpu_side_gate_untimed_slices_are_admitted_at_launch(daemon, run_app, tmp_path):
+    """Too few timed slices (3 of 4): the slices are admitted and timed at launch as before, so the
+    wave's time keeps being learned; no slice waits on the GPU."""
+    r = run_be(daemon, run_app, tmp_path, ["pklaunch:1:64:1:128:300:kernel"], write_plan(tmp_path), budget_ns=MS,
+               env={"TALLY_PROFILE_FILE": str(saved_wave(tmp_path, 3)), "TALLY_BLOCKSCHED_FLOOR": "0",
+                    "TALLY_GPU_GATE": "1"})
+    completed_ok(r)
+    (launch,) = slices_of(records(r), (64, 1, 1))
+    assert [rec["grid"][0] for rec in launch] == [24, 24, 16]
+    assert r.gpu("gpu_waits_issued") == 0 and r.gpu("gpu_writes_issued") == 3
+    assert r.stats()["blocksched"]["gpu_gated_slices"] == 0
+
+
+def test_gpu_gated_slices_are_held_on_the_gpu_while_hp_is_busy(daemon, spawn_app, tmp_path):
+    """HP busy: the sliced launch returns at once (the thread is not held), and its slices run only
+    after HP's work completed."""
+    from test_sched import hp_client_in_flight
+
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    throttle_be(daemon.sb, MS)
+    hp = hp_client_in_flight(daemon.sb)
+    go = tmp_path / "go"
+    app = spawn_app(f"load:data:{image}", f"pkfunc:{ENTRY}", "pklaunch:1:64:1:128:300:kernel", f"wait_file:{go}",
+                    "sync", "launch:kernel:1:0:s1", "records",
+                    env=daemon.env("best-effort", TALLY_BLOCKSCHED_PLAN=str(write_plan(tmp_path)),
+                                   TALLY_PROFILE_FILE=str(saved_wave(tmp_path, 5)), TALLY_BLOCKSCHED_FLOOR="0",
+                                   TALLY_GPU_GATE="1"))
+    app.wait_for("waiting")  # the sliced launch returned although HP is busy
+    time.sleep(0.05)
+    released = time.monotonic_ns()
+    daemon.sb.set_lane_completed(hp, 3, 7)
+    go.touch()
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    (launch,) = slices_of(records(r), (64, 1, 1))
+    # the plain kernel after it is not in the plan: under block-level scheduling, whole kernels
+    # take the launch-level gate (and are tracked), so only the slices waited on the GPU
+    assert len(launch) == 3 and r.gpu("gpu_waits_done") == 3 and r.gpu("gpu_writes_issued") == 1
+    assert r.launches[0][0] > released  # the sync before this launch returned only once HP had completed
+
+
 def test_after_long_hp_idleness_slices_are_sized_by_the_idle_depth(daemon, run_app, tmp_path):
     """HP idle for unthrottle_after: the gate bounds BE by the idle depth (2 ms), and so does
     slicing: a 2.4 ms kernel runs as 6-wave slices (not the 3 of a 1 ms budget), and a 1.2 ms one
