@@ -63,6 +63,7 @@ static struct {
     _Atomic uint64_t waits;     /* waits enqueued (the stats file's gpu_gate_waits) */
     _Atomic uint64_t last_wait_ns;
     _Atomic uint64_t first_closed_wait_ns; /* the first wait enqueued while the word was closed; 0 = none */
+    _Atomic uint64_t closed_waits;         /* waits enqueued since the word was last seen open */
 } GG;
 
 static void nap(uint64_t ns) {
@@ -101,6 +102,26 @@ void gpugate_close_all(uint64_t now) {
     }
 }
 
+/* Held since: the first wait enqueued while closed, or the close itself when a wait enqueued
+ * shortly before may still be queued. Without either nothing of ours is held: a process that is
+ * not launching is not failed open because HP is busy. */
+static uint64_t held_since_for(uint64_t closed_since) {
+    uint64_t held_since = atomic_load(&GG.first_closed_wait_ns);
+    if (!held_since && atomic_load(&GG.last_wait_ns) + RECENT_WAIT_NS >= closed_since) held_since = closed_since;
+    return held_since;
+}
+
+/* The word opens (or is given up): what it held counts as held at the gate, as the launch-level
+ * gate's holds do (tally status, the metrics). Waits enqueued while it was closed count as held
+ * launches. */
+static void count_hold(uint64_t held_since) {
+    uint64_t launches = atomic_exchange(&GG.closed_waits, 0);
+    uint64_t now = tally_now_ns();
+    if (!held_since || now <= held_since) return;
+    __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&S.slot->held_launches, launches, __ATOMIC_RELAXED);
+}
+
 static void *opening_thread(void *unused) {
     (void)unused;
     uint64_t closed_since = 0;
@@ -110,6 +131,7 @@ static void *opening_thread(void *unused) {
         if (word & TALLY_SB_GPU_GATE_OPEN) {
             closed_since = 0;
             atomic_store(&GG.first_closed_wait_ns, 0);
+            atomic_store(&GG.closed_waits, 0);
             nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
             continue;
         }
@@ -120,25 +142,22 @@ static void *opening_thread(void *unused) {
             gpugate_disable();
             break;
         }
+        uint64_t held_since = held_since_for(closed_since);
         if (d != TALLY_GATE_WAIT_HP) {
             if (__atomic_compare_exchange_n(GG.word, &word, TALLY_SB_GPU_GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+                count_hold(held_since);
                 closed_since = 0; /* HP may close it again before the next look */
                 atomic_store(&GG.first_closed_wait_ns, 0);
             }
             continue;
         }
-        /* Held since: the first wait enqueued while closed, or the close itself when a wait
-         * enqueued shortly before may still be queued. Without either nothing of ours is held:
-         * a process that is not launching is not failed open because HP is busy. */
-        uint64_t held_since = atomic_load(&GG.first_closed_wait_ns);
-        if (!held_since && atomic_load(&GG.last_wait_ns) + RECENT_WAIT_NS >= closed_since)
-            held_since = closed_since;
         /* The launch path marks its wait with its own clock, possibly after `now` was read here:
          * measured against `now`, such a mark wrapped around to a hold of centuries and failed the
          * process open at once (2 of 5 runs on an H200). Read the clock again after the load, and
          * count a mark still ahead of it as no hold. */
         now = tally_now_ns();
         if (tally_gate_held_too_long(held_since, now, S.max_hold_ns)) {
+            count_hold(held_since);
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
             break;
@@ -211,6 +230,7 @@ int gpugate_wait(CUstream stream, uint64_t now) {
     if (!(__atomic_load_n(GG.word, __ATOMIC_ACQUIRE) & TALLY_SB_GPU_GATE_OPEN)) {
         uint64_t none = 0;
         atomic_compare_exchange_strong(&GG.first_closed_wait_ns, &none, now);
+        atomic_fetch_add_explicit(&GG.closed_waits, 1, memory_order_relaxed);
     }
     if (drv.stream_wait_value64(stream, GG.word_device, TALLY_SB_GPU_GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
         CUDA_SUCCESS) {

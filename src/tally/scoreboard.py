@@ -249,8 +249,9 @@ SLOT = _struct("tally_sb_slot", 448, "One client process.", [
     (16, "launches", "u64", 1, "agent", "kernel launches seen"),
     (24, "graph_launches", "u64", 1, "agent", "graph launches seen"),
     (32, "last_launch_ns", "u64", 1, "agent", "CLOCK_MONOTONIC ns of the last launch"),
-    (40, "held_ns", "u64", 1, "agent", "BE: time spent held at the gate"),
-    (48, "held_launches", "u64", 1, "agent", "BE: launches that were held"),
+    (40, "held_ns", "u64", 1, "agent",
+     "BE: time spent held at the gate (GPU-side gate: launches waiting behind the closed word)"),
+    (48, "held_launches", "u64", 1, "agent", "BE: launches that were held (GPU-side gate: enqueued while closed)"),
     (56, "long_kernels", "u64", 1, "agent", "BE: kernels admitted alone because their estimate exceeded the budget"),
     # line 1: identity written once at claim
     (64, "comm", "char", COMM_LEN, "agent", "process name, NUL-terminated"),

@@ -330,6 +330,10 @@ def test_gpu_gate_holds_be_kernels_on_the_gpu_while_hp_is_busy(daemon, spawn_app
     assert all(ret < released for _, ret in r.launches[:4])
     assert r.launches[4][0] > released  # the sync returned only after HP had completed
     assert sb.gpu_gate_slots == 0  # left at exit
+    # what the word held counts as held at the gate (tally status, the metrics): the four launches
+    # enqueued while it was closed, for at least the 50 ms HP stayed busy after they were
+    assert sb.slot_get(slot, "held_launches") == 4
+    assert sb.slot_get(slot, "held_ns") >= 50 * MS
 
 
 def test_gpu_gate_is_closed_by_real_hp_launches(daemon, spawn_app, tmp_path):
