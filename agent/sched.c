@@ -846,16 +846,20 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
      * launch stops this kernel at its next slice and the thread is never held. Such slices are not
      * tracked, so they teach nothing: the wave's time stays what the timed slices learned. */
     int on_gpu = wave_samples >= GPU_GATED_SLICE_SAMPLES && launch->trackable && gpugate_ready(now);
+    /* The sliced share counts BE work while HP may need the GPU, as for slices admitted at launch:
+     * not once HP has been idle past unthrottle_after. */
+    int on_gpu_idle = on_gpu && tally_gate_decide(S.sb, now, 0, 0, 0) == TALLY_GATE_ADMIT_IDLE;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t offset = i * per_slice, blocks = total - offset < per_slice ? total - offset : per_slice;
         appended[3] = (uint32_t)offset;
         /* Slices are timed per wave: every slice of this kernel and block shape teaches one estimate. */
         uint32_t units = (uint32_t)((blocks + sk.wave_blocks - 1) / sk.wave_blocks);
         if (on_gpu && !gpugate_wait(launch->stream, now)) on_gpu = 0; /* refused: the rest wait at launch */
-        if (on_gpu) { /* not admitted under the budget: outside the sliced share (gpu_gated_slices) */
+        if (on_gpu) {
             pending.track = 0;
             pending.held = pending.alone = 0;
-            pending.idle = 1;
+            pending.idle = on_gpu_idle;
+            pending.est_ns = wave_ns * units;
             on_gpu_slices++;
         } else if (atomic_load(&S.state) == JOINED) {
             be_wait_at_gate(&slice, now, wave_ns, units);

@@ -190,7 +190,8 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
     if priority == "best-effort" and (gpu_gate is not None or "TALLY_GPU_GATE" not in env):
         # on by default (measured: benchmarks/results/issue3-gpu-gate-2026-12-03e-h200), except
         # under run-ahead, the other way of waiting on the GPU, set in the environment, and under
-        # block-level scheduling, whose slices and sliced-share accounting are the launch-level gate's
+        # block-level scheduling, which was measured with the launch-level gate (its GPU-gated
+        # slices, --block-level --gpu-gate, have not run on a GPU yet)
         default_on = env.get("TALLY_RUN_AHEAD") != "1" and not env.get("TALLY_BLOCKSCHED_PLAN")
         env["TALLY_GPU_GATE"] = "1" if (gpu_gate if gpu_gate is not None else default_on) else "0"
     if priority:

@@ -190,7 +190,8 @@ def test_with_the_gpu_side_gate_slices_wait_on_the_gpu_once_a_wave_is_timed(daem
     assert r.gpu("gpu_writes_issued") == 0  # none admitted at launch, none tracked
     st = r.stats()["blocksched"]
     assert st["sliced_launches"] == 2 and st["slices"] == st["gpu_gated_slices"] == 6
-    assert st["sliced_est_ns"] == 0  # the sliced share counts launch-level admissions only
+    # in the sliced share like slices admitted at launch: HP present, not idle past unthrottle
+    assert st["sliced_est_ns"] == 2 * (3 + 3 + 2) * 300_000
 
 
 def test_with_the_gpu_side_gate_untimed_slices_are_admitted_at_launch(daemon, run_app, tmp_path):
