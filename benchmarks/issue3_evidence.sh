@@ -3,8 +3,8 @@
 # 10-minute device call keeps what finished:
 #   0. what the GPU-side gate lets past a closed word, and what its waits cost (gpu_gate_lookahead.py)
 #   1. host cost per BE launch on each gate path (tracked_launch_cost.py)
-#   2. what the gate costs BE with no HP client, against plain MPS, interleaved over
-#      three rounds (gate_depth_cost.py --rounds 3)
+#   2. what the gate costs BE with no HP client, and the GPU-side gate's waits with an idle HP
+#      client, against plain MPS, interleaved over three rounds (gate_depth_cost.py --rounds 3)
 #   3. the issue's two pairs under EVIDENCE_SYSTEMS, once per seed of EVIDENCE_SEEDS
 #
 #   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 0 1 2 3, run in the order given
@@ -12,7 +12,7 @@
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
 # EVIDENCE_SEEDS (default "0": four systems take about 5 min a seed) the pair runs;
-# EVIDENCE_SYSTEMS (default "standalone,tally,tally[gpu-gate=0],tally[run-ahead=1]") their systems.
+# EVIDENCE_SYSTEMS (default "standalone,tally,tally[gpu-gate=0],tally[be-thread-percent=90]") their systems.
 # A step starts only with time left for it (a minimum per step, below), and is killed at the
 # end of the budget (TERM, then KILL 10 s later).
 # EVIDENCE_TAR=FILE packs OUT_DIR into FILE at the end (a device that returns only a few files);
@@ -48,11 +48,11 @@ for step in $steps; do
      echo "step 0 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   1) boxed 60 30 "$out/launch.log" python3 benchmarks/tracked_launch_cost.py --out "$out/launch"
      echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
-  2) boxed 180 90 "$out/depth.log" python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
-       --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp
+  2) boxed 240 120 "$out/depth.log" python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
+       --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp,idle-hp-gpu-gate
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   3) for seed in ${EVIDENCE_SEEDS:-0}; do
-       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[gpu-gate=0],tally[run-ahead=1]}
+       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[gpu-gate=0],tally[be-thread-percent=90]}
        boxed 600 240 "$out/pairs-seed$seed.log" python3 -m tally bench --hp bert-infer@graph \
          --be resnet50-train,bert-base-train --systems "$systems" --arrivals poisson --duration 15 \
          --seed "$seed" --out "$out/pairs-seed$seed"
