@@ -63,7 +63,7 @@ static struct {
     _Atomic uint64_t waits;     /* waits enqueued (the stats file's gpu_gate_waits) */
     _Atomic uint64_t last_wait_ns;
     _Atomic uint64_t first_closed_wait_ns; /* the first wait enqueued while the word was closed; 0 = none */
-    _Atomic uint64_t closed_waits;         /* waits enqueued since the word was last seen open */
+    _Atomic uint64_t closed_launches;      /* program launches whose wait was enqueued while closed */
 } GG;
 
 static void nap(uint64_t ns) {
@@ -111,27 +111,32 @@ static uint64_t held_since_for(uint64_t closed_since) {
     return held_since;
 }
 
-/* The word opens (or is given up): what it held counts as held at the gate, as the launch-level
- * gate's holds do (tally status, the metrics). Waits enqueued while it was closed count as held
- * launches. */
-static void count_hold(uint64_t held_since) {
-    uint64_t launches = atomic_exchange(&GG.closed_waits, 0);
+/* The word opens (or the thread stops looking at it): what it held counts as held at the gate, as
+ * the launch-level gate's holds do (tally status, the metrics): from the first wait enqueued while
+ * it was closed, and the program launches enqueued meanwhile. Not a close with nothing behind it,
+ * and not time the launch-level gate already counted for a thread of ours held meanwhile. */
+static void count_hold(void) {
+    uint64_t held_since = atomic_exchange(&GG.first_closed_wait_ns, 0);
+    uint64_t launches = atomic_exchange(&GG.closed_launches, 0);
     uint64_t now = tally_now_ns();
     if (!held_since || now <= held_since) return;
-    __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
     __atomic_fetch_add(&S.slot->held_launches, launches, __ATOMIC_RELAXED);
+    if (atomic_load(&S.launch_holds) == 0 && atomic_load(&S.launch_hold_end_ns) < held_since)
+        __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
 }
 
 static void *opening_thread(void *unused) {
     (void)unused;
     uint64_t closed_since = 0;
+    int first_look = 1; /* the word starts closed until this look: no HP closed it */
     while (!atomic_load(&GG.disabled)) {
         uint64_t word = __atomic_load_n(GG.word, __ATOMIC_ACQUIRE);
         uint64_t now = tally_now_ns();
         if (word & TALLY_SB_GPU_GATE_OPEN) {
+            first_look = 0;
             closed_since = 0;
             atomic_store(&GG.first_closed_wait_ns, 0);
-            atomic_store(&GG.closed_waits, 0);
+            atomic_store(&GG.closed_launches, 0);
             nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
             continue;
         }
@@ -142,28 +147,34 @@ static void *opening_thread(void *unused) {
             gpugate_disable();
             break;
         }
-        uint64_t held_since = held_since_for(closed_since);
         if (d != TALLY_GATE_WAIT_HP) {
             if (__atomic_compare_exchange_n(GG.word, &word, TALLY_SB_GPU_GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-                count_hold(held_since);
+                if (first_look) { /* opened at once: the start's own close held nothing for HP */
+                    atomic_store(&GG.first_closed_wait_ns, 0);
+                    atomic_store(&GG.closed_launches, 0);
+                } else {
+                    count_hold();
+                }
                 closed_since = 0; /* HP may close it again before the next look */
-                atomic_store(&GG.first_closed_wait_ns, 0);
             }
+            first_look = 0;
             continue;
         }
+        first_look = 0;
+        uint64_t held_since = held_since_for(closed_since);
         /* The launch path marks its wait with its own clock, possibly after `now` was read here:
          * measured against `now`, such a mark wrapped around to a hold of centuries and failed the
          * process open at once (2 of 5 runs on an H200). Read the clock again after the load, and
          * count a mark still ahead of it as no hold. */
         now = tally_now_ns();
         if (tally_gate_held_too_long(held_since, now, S.max_hold_ns)) {
-            count_hold(held_since);
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
             break;
         }
         nap(held_since ? LOOK_WHILE_HOLDING_NS : LOOK_WHILE_CLOSED_NS);
     }
+    count_hold(); /* disabled (failed open, daemon dead, exit): what was held until now */
     return NULL;
 }
 
@@ -225,12 +236,13 @@ int gpugate_ready(uint64_t now) {
     return thread_running();
 }
 
-int gpugate_wait(CUstream stream, uint64_t now) {
+int gpugate_wait(CUstream stream, uint64_t now, int program_launch) {
+    if (atomic_load_explicit(&GG.disabled, memory_order_relaxed)) return 0; /* failed open meanwhile */
     atomic_store_explicit(&GG.last_wait_ns, now, memory_order_relaxed);
     if (!(__atomic_load_n(GG.word, __ATOMIC_ACQUIRE) & TALLY_SB_GPU_GATE_OPEN)) {
         uint64_t none = 0;
         atomic_compare_exchange_strong(&GG.first_closed_wait_ns, &none, now);
-        atomic_fetch_add_explicit(&GG.closed_waits, 1, memory_order_relaxed);
+        if (program_launch) atomic_fetch_add_explicit(&GG.closed_launches, 1, memory_order_relaxed);
     }
     if (drv.stream_wait_value64(stream, GG.word_device, TALLY_SB_GPU_GATE_OPEN, CU_STREAM_WAIT_VALUE_AND) !=
         CUDA_SUCCESS) {
@@ -246,7 +258,7 @@ int gpugate_wait(CUstream stream, uint64_t now) {
 
 int gpugate_try(const struct tally_launch *launch, uint64_t now) {
     /* Not trackable: the stream is not known (a multi-device launch), so there is none to wait on. */
-    return launch->trackable && gpugate_ready(now) && gpugate_wait(launch->stream, now);
+    return launch->trackable && gpugate_ready(now) && gpugate_wait(launch->stream, now, 1);
 }
 
 void gpugate_after_fork(void) {

@@ -679,7 +679,10 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         struct be_backlog backlog = retire_completed(now);
         d = tally_gate_decide_be(S.sb, now, backlog.remaining_ns, backlog.launches, est, &bucket);
         if (!TALLY_GATE_IS_WAIT(d)) break;
-        if (!held_since) held_since = now;
+        if (!held_since) {
+            held_since = now;
+            atomic_fetch_add(&S.launch_holds, 1);
+        }
         /* What the gate waits for must be able to complete; other threads may defer more meanwhile. */
         flush_unwritten();
         if (now - held_since >= S.max_hold_ns) {
@@ -691,7 +694,11 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
     }
     /* held_launches and long_kernels count the program's launches (the caller adds them up:
      * a launch run as slices waits at the gate once per slice); held time adds up as it is. */
-    if (held_since) __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
+    if (held_since) {
+        __atomic_fetch_add(&S.slot->held_ns, now - held_since, __ATOMIC_RELAXED);
+        atomic_store(&S.launch_hold_end_ns, now);
+        atomic_fetch_sub(&S.launch_holds, 1);
+    }
     pending.held = held_since != 0;
     pending.alone = d == TALLY_GATE_ADMIT_ALONE;
     pending.idle = d == TALLY_GATE_ADMIT_IDLE;
@@ -854,7 +861,8 @@ static int be_launch_sliced(const struct tally_launch *launch, uint64_t now) {
         appended[3] = (uint32_t)offset;
         /* Slices are timed per wave: every slice of this kernel and block shape teaches one estimate. */
         uint32_t units = (uint32_t)((blocks + sk.wave_blocks - 1) / sk.wave_blocks);
-        if (on_gpu && !gpugate_wait(launch->stream, now)) on_gpu = 0; /* refused: the rest wait at launch */
+        /* the last slice's wait is the program's launch's: it counts once as a held launch */
+        if (on_gpu && !gpugate_wait(launch->stream, now, i + 1 == n)) on_gpu = 0; /* the rest wait at launch */
         if (on_gpu) {
             pending.track = 0;
             pending.held = pending.alone = 0;

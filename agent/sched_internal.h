@@ -105,6 +105,10 @@ struct sched_state {
     uint64_t slo_p99_ns;            /* HP: TALLY_SLO_P99_MS, stored in the slot at claim */
     int batch_writes;               /* TALLY_BATCH_WRITES=1: see defer_write */
     _Atomic uint32_t deferred_lanes; /* lanes with launches whose completion write is deferred */
+    /* Threads held at the launch-level gate now, and when the last such hold ended: the GPU-side
+     * gate leaves a span of its own holds out of held_ns when these already counted it. */
+    _Atomic int launch_holds;
+    _Atomic uint64_t launch_hold_end_ns;
 };
 extern struct sched_state S;
 
@@ -163,7 +167,9 @@ void runahead_exit(void);                 /* the end of every API exit */
 void gpugate_init(void);                  /* join, for a BE client */
 int gpugate_try(const struct tally_launch *launch, uint64_t now); /* launch_enter: 1 = waits on the GPU */
 int gpugate_ready(uint64_t now);         /* whether launches may wait on the GPU now (starts the thread) */
-int gpugate_wait(CUstream stream, uint64_t now); /* one wait on stream; 0: refused, the gate is off for good */
+int gpugate_wait(CUstream stream, uint64_t now, int program_launch); /* one wait on stream (program_launch: the
+                                                                        program's own, counted as a held launch);
+                                                                        0: the gate is off for good */
 void gpugate_close_all(uint64_t now);     /* an HP launch, before it is enqueued */
 void gpugate_disable(void);               /* failing open and process exit: our waits pass for good */
 void gpugate_after_fork(void);            /* tally_sched_after_fork */

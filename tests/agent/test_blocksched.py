@@ -19,7 +19,7 @@ import pytest
 from tally.blocksched import live
 from tally.scoreboard import PolicyParams
 from test_modules import PTX, fnv1a64
-from test_sched import MS, completed_ok, throttle_be
+from test_sched import GATE_OPEN, MS, completed_ok, throttle_be
 
 ENTRY = "k"  # the .entry of test_modules.PTX
 WAVE = 8     # FAKE_CUDA_SM_COUNT (4) x FAKE_CUDA_OCCUPANCY (2)
@@ -223,10 +223,12 @@ def test_gpu_gated_slices_are_held_on_the_gpu_while_hp_is_busy(daemon, spawn_app
                                    TALLY_PROFILE_FILE=str(saved_wave(tmp_path, 5)), TALLY_BLOCKSCHED_FLOOR="0",
                                    TALLY_GPU_GATE="1"))
     app.wait_for("waiting")  # the sliced launch returned although HP is busy
-    time.sleep(0.05)
+    go.touch()
+    time.sleep(0.1)  # the sync waits: a slice that passed its wait would need the word open
+    slot = next(i for i in daemon.slots_of(app.pid))
+    assert not daemon.sb.slot_get(slot, "gpu_gate") & GATE_OPEN, "the agent opened its gate while HP was busy"
     released = time.monotonic_ns()
     daemon.sb.set_lane_completed(hp, 3, 7)
-    go.touch()
     r = app.finish()
     completed_ok(r)
     assert r.stderr == ""
@@ -235,6 +237,9 @@ def test_gpu_gated_slices_are_held_on_the_gpu_while_hp_is_busy(daemon, spawn_app
     # take the launch-level gate (and are tracked), so only the slices waited on the GPU
     assert len(launch) == 3 and r.gpu("gpu_waits_done") == 3 and r.gpu("gpu_writes_issued") == 1
     assert r.launches[0][0] > released  # the sync before this launch returned only once HP had completed
+    # held at the gate: the program's one launch (not its three slices), for the 0.1 s HP stayed busy
+    assert daemon.sb.slot_get(slot, "held_launches") == 1
+    assert daemon.sb.slot_get(slot, "held_ns") >= 100 * MS
 
 
 def test_after_long_hp_idleness_slices_are_sized_by_the_idle_depth(daemon, run_app, tmp_path):

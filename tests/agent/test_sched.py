@@ -469,6 +469,50 @@ def test_gpu_gate_exit_while_hp_is_busy_leaves_nothing_waiting(daemon, run_app):
     assert sb.slot_state(slot) == sbmod.SLOT_REPAIRING and sb.gpu_gate_slots == 0
 
 
+def test_gpu_gate_counts_no_hold_for_work_that_finished_or_a_first_look(daemon, spawn_app, tmp_path):
+    """Held time is counted from a wait enqueued behind the closed word: not for the word's own
+    close before the agent's thread first looked (HP idle), and not for an HP busy period that
+    began after this process's kernels had finished."""
+    sb = daemon.sb
+    throttle_be(sb, 1 * MS)  # an HP client, idle
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:1:s0", "sync", f"wait_file:{go}", "sync",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    app.wait_for("waiting")
+    slot = slot_of(daemon, app.pid)
+    hp = hp_client_in_flight(sb)
+    sb.slot_set(slot, "gpu_gate", time.monotonic_ns())  # what an HP launch does
+    time.sleep(0.15)
+    sb.set_lane_completed(hp, 3, 7)
+    time.sleep(0.05)  # the thread reopens the word
+    assert sb.slot_get(slot, "gpu_gate") & GATE_OPEN
+    go.touch()
+    completed_ok(app.finish())
+    assert sb.slot_get(slot, "held_launches") == 0 and sb.slot_get(slot, "held_ns") == 0
+
+
+def test_gpu_gate_and_launch_level_holds_of_one_span_count_once(daemon, spawn_app, tmp_path):
+    """A kernel waits behind the closed word while a later launch of the same process is held at
+    launch (here: SLO mode began in between, so it takes the launch-level gate): the span is
+    counted once, by the launch-level gate, not twice."""
+    sb = daemon.sb
+    hp = hp_client_in_flight(sb)
+    go = tmp_path / "go"
+    app = spawn_app("launch:kernel:1:100:s0", f"wait_file:{go}", "launch:kernel:1:100:s0", "sync",
+                    env=daemon.env("best-effort", TALLY_GPU_GATE="1"))
+    app.wait_for("waiting")  # the first launch returned, behind the closed word
+    slot = slot_of(daemon, app.pid)
+    sb.slo_state = sbmod.SLO_STATE_WARMUP
+    go.touch()
+    time.sleep(0.2)  # the second launch is held at launch meanwhile
+    sb.set_lane_completed(hp, 3, 7)
+    r = app.finish()
+    completed_ok(r)
+    held = sb.slot_get(slot, "held_ns")
+    assert 150 * MS <= held < 1.5 * (r.launches[1][1] - r.launches[1][0])  # about the second launch's hold
+    assert sb.slot_get(slot, "held_launches") == 2  # one behind the word, one at launch
+
+
 def test_gpu_gate_steps_aside_in_slo_mode(daemon, spawn_app, tmp_path):
     """SLO mode adapts the turnaround budget, which only the launch-level gate applies: from the SLO
     controller's first step on, its warm-up included (no target judged yet), a BE process of the
