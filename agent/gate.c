@@ -130,3 +130,38 @@ const char *tally_gate_decision_name(enum tally_gate_decision d) {
 int tally_gate_held_too_long(uint64_t held_since, uint64_t now_ns, uint64_t max_hold_ns) {
     return held_since != 0 && now_ns > held_since && now_ns - held_since >= max_hold_ns;
 }
+
+uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_sb_header *h, uint64_t now_ns) {
+    struct tally_sb_header *hh = (struct tally_sb_header *)h;
+    uint64_t longest = 0;
+    for (uint32_t i = 0; i < TALLY_SB_MAX_CLIENTS; i++) {
+        const struct tally_sb_slot *s = tally_sb_slot_at(hh, i);
+        if (load32(&s->state) != TALLY_SB_SLOT_ACTIVE || load32(&s->priority) != TALLY_SB_PRIO_HIGH) continue;
+        if (load32(&s->launching)) {
+            uint64_t launches = load64(&s->launches) + load64(&s->graph_launches);
+            if (w->call[i].launches != launches || !w->call[i].since_ns) {
+                w->call[i].launches = launches;
+                w->call[i].since_ns = now_ns;
+            }
+            if (now_ns > w->call[i].since_ns && now_ns - w->call[i].since_ns > longest)
+                longest = now_ns - w->call[i].since_ns;
+        } else {
+            w->call[i].since_ns = 0;
+        }
+        for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) {
+            uint64_t done = load64(&s->lanes[j].completed_seq);
+            uint64_t launched = load64(&s->lanes[j].launched_seq);
+            if (launched <= done) {
+                w->lane[i][j].since_ns = 0;
+                continue;
+            }
+            if (w->lane[i][j].completed != done || !w->lane[i][j].since_ns) {
+                w->lane[i][j].completed = done;
+                w->lane[i][j].since_ns = now_ns;
+            }
+            if (now_ns > w->lane[i][j].since_ns && now_ns - w->lane[i][j].since_ns > longest)
+                longest = now_ns - w->lane[i][j].since_ns;
+        }
+    }
+    return longest;
+}

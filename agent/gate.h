@@ -85,6 +85,20 @@ enum tally_gate_decision tally_gate_decide_be(const struct tally_sb_header *h, u
 
 const char *tally_gate_decision_name(enum tally_gate_decision d);
 
+/* How long HP has gone without progress on the work that makes it busy, watched across looks:
+ * for each HP lane with work in flight, the time since its completion count last moved; for each
+ * HP slot with a launch call in progress, since its launch counts last moved. A saturated HP client
+ * keeps completing work and never stalls; one whose completion write never comes (or whose launch
+ * call never returns) does. Zero-initialized = nothing watched yet; 16 KB. */
+struct tally_gate_watch {
+    struct { uint64_t completed, since_ns; } lane[TALLY_SB_MAX_CLIENTS][TALLY_SB_MAX_LANES];
+    struct { uint64_t launches, since_ns; } call[TALLY_SB_MAX_CLIENTS];
+};
+
+/* The longest such stall at now_ns (0 when no HP work is in flight): a BE wait for HP gives up
+ * after TALLY_MAX_HOLD_MS of it, not of HP being busy. */
+uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_sb_header *h, uint64_t now_ns);
+
 /* Whether something held since held_since (0: nothing is held) has been held for max_hold_ns
  * at now_ns. held_since may be another thread's clock reading, taken after now_ns was read:
  * such a mark is no hold at all, not one that wrapped around to centuries. */

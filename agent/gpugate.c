@@ -129,11 +129,13 @@ static void *opening_thread(void *unused) {
     (void)unused;
     uint64_t closed_since = 0;
     int first_look = 1; /* the word starts closed until this look: no HP closed it */
+    struct tally_gate_watch *watch = thread_watch(); /* HP's progress while the word is closed */
     while (!atomic_load(&GG.disabled)) {
         uint64_t word = __atomic_load_n(GG.word, __ATOMIC_ACQUIRE);
         uint64_t now = tally_now_ns();
         if (word & TALLY_SB_GPU_GATE_OPEN) {
             first_look = 0;
+            if (closed_since && watch) memset(watch, 0, sizeof *watch);
             closed_since = 0;
             atomic_store(&GG.first_closed_wait_ns, 0);
             atomic_store(&GG.closed_launches, 0);
@@ -155,6 +157,7 @@ static void *opening_thread(void *unused) {
                 } else {
                     count_hold();
                 }
+                if (watch) memset(watch, 0, sizeof *watch);
                 closed_since = 0; /* HP may close it again before the next look */
             }
             first_look = 0;
@@ -167,7 +170,9 @@ static void *opening_thread(void *unused) {
          * process open at once (2 of 5 runs on an H200). Read the clock again after the load, and
          * count a mark still ahead of it as no hold. */
         now = tally_now_ns();
-        if (tally_gate_held_too_long(held_since, now, S.max_hold_ns)) {
+        /* ... and only while HP's work makes no progress: a saturated HP client holds us, rightly */
+        uint64_t stall = watch ? tally_gate_hp_stall_ns(watch, S.sb, now) : S.max_hold_ns;
+        if (tally_gate_held_too_long(held_since, now, S.max_hold_ns) && stall >= S.max_hold_ns) {
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
             break;

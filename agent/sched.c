@@ -646,8 +646,9 @@ void gate_pause(uint64_t held_ns, int spin) {
 
 /* A launch held past TALLY_MAX_HOLD_MS at decision d: the process fails open, with one warning. */
 void give_up_held(enum tally_gate_decision d) {
-    char why[160];
-    snprintf(why, sizeof why, "a best-effort launch was held for %llu ms (%s; see `tally status`)",
+    char why[200];
+    snprintf(why, sizeof why, "a best-effort launch was held for %llu ms while what it waited for made no progress "
+                              "(%s; see `tally status`)",
              (unsigned long long)(S.max_hold_ns / 1000000ull), tally_gate_decision_name(d));
     give_up(why);
 }
@@ -667,10 +668,28 @@ uint64_t launch_estimate(const struct tally_launch *launch, uint64_t hint_ns, ui
     return estimate(*profile, hint_ns) * units;
 }
 
+uint64_t stalled_ns(struct hold_clock *c, enum tally_gate_decision d, uint64_t held_since, uint64_t now) {
+    if (d != TALLY_GATE_WAIT_HP) {
+        if (!c->other_since) c->other_since = now;
+        return now - c->other_since;
+    }
+    c->other_since = 0;
+    if (!c->watch) return now - held_since;
+    return tally_gate_hp_stall_ns(c->watch, S.sb, now);
+}
+
+struct tally_gate_watch *thread_watch(void) {
+    static __thread struct tally_gate_watch *watch;
+    if (!watch) watch = calloc(1, sizeof *watch); /* 16 KB, once per thread that is ever held */
+    else memset(watch, 0, sizeof *watch);
+    return watch;
+}
+
 static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uint64_t hint_ns, uint32_t units) {
     uint32_t profile;
     uint64_t est = launch_estimate(launch, hint_ns, units, &profile);
     uint64_t held_since = 0;
+    struct hold_clock clock = {0};
     pending.gpu_timed = 0;
     static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
     enum tally_gate_decision d;
@@ -681,11 +700,12 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         if (!TALLY_GATE_IS_WAIT(d)) break;
         if (!held_since) {
             held_since = now;
+            clock.watch = thread_watch();
             atomic_fetch_add(&S.launch_holds, 1);
         }
         /* What the gate waits for must be able to complete; other threads may defer more meanwhile. */
         flush_unwritten();
-        if (now - held_since >= S.max_hold_ns) {
+        if (stalled_ns(&clock, d, held_since, now) >= S.max_hold_ns) {
             stuck = 1;
             break;
         }

@@ -39,6 +39,8 @@ def gate(tmp_path_factory):
                                     ctypes.c_uint64]
     g.tally_gate_decision_name.restype = ctypes.c_char_p
     g.tally_gate_held_too_long.restype = ctypes.c_int
+    g.tally_gate_hp_stall_ns.restype = ctypes.c_uint64
+    g.tally_gate_hp_stall_ns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     g.tally_gate_held_too_long.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
     g.tally_gate_bound_ns.restype = ctypes.c_uint64
     g.tally_gate_bound_ns.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
@@ -440,3 +442,32 @@ def test_held_too_long_ignores_a_mark_after_now(gate):
     assert not gate.tally_gate_held_too_long(now, now, max_hold)
     assert not gate.tally_gate_held_too_long(now - max_hold + 1, now, max_hold)
     assert gate.tally_gate_held_too_long(now - max_hold, now, max_hold)
+
+
+def test_hp_stall_counts_time_without_progress_not_time_busy(gate, board):
+    """A BE wait for HP gives up after TALLY_MAX_HOLD_MS of HP making no progress: a lane whose
+    completions keep coming (a saturated HP client) never stalls; one whose completion count stops
+    moving does, and so does a launch call that does not return."""
+    watch = ctypes.create_string_buffer(64 * 16 * 16 + 64 * 16)  # struct tally_gate_watch, zeroed
+    addr = board._address(0)
+    ms = 1_000_000
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 1_000 * ms) == 0  # no HP client
+    i = board.claim_slot(4242, sbm.PRIORITY_HIGH)
+    board.set_lane_launched(i, 3, 10)
+    board.set_lane_completed(i, 3, 4)
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 1_000 * ms) == 0  # first seen now
+    for k in range(1, 20):  # busy for 19 s, but a completion lands every second
+        board.set_lane_launched(i, 3, 10 + k)
+        board.set_lane_completed(i, 3, 4 + k)
+        assert gate.tally_gate_hp_stall_ns(watch, addr, (1_000 + 1_000 * k) * ms) == 0
+    # the completions stop: the stall grows from the last one seen
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 21_000 * ms) == 1_000 * ms
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 30_000 * ms) == 10_000 * ms
+    board.set_lane_completed(i, 3, 29)  # all done: nothing in flight
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 31_000 * ms) == 0
+    # a launch call in progress whose launch counts do not move
+    board.slot_set(i, "launching", 1)
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 40_000 * ms) == 0
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 45_000 * ms) == 5_000 * ms
+    board.slot_set(i, "launches", board.slot_get(i, "launches") + 1)  # another call began meanwhile
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 46_000 * ms) == 0
