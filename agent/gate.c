@@ -137,16 +137,14 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
     for (uint32_t i = 0; i < TALLY_SB_MAX_CLIENTS; i++) {
         const struct tally_sb_slot *s = tally_sb_slot_at(hh, i);
         if (load32(&s->state) != TALLY_SB_SLOT_ACTIVE || load32(&s->priority) != TALLY_SB_PRIO_HIGH) continue;
+        /* Launch calls in progress make progress by ending: a count never seen at 0 is a call that
+         * does not return (or a count that leaked), however many other calls began meanwhile. */
         if (load32(&s->launching)) {
-            uint64_t launches = load64(&s->launches) + load64(&s->graph_launches);
-            if (w->call[i].launches != launches || !w->call[i].since_ns) {
-                w->call[i].launches = launches;
-                w->call[i].since_ns = now_ns;
-            }
-            if (now_ns > w->call[i].since_ns && now_ns - w->call[i].since_ns > longest)
-                longest = now_ns - w->call[i].since_ns;
+            if (!w->call_since_ns[i]) w->call_since_ns[i] = now_ns;
+            if (now_ns > w->call_since_ns[i] && now_ns - w->call_since_ns[i] > longest)
+                longest = now_ns - w->call_since_ns[i];
         } else {
-            w->call[i].since_ns = 0;
+            w->call_since_ns[i] = 0;
         }
         for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) {
             uint64_t done = load64(&s->lanes[j].completed_seq);

@@ -87,12 +87,12 @@ const char *tally_gate_decision_name(enum tally_gate_decision d);
 
 /* How long HP has gone without progress on the work that makes it busy, watched across looks:
  * for each HP lane with work in flight, the time since its completion count last moved; for each
- * HP slot with a launch call in progress, since its launch counts last moved. A saturated HP client
- * keeps completing work and never stalls; one whose completion write never comes (or whose launch
- * call never returns) does. Zero-initialized = nothing watched yet; 16 KB. */
+ * HP slot with launch calls in progress, since its count of them was last seen at 0. A saturated
+ * HP client keeps completing work and never stalls; one whose completion write never comes (or
+ * whose launch call never returns) does. Zero-initialized = nothing watched yet; about 17 KB. */
 struct tally_gate_watch {
     struct { uint64_t completed, since_ns; } lane[TALLY_SB_MAX_CLIENTS][TALLY_SB_MAX_LANES];
-    struct { uint64_t launches, since_ns; } call[TALLY_SB_MAX_CLIENTS];
+    uint64_t call_since_ns[TALLY_SB_MAX_CLIENTS];
 };
 
 /* The longest such stall at now_ns (0 when no HP work is in flight): a BE wait for HP gives up

@@ -448,7 +448,7 @@ def test_hp_stall_counts_time_without_progress_not_time_busy(gate, board):
     """A BE wait for HP gives up after TALLY_MAX_HOLD_MS of HP making no progress: a lane whose
     completions keep coming (a saturated HP client) never stalls; one whose completion count stops
     moving does, and so does a launch call that does not return."""
-    watch = ctypes.create_string_buffer(64 * 16 * 16 + 64 * 16)  # struct tally_gate_watch, zeroed
+    watch = ctypes.create_string_buffer(64 * 16 * 16 + 64 * 8)  # struct tally_gate_watch, zeroed
     addr = board._address(0)
     ms = 1_000_000
     assert gate.tally_gate_hp_stall_ns(watch, addr, 1_000 * ms) == 0  # no HP client
@@ -465,9 +465,13 @@ def test_hp_stall_counts_time_without_progress_not_time_busy(gate, board):
     assert gate.tally_gate_hp_stall_ns(watch, addr, 30_000 * ms) == 10_000 * ms
     board.set_lane_completed(i, 3, 29)  # all done: nothing in flight
     assert gate.tally_gate_hp_stall_ns(watch, addr, 31_000 * ms) == 0
-    # a launch call in progress whose launch counts do not move
+    # launch calls in progress at every look: new calls beginning are no progress (a call that
+    # does not return, or a leaked count, must not hold BE for good); seen at 0, the stall ends
     board.slot_set(i, "launching", 1)
     assert gate.tally_gate_hp_stall_ns(watch, addr, 40_000 * ms) == 0
+    board.slot_set(i, "launches", board.slot_get(i, "launches") + 1)
     assert gate.tally_gate_hp_stall_ns(watch, addr, 45_000 * ms) == 5_000 * ms
-    board.slot_set(i, "launches", board.slot_get(i, "launches") + 1)  # another call began meanwhile
+    board.slot_set(i, "launching", 0)
     assert gate.tally_gate_hp_stall_ns(watch, addr, 46_000 * ms) == 0
+    board.slot_set(i, "launching", 2)
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 47_000 * ms) == 0
