@@ -1,6 +1,8 @@
 /* The launch-level priority gate's decision; see gate.h. */
 #include "gate.h"
 
+#include <string.h>
+
 static uint64_t load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static uint32_t load32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 
@@ -134,32 +136,80 @@ int tally_gate_held_too_long(uint64_t held_since, uint64_t now_ns, uint64_t max_
 uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_sb_header *h, uint64_t now_ns) {
     struct tally_sb_header *hh = (struct tally_sb_header *)h;
     uint64_t longest = 0;
+    int any = 0;
     for (uint32_t i = 0; i < TALLY_SB_MAX_CLIENTS; i++) {
         const struct tally_sb_slot *s = tally_sb_slot_at(hh, i);
-        if (load32(&s->state) != TALLY_SB_SLOT_ACTIVE || load32(&s->priority) != TALLY_SB_PRIO_HIGH) continue;
-        /* Launch calls in progress make progress by ending: a count never seen at 0 is a call that
-         * does not return (or a count that leaked), however many other calls began meanwhile. */
+        if (load32(&s->state) != TALLY_SB_SLOT_ACTIVE || load32(&s->priority) != TALLY_SB_PRIO_HIGH) {
+            /* forget it: a process that claims the slot next starts afresh */
+            for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) w->lane[i][j].since_ns = w->lane[i][j].completed = 0;
+            w->call_since_ns[i] = 0;
+            continue;
+        }
+        int completed_any = 0;
+        for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) {
+            uint64_t done = load64(&s->lanes[j].completed_seq);
+            uint64_t launched = load64(&s->lanes[j].launched_seq);
+            uint64_t before = w->lane[i][j].completed;
+            w->lane[i][j].completed = done;
+            if (before != done) completed_any = 1;
+            if (launched <= done) {
+                w->lane[i][j].since_ns = 0;
+                continue;
+            }
+            any = 1;
+            if (before != done || !w->lane[i][j].since_ns) w->lane[i][j].since_ns = now_ns;
+            if (now_ns > w->lane[i][j].since_ns && now_ns - w->lane[i][j].since_ns > longest)
+                longest = now_ns - w->lane[i][j].since_ns;
+        }
+        /* Launch calls in progress make progress by ending, seen as the count at 0 or as the slot's
+         * work completing (threads whose calls overlap may never leave it at 0); a call that never
+         * returns, or a count that leaked, is a stall once the slot's lanes have nothing to complete. */
         if (load32(&s->launching)) {
-            if (!w->call_since_ns[i]) w->call_since_ns[i] = now_ns;
+            any = 1;
+            if (!w->call_since_ns[i] || completed_any) w->call_since_ns[i] = now_ns;
             if (now_ns > w->call_since_ns[i] && now_ns - w->call_since_ns[i] > longest)
                 longest = now_ns - w->call_since_ns[i];
         } else {
             w->call_since_ns[i] = 0;
         }
-        for (uint32_t j = 0; j < TALLY_SB_MAX_LANES; j++) {
-            uint64_t done = load64(&s->lanes[j].completed_seq);
-            uint64_t launched = load64(&s->lanes[j].launched_seq);
-            if (launched <= done) {
-                w->lane[i][j].since_ns = 0;
-                continue;
-            }
-            if (w->lane[i][j].completed != done || !w->lane[i][j].since_ns) {
-                w->lane[i][j].completed = done;
-                w->lane[i][j].since_ns = now_ns;
-            }
-            if (now_ns > w->lane[i][j].since_ns && now_ns - w->lane[i][j].since_ns > longest)
-                longest = now_ns - w->lane[i][j].since_ns;
-        }
     }
-    return longest;
+    if (any) {
+        w->idle_since_ns = 0;
+        return longest;
+    }
+    /* Busy by the idle window alone: that ends by itself unless HP's marks stop moving in a way the
+     * window never passes (a mark ahead of this clock). */
+    uint64_t mark = load64(&h->hp_last_launch_ns);
+    uint64_t busy = load64(&h->hp_last_busy_ns);
+    if (busy > mark) mark = busy;
+    if (mark != w->idle_mark || !w->idle_since_ns) {
+        w->idle_mark = mark;
+        w->idle_since_ns = now_ns;
+    }
+    return now_ns > w->idle_since_ns ? now_ns - w->idle_since_ns : 0;
+}
+
+size_t tally_gate_watch_size(void) { return sizeof(struct tally_gate_watch); }
+
+void tally_gate_hold_start(struct tally_gate_hold *hold, struct tally_gate_watch *watch, uint64_t now_ns) {
+    *hold = (struct tally_gate_hold){.watch = watch, .held_since_ns = now_ns, .own_since_ns = now_ns};
+    if (watch) memset(watch, 0, sizeof *watch);
+}
+
+uint64_t tally_gate_hold_stall_ns(struct tally_gate_hold *hold, const struct tally_sb_header *h, uint64_t now_ns,
+                                  enum tally_gate_decision d, uint64_t own_backlog) {
+    if (own_backlog == 0 || own_backlog < hold->own_backlog) hold->own_since_ns = now_ns;
+    hold->own_backlog = own_backlog;
+    uint64_t since;
+    if (d == TALLY_GATE_WAIT_RATE) {
+        if (!hold->rate_since_ns) hold->rate_since_ns = now_ns;
+        since = hold->rate_since_ns;
+    } else {
+        hold->rate_since_ns = 0;
+        if (d == TALLY_GATE_WAIT_HP)
+            return hold->watch ? tally_gate_hp_stall_ns(hold->watch, h, now_ns)
+                               : (now_ns > hold->held_since_ns ? now_ns - hold->held_since_ns : 0);
+        since = hold->own_since_ns;
+    }
+    return now_ns > since ? now_ns - since : 0;
 }

@@ -29,6 +29,8 @@
 
 #include <stdint.h>
 
+#include <stddef.h>
+
 #include "scoreboard.h"
 
 enum tally_gate_decision {
@@ -87,17 +89,30 @@ const char *tally_gate_decision_name(enum tally_gate_decision d);
 
 /* How long HP has gone without progress on the work that makes it busy, watched across looks:
  * for each HP lane with work in flight, the time since its completion count last moved; for each
- * HP slot with launch calls in progress, since its count of them was last seen at 0. A saturated
- * HP client keeps completing work and never stalls; one whose completion write never comes (or
- * whose launch call never returns) does. Zero-initialized = nothing watched yet; about 17 KB. */
+ * HP slot with launch calls in progress, since its count of them was last seen at 0 or one of its
+ * lanes last completed something; with nothing of HP in flight (HP busy only by its idle window),
+ * since HP's last launch or busy time last moved. A saturated HP client keeps completing work and
+ * never stalls; one whose completion write never comes, or whose launch call never returns, does.
+ * Zero-initialized = nothing watched yet. */
 struct tally_gate_watch {
     struct { uint64_t completed, since_ns; } lane[TALLY_SB_MAX_CLIENTS][TALLY_SB_MAX_LANES];
     uint64_t call_since_ns[TALLY_SB_MAX_CLIENTS];
+    uint64_t idle_mark, idle_since_ns;
 };
-
-/* The longest such stall at now_ns (0 when no HP work is in flight): a BE wait for HP gives up
- * after TALLY_MAX_HOLD_MS of it, not of HP being busy. */
 uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_sb_header *h, uint64_t now_ns);
+size_t tally_gate_watch_size(void);
+
+/* One held launch's clock for TALLY_MAX_HOLD_MS: how long it has waited for nothing. Waiting for
+ * HP (wait-hp): the HP stall above. Waiting for this process's own work (wait-budget): since its
+ * backlog last shrank or was empty. Waiting for the TGS rate: since that run of rate waits began.
+ * watch NULL (no memory): HP's busy time counts, as before the watch existed. */
+struct tally_gate_hold {
+    struct tally_gate_watch *watch;
+    uint64_t held_since_ns, own_since_ns, own_backlog, rate_since_ns;
+};
+void tally_gate_hold_start(struct tally_gate_hold *hold, struct tally_gate_watch *watch, uint64_t now_ns);
+uint64_t tally_gate_hold_stall_ns(struct tally_gate_hold *hold, const struct tally_sb_header *h, uint64_t now_ns,
+                                  enum tally_gate_decision d, uint64_t own_backlog);
 
 /* Whether something held since held_since (0: nothing is held) has been held for max_hold_ns
  * at now_ns. held_since may be another thread's clock reading, taken after now_ns was read:

@@ -27,8 +27,8 @@
  * Never hanging, and failing open alone. Each process has a word of its own,
  * so it can open its waits for good without opening anyone else's: the
  * DISABLED value is open (top bit set) and HP launches leave it alone. The
- * process disables its word when it fails open (the daemon dead, HP looking
- * busy for TALLY_MAX_HOLD_MS while its waits may be pending, a refused wait),
+ * process disables its word when it fails open (the daemon dead, its waits
+ * pending for TALLY_MAX_HOLD_MS while HP's work made no progress, a refused wait),
  * and at exit, so that no stream of its is left waiting when CUDA tears the
  * context down. */
 #define _GNU_SOURCE
@@ -130,6 +130,7 @@ static void *opening_thread(void *unused) {
     uint64_t closed_since = 0;
     int first_look = 1; /* the word starts closed until this look: no HP closed it */
     struct tally_gate_watch *watch = thread_watch(); /* HP's progress while the word is closed */
+    if (watch) memset(watch, 0, sizeof *watch);
     while (!atomic_load(&GG.disabled)) {
         uint64_t word = __atomic_load_n(GG.word, __ATOMIC_ACQUIRE);
         uint64_t now = tally_now_ns();
@@ -172,6 +173,7 @@ static void *opening_thread(void *unused) {
         now = tally_now_ns();
         /* ... and only while HP's work makes no progress: a saturated HP client holds us, rightly */
         uint64_t stall = watch ? tally_gate_hp_stall_ns(watch, S.sb, now) : S.max_hold_ns;
+
         if (tally_gate_held_too_long(held_since, now, S.max_hold_ns) && stall >= S.max_hold_ns) {
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();

@@ -158,7 +158,7 @@ static void *releaser(void *unused) {
     if (!can_flush) S.batch_writes = 0; /* then no group is left for it to write */
     pthread_mutex_lock(&RA.lock);
     uint64_t held_since = 0;
-    struct hold_clock clock = {0};
+    struct tally_gate_hold hold;
     while (!RA.stopped && atomic_load(&S.state) == JOINED) {
         ra_reap();
         if (RA.next == RA.tail) {
@@ -184,9 +184,9 @@ static void *releaser(void *unused) {
         }
         if (!held_since) {
             held_since = now;
-            clock = (struct hold_clock){.watch = thread_watch()};
+            tally_gate_hold_start(&hold, thread_watch(), now);
         }
-        if (stalled_ns(&clock, d, held_since, now) >= S.max_hold_ns) {
+        if (tally_gate_hold_stall_ns(&hold, S.sb, now, d, backlog.launches) >= S.max_hold_ns) {
             pthread_mutex_unlock(&RA.lock);
             give_up_held(d); /* releases everything queued first */
             return NULL;

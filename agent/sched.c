@@ -668,28 +668,28 @@ uint64_t launch_estimate(const struct tally_launch *launch, uint64_t hint_ns, ui
     return estimate(*profile, hint_ns) * units;
 }
 
-uint64_t stalled_ns(struct hold_clock *c, enum tally_gate_decision d, uint64_t held_since, uint64_t now) {
-    if (d != TALLY_GATE_WAIT_HP) {
-        if (!c->other_since) c->other_since = now;
-        return now - c->other_since;
-    }
-    c->other_since = 0;
-    if (!c->watch) return now - held_since;
-    return tally_gate_hp_stall_ns(c->watch, S.sb, now);
-}
+/* Each thread's watch of HP's progress, allocated at its first hold and freed at its exit. */
+static pthread_key_t watch_key;
+static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
+static int watch_key_ok;
+static void make_watch_key(void) { watch_key_ok = pthread_key_create(&watch_key, free) == 0; }
 
 struct tally_gate_watch *thread_watch(void) {
-    static __thread struct tally_gate_watch *watch;
-    if (!watch) watch = calloc(1, sizeof *watch); /* 16 KB, once per thread that is ever held */
-    else memset(watch, 0, sizeof *watch);
-    return watch;
+    pthread_once(&watch_once, make_watch_key);
+    if (!watch_key_ok) return NULL;
+    struct tally_gate_watch *watch = pthread_getspecific(watch_key);
+    if (!watch && (watch = malloc(tally_gate_watch_size())) && pthread_setspecific(watch_key, watch) != 0) {
+        free(watch);
+        watch = NULL;
+    }
+    return watch; /* tally_gate_hold_start clears it */
 }
 
 static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uint64_t hint_ns, uint32_t units) {
     uint32_t profile;
     uint64_t est = launch_estimate(launch, hint_ns, units, &profile);
     uint64_t held_since = 0;
-    struct hold_clock clock = {0};
+    struct tally_gate_hold hold;
     pending.gpu_timed = 0;
     static struct tally_gate_bucket bucket; /* policy tgs: this process's token bucket */
     enum tally_gate_decision d;
@@ -700,12 +700,12 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         if (!TALLY_GATE_IS_WAIT(d)) break;
         if (!held_since) {
             held_since = now;
-            clock.watch = thread_watch();
+            tally_gate_hold_start(&hold, thread_watch(), now);
             atomic_fetch_add(&S.launch_holds, 1);
         }
         /* What the gate waits for must be able to complete; other threads may defer more meanwhile. */
         flush_unwritten();
-        if (stalled_ns(&clock, d, held_since, now) >= S.max_hold_ns) {
+        if (tally_gate_hold_stall_ns(&hold, S.sb, now, d, backlog.launches) >= S.max_hold_ns) {
             stuck = 1;
             break;
         }

@@ -163,15 +163,9 @@ void runahead_drain(void);                /* launch_enter, before slicing */
 void runahead_ring_entry(struct lane *l, struct inflight *entry); /* track_launch's ring entry */
 void runahead_exit(void);                 /* the end of every API exit */
 
-/* How long a hold has waited for nothing, which TALLY_MAX_HOLD_MS bounds: for HP (wait-hp), the
- * longest time HP's work in flight has made no progress (a saturated HP client keeps BE waiting,
- * and that is no reason to fail open); for any other wait, since that kind of wait began. */
-struct hold_clock {
-    struct tally_gate_watch *watch; /* from thread_watch() at the hold's start; NULL: HP busy counts */
-    uint64_t other_since;           /* start of the current run of waits that are not wait-hp; 0 = none */
-};
-uint64_t stalled_ns(struct hold_clock *c, enum tally_gate_decision d, uint64_t held_since, uint64_t now);
-struct tally_gate_watch *thread_watch(void); /* this thread's watch, cleared; NULL without memory */
+/* This thread's watch of HP's progress for tally_gate_hold_start (gate.h), which bounds a hold by
+ * TALLY_MAX_HOLD_MS of waiting for nothing; NULL without memory (HP's busy time then counts). */
+struct tally_gate_watch *thread_watch(void);
 
 /* gpugate.c (TALLY_GPU_GATE=1), for the same ways in and out. */
 void gpugate_init(void);                  /* join, for a BE client */

@@ -41,6 +41,11 @@ def gate(tmp_path_factory):
     g.tally_gate_held_too_long.restype = ctypes.c_int
     g.tally_gate_hp_stall_ns.restype = ctypes.c_uint64
     g.tally_gate_hp_stall_ns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+    g.tally_gate_watch_size.restype = ctypes.c_size_t
+    g.tally_gate_hold_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+    g.tally_gate_hold_stall_ns.restype = ctypes.c_uint64
+    g.tally_gate_hold_stall_ns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                           ctypes.c_uint64]
     g.tally_gate_held_too_long.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
     g.tally_gate_bound_ns.restype = ctypes.c_uint64
     g.tally_gate_bound_ns.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
@@ -448,7 +453,7 @@ def test_hp_stall_counts_time_without_progress_not_time_busy(gate, board):
     """A BE wait for HP gives up after TALLY_MAX_HOLD_MS of HP making no progress: a lane whose
     completions keep coming (a saturated HP client) never stalls; one whose completion count stops
     moving does, and so does a launch call that does not return."""
-    watch = ctypes.create_string_buffer(64 * 16 * 16 + 64 * 8)  # struct tally_gate_watch, zeroed
+    watch = ctypes.create_string_buffer(gate.tally_gate_watch_size())  # zeroed
     addr = board._address(0)
     ms = 1_000_000
     assert gate.tally_gate_hp_stall_ns(watch, addr, 1_000 * ms) == 0  # no HP client
@@ -475,3 +480,67 @@ def test_hp_stall_counts_time_without_progress_not_time_busy(gate, board):
     assert gate.tally_gate_hp_stall_ns(watch, addr, 46_000 * ms) == 0
     board.slot_set(i, "launching", 2)
     assert gate.tally_gate_hp_stall_ns(watch, addr, 47_000 * ms) == 0
+    # calls that overlap (never 0 at a look) while the slot's work keeps completing: no stall
+    board.set_lane_launched(i, 3, 40)
+    for k in range(1, 15):
+        board.set_lane_completed(i, 3, 29 + k)
+        assert gate.tally_gate_hp_stall_ns(watch, addr, (47_000 + 1_000 * k) * ms) == 0
+
+
+def test_hp_stall_is_the_longest_over_lanes_and_forgets_a_slot_that_changed_hands(gate, board):
+    watch = ctypes.create_string_buffer(gate.tally_gate_watch_size())
+    addr, ms = board._address(0), 1_000_000
+    i = board.claim_slot(4242, sbm.PRIORITY_HIGH)
+    board.set_lane_launched(i, 1, 5)
+    board.set_lane_launched(i, 2, 5)
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 1_000 * ms) == 0
+    board.set_lane_completed(i, 1, 1)  # lane 1 moves, lane 2 is stuck
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 4_000 * ms) == 3_000 * ms
+    # the client exits with lane 2 stuck; the slot is repaired, freed and claimed by a new client
+    board.repair_slot(i)
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 5_000 * ms) == 0
+    board.release_slot(i)
+    j = board.claim_slot(4343, sbm.PRIORITY_HIGH)
+    assert j == i
+    board.set_lane_launched(j, 2, 1)  # its first launch, in flight: no stall carried over
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 20_000 * ms) == 0
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 21_000 * ms) == 1_000 * ms
+
+
+def test_hp_stall_of_an_idle_window_that_never_passes(gate, board):
+    """HP busy by its idle window alone, with nothing in flight: that ends by itself unless HP's
+    marks stop moving where the window never passes (a mark ahead of this clock)."""
+    watch = ctypes.create_string_buffer(gate.tally_gate_watch_size())
+    addr, ms = board._address(0), 1_000_000
+    board.hp_last_launch_ns = 10**15
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 1_000 * ms) == 0
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 12_000 * ms) == 11_000 * ms
+    board.hp_last_launch_ns = 10**15 + 1  # HP launched again
+    assert gate.tally_gate_hp_stall_ns(watch, addr, 13_000 * ms) == 0
+
+
+def test_hold_clock_per_kind_of_wait(gate, board):
+    """What TALLY_MAX_HOLD_MS bounds, per decision: wait-hp, HP's stall; wait-budget, the time since
+    this process's own backlog last shrank (waits for HP in between do not reset it: a lost
+    completion write of ours must still fail us open); wait-rate, the current run of rate waits."""
+    hold = ctypes.create_string_buffer(64)  # struct tally_gate_hold
+    watch = ctypes.create_string_buffer(gate.tally_gate_watch_size())
+    addr, ms = board._address(0), 1_000_000
+    i = board.claim_slot(4242, sbm.PRIORITY_HIGH)
+    gate.tally_gate_hold_start(hold, watch, 0)
+
+    def stall(t_ms, d, backlog):
+        return gate.tally_gate_hold_stall_ns(hold, addr, t_ms * ms, d, backlog) // ms
+
+    board.set_lane_launched(i, 3, 10)
+    assert stall(0, WAIT_BUDGET, 3) == 0
+    for t in range(1, 12):  # HP busy and completing; our backlog of 3 never shrinks
+        board.set_lane_completed(i, 3, t - 1)
+        assert stall(t * 1_000 - 500, WAIT_HP, 3) == 0
+        assert stall(t * 1_000, WAIT_BUDGET, 3) == t * 1_000
+    assert stall(12_000, WAIT_BUDGET, 2) == 0  # one of ours completed
+    assert stall(13_000, WAIT_RATE, 2) == 0
+    assert stall(14_500, WAIT_RATE, 2) == 1_500
+    assert stall(15_000, WAIT_BUDGET, 2) == 3_000  # back to our own work: since it last shrank
+    gate.tally_gate_hold_start(hold, None, 20_000 * ms)  # no watch: HP's busy time counts
+    assert stall(25_000, WAIT_HP, 0) == 5_000
