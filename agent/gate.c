@@ -192,14 +192,13 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
 size_t tally_gate_watch_size(void) { return sizeof(struct tally_gate_watch); }
 
 void tally_gate_hold_start(struct tally_gate_hold *hold, struct tally_gate_watch *watch, uint64_t now_ns) {
-    *hold = (struct tally_gate_hold){.watch = watch, .held_since_ns = now_ns, .own_since_ns = now_ns};
+    *hold = (struct tally_gate_hold){.watch = watch, .held_since_ns = now_ns};
     if (watch) memset(watch, 0, sizeof *watch);
 }
 
 uint64_t tally_gate_hold_stall_ns(struct tally_gate_hold *hold, const struct tally_sb_header *h, uint64_t now_ns,
-                                  enum tally_gate_decision d, uint64_t own_backlog) {
-    if (own_backlog == 0 || own_backlog < hold->own_backlog) hold->own_since_ns = now_ns;
-    hold->own_backlog = own_backlog;
+                                  enum tally_gate_decision d, uint64_t own_oldest_ns) {
+    if (own_oldest_ns != TALLY_GATE_OLDEST_UNKNOWN) hold->own_oldest_ns = own_oldest_ns;
     uint64_t since;
     if (d == TALLY_GATE_WAIT_RATE) {
         if (!hold->rate_since_ns) hold->rate_since_ns = now_ns;
@@ -209,7 +208,8 @@ uint64_t tally_gate_hold_stall_ns(struct tally_gate_hold *hold, const struct tal
         if (d == TALLY_GATE_WAIT_HP)
             return hold->watch ? tally_gate_hp_stall_ns(hold->watch, h, now_ns)
                                : (now_ns > hold->held_since_ns ? now_ns - hold->held_since_ns : 0);
-        since = hold->own_since_ns;
+        if (!hold->own_oldest_ns) return 0; /* nothing of ours in flight: this wait ends at the next look */
+        since = hold->own_oldest_ns > hold->held_since_ns ? hold->own_oldest_ns : hold->held_since_ns;
     }
     return now_ns > since ? now_ns - since : 0;
 }

@@ -103,16 +103,19 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
 size_t tally_gate_watch_size(void);
 
 /* One held launch's clock for TALLY_MAX_HOLD_MS: how long it has waited for nothing. Waiting for
- * HP (wait-hp): the HP stall above. Waiting for this process's own work (wait-budget): since its
- * backlog last shrank or was empty. Waiting for the TGS rate: since that run of rate waits began.
- * watch NULL (no memory): HP's busy time counts, as before the watch existed. */
+ * HP (wait-hp): the HP stall above. Waiting for this process's own work (wait-budget): how long
+ * its oldest launch in flight has been running (own_oldest_ns: when it started, 0 = none; a lost
+ * completion write never ends it, however many other launches of ours complete), within this
+ * hold. Waiting for the TGS rate: since that run of rate waits began. watch NULL (no memory):
+ * HP's busy time counts, as before the watch existed. */
 struct tally_gate_hold {
     struct tally_gate_watch *watch;
-    uint64_t held_since_ns, own_since_ns, own_backlog, rate_since_ns;
+    uint64_t held_since_ns, own_oldest_ns, rate_since_ns;
 };
+#define TALLY_GATE_OLDEST_UNKNOWN UINT64_MAX /* own_oldest_ns when not all lanes were seen: keep the last */
 void tally_gate_hold_start(struct tally_gate_hold *hold, struct tally_gate_watch *watch, uint64_t now_ns);
 uint64_t tally_gate_hold_stall_ns(struct tally_gate_hold *hold, const struct tally_sb_header *h, uint64_t now_ns,
-                                  enum tally_gate_decision d, uint64_t own_backlog);
+                                  enum tally_gate_decision d, uint64_t own_oldest_ns);
 
 /* Whether something held since held_since (0: nothing is held) has been held for max_hold_ns
  * at now_ns. held_since may be another thread's clock reading, taken after now_ns was read:

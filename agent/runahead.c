@@ -186,7 +186,9 @@ static void *releaser(void *unused) {
             held_since = now;
             tally_gate_hold_start(&hold, thread_watch(), now);
         }
-        if (tally_gate_hold_stall_ns(&hold, S.sb, now, d, backlog.launches) >= S.max_hold_ns) {
+        /* a lane left out (its lock busy) may hold the oldest launch: keep what was seen before */
+        uint64_t oldest = skipped ? TALLY_GATE_OLDEST_UNKNOWN : backlog.oldest_ns;
+        if (tally_gate_hold_stall_ns(&hold, S.sb, now, d, oldest) >= S.max_hold_ns) {
             pthread_mutex_unlock(&RA.lock);
             give_up_held(d); /* releases everything queued first */
             return NULL;

@@ -565,6 +565,7 @@ static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *
             uint64_t start = l->last_done_ns > e->launch_ns ? l->last_done_ns : e->launch_ns;
             uint64_t ran = now > start ? now - start : 0;
             if (ran < e->est_ns) left = e->est_ns - ran;
+            if (!b->oldest_ns || start < b->oldest_ns) b->oldest_ns = start;
         }
         b->remaining_ns += left;
         b->launches++;
@@ -576,7 +577,7 @@ static void lane_backlog(const struct lane *l, uint64_t now, struct be_backlog *
  * releaser must never wait for a thread that may itself be blocked in the driver behind a
  * stream wait only the releaser can release). */
 struct be_backlog retire_lanes(uint64_t now, uint32_t *skipped) {
-    struct be_backlog backlog = {0, 0};
+    struct be_backlog backlog = {0, 0, 0};
     uint64_t gap = S.last_poll_ns ? now - S.last_poll_ns : UINT64_MAX;
     S.last_poll_ns = now;
     uint32_t n = atomic_load_explicit(&S.n_lanes, memory_order_acquire);
@@ -705,7 +706,7 @@ static void be_wait_at_gate(const struct tally_launch *launch, uint64_t now, uin
         }
         /* What the gate waits for must be able to complete; other threads may defer more meanwhile. */
         flush_unwritten();
-        if (tally_gate_hold_stall_ns(&hold, S.sb, now, d, backlog.launches) >= S.max_hold_ns) {
+        if (tally_gate_hold_stall_ns(&hold, S.sb, now, d, backlog.oldest_ns) >= S.max_hold_ns) {
             stuck = 1;
             break;
         }

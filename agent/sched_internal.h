@@ -143,6 +143,7 @@ extern __thread struct sched_pending pending;
 struct be_backlog {
     uint64_t remaining_ns; /* estimated GPU time still to run */
     uint64_t launches;     /* launches not yet seen complete */
+    uint64_t oldest_ns;    /* when the longest-running of them started (0: none): the max hold's clock */
 };
 
 /* sched.c, for run-ahead: the releaser applies the gate as be_wait_at_gate does. */

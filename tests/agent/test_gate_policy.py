@@ -520,27 +520,34 @@ def test_hp_stall_of_an_idle_window_that_never_passes(gate, board):
 
 
 def test_hold_clock_per_kind_of_wait(gate, board):
-    """What TALLY_MAX_HOLD_MS bounds, per decision: wait-hp, HP's stall; wait-budget, the time since
-    this process's own backlog last shrank (waits for HP in between do not reset it: a lost
-    completion write of ours must still fail us open); wait-rate, the current run of rate waits."""
+    """What TALLY_MAX_HOLD_MS bounds, per decision: wait-hp, HP's stall; wait-budget, how long this
+    process's oldest launch in flight has been running within the hold (waits for HP in between,
+    and other launches of ours completing on other lanes, do not reset it: a lost completion write
+    of ours must still fail us open); wait-rate, the current run of rate waits."""
     hold = ctypes.create_string_buffer(64)  # struct tally_gate_hold
     watch = ctypes.create_string_buffer(gate.tally_gate_watch_size())
     addr, ms = board._address(0), 1_000_000
+    unknown = 2**64 - 1  # TALLY_GATE_OLDEST_UNKNOWN
     i = board.claim_slot(4242, sbm.PRIORITY_HIGH)
-    gate.tally_gate_hold_start(hold, watch, 0)
+    gate.tally_gate_hold_start(hold, watch, 1_000 * ms)
 
-    def stall(t_ms, d, backlog):
-        return gate.tally_gate_hold_stall_ns(hold, addr, t_ms * ms, d, backlog) // ms
+    def stall(t_ms, d, oldest_ms):
+        oldest = unknown if oldest_ms is None else oldest_ms * ms
+        return gate.tally_gate_hold_stall_ns(hold, addr, t_ms * ms, d, oldest) // ms
 
     board.set_lane_launched(i, 3, 10)
-    assert stall(0, WAIT_BUDGET, 3) == 0
-    for t in range(1, 12):  # HP busy and completing; our backlog of 3 never shrinks
-        board.set_lane_completed(i, 3, t - 1)
-        assert stall(t * 1_000 - 500, WAIT_HP, 3) == 0
-        assert stall(t * 1_000, WAIT_BUDGET, 3) == t * 1_000
-    assert stall(12_000, WAIT_BUDGET, 2) == 0  # one of ours completed
-    assert stall(13_000, WAIT_RATE, 2) == 0
-    assert stall(14_500, WAIT_RATE, 2) == 1_500
-    assert stall(15_000, WAIT_BUDGET, 2) == 3_000  # back to our own work: since it last shrank
+    # our oldest launch started before the hold: counted from the hold's start
+    assert stall(1_000, WAIT_BUDGET, 500) == 0
+    for t in range(2, 13):  # HP busy and completing; our oldest launch never completes
+        board.set_lane_completed(i, 3, t - 2)
+        assert stall(t * 1_000 - 500, WAIT_HP, 500) == 0
+        assert stall(t * 1_000, WAIT_BUDGET, 500) == (t - 1) * 1_000
+    assert stall(13_000, WAIT_BUDGET, None) == 12_000  # a lane left out: the last oldest stands
+    assert stall(13_500, WAIT_BUDGET, 12_900) == 600  # it completed; the next oldest began at 12.9 s
+    assert stall(14_000, WAIT_BUDGET, 0) == 0  # nothing of ours in flight
+    assert stall(15_000, WAIT_RATE, 0) == 0
+    assert stall(16_500, WAIT_RATE, 0) == 1_500
+    assert stall(17_000, WAIT_BUDGET, 0) == 0
+    assert stall(17_500, WAIT_RATE, 0) == 0  # a new run of rate waits
     gate.tally_gate_hold_start(hold, None, 20_000 * ms)  # no watch: HP's busy time counts
     assert stall(25_000, WAIT_HP, 0) == 5_000
