@@ -15,6 +15,7 @@
 # EVIDENCE_SYSTEMS (default "standalone,tally,tally[gpu-gate=0],tally[be-thread-percent=90]") their systems.
 # A step starts only with time left for it (a minimum per step, below), and is killed at the
 # end of the budget (TERM, then KILL 10 s later).
+# EVIDENCE_COMMIT names the commit of the tree sent to the device (its .git may be stale);
 # EVIDENCE_TAR=FILE packs OUT_DIR into FILE at the end (a device that returns only a few files);
 # the raw HP latency files are dropped either way (runs/ keeps every latency).
 set -u
@@ -40,6 +41,8 @@ finish() {
 trap finish EXIT
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+  # the lent device's copy of .git may lag the working tree it was sent: the caller names the commit
+  echo "commit: ${EVIDENCE_COMMIT:-unknown (set EVIDENCE_COMMIT: the git log of the device copy may be stale)}"
   git log --oneline -1 2>/dev/null; } > "$out/env.txt" 2>&1
 
 for step in $steps; do
