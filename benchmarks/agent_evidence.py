@@ -18,10 +18,8 @@ Writes agent_evidence.json and agent_evidence.md; prints the table last.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -306,14 +304,9 @@ def launch_cost(work: Path, env: dict, rounds: int) -> dict:
 
 
 def environment() -> dict:
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "host": platform.node()}
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip()
-        info["gpu"], info["driver"] = [s.strip() for s in smi.splitlines()[0].split(",")]
-    except Exception as exc:  # recorded, not fatal
-        info["gpu_error"] = str(exc)
+    from tally.bench.runner import collect_environment  # date, host, GPU, driver: as every benchmark records them
+
+    info = collect_environment()
     try:
         import torch
 

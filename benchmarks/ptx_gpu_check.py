@@ -33,10 +33,7 @@ Needs: numpy, cupy (cupy-cuda13x); torch is only asked for its version.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -432,12 +429,10 @@ def check_kernel(gpu: Gpu, plan: dict, kernel: dict, rng, quick: bool) -> dict:
 
 # ----------------------------------------------------------------------------- reporting
 def environment(gpu) -> dict:
-    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version()}
-    try:
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:
-        info["driver"] = "unknown"
+    from tally.bench.runner import collect_environment  # date, host, GPU, driver: as every benchmark records them
+
+    info = collect_environment()
+    info.setdefault("driver", "unknown")
     if gpu is not None:
         import cupy
 
