@@ -173,7 +173,6 @@ static void *opening_thread(void *unused) {
         now = tally_now_ns();
         /* ... and only while HP's work makes no progress: a saturated HP client holds us, rightly */
         uint64_t stall = watch ? tally_gate_hp_stall_ns(watch, S.sb, now) : S.max_hold_ns;
-
         if (tally_gate_held_too_long(held_since, now, S.max_hold_ns) && stall >= S.max_hold_ns) {
             if (atomic_load(&S.state) == JOINED) give_up_held(d); /* one warning; disables the word */
             gpugate_disable();
