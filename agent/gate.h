@@ -100,6 +100,7 @@ struct tally_gate_watch {
     uint64_t idle_mark, idle_since_ns;
 };
 uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_sb_header *h, uint64_t now_ns);
+/* sizeof(struct tally_gate_watch), for callers that allocate one without its layout (the tests) */
 size_t tally_gate_watch_size(void);
 
 /* One held launch's clock for TALLY_MAX_HOLD_MS: how long it has waited for nothing. Waiting for

@@ -140,8 +140,8 @@ class NotFound(TallyError):
     "--run-ahead",
     is_flag=True,
     help="With --priority best-effort, instead of the GPU-side gate: a launch the launch-level gate holds waits "
-    "on the GPU, not in the program's thread (docs/scheduling.md, run-ahead admission; measured below the "
-    "GPU-side gate in best-effort throughput and high-priority p99).",
+    "on the GPU, not in the program's thread (docs/scheduling.md, run-ahead admission; it measured less "
+    "best-effort throughput than the GPU-side gate, with high-priority p99 as good or worse).",
 )
 @click.option(
     "--gpu-gate/--no-gpu-gate",
@@ -174,6 +174,9 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
         env["TALLY_SLO_P99_MS"] = repr(slo_p99_ms)
     if block_level or plan_path is not None:
         env["TALLY_BLOCKSCHED_PLAN"] = block_level_plan(priority, block_level, plan_path)
+    if gpu_gate is not None and priority != "best-effort":
+        raise TallyError(f"--{'' if gpu_gate else 'no-'}gpu-gate needs --priority best-effort: "
+                         "only best-effort launches are gated")
     if run_ahead:
         if priority != "best-effort":
             raise TallyError("--run-ahead needs --priority best-effort: only best-effort launches are held")
@@ -184,9 +187,6 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
     elif gpu_gate and env.get("TALLY_RUN_AHEAD") == "1":
         raise TallyError("--gpu-gate with TALLY_RUN_AHEAD=1 in the environment: both hold launches on the GPU, "
                          "pick one")
-    if gpu_gate is not None and priority != "best-effort":
-        raise TallyError(f"--{'' if gpu_gate else 'no-'}gpu-gate needs --priority best-effort: "
-                         "only best-effort launches are gated")
     if priority == "best-effort" and (gpu_gate is not None or "TALLY_GPU_GATE" not in env):
         # on by default (measured: benchmarks/results/issue3-gpu-gate-2026-12-03e-h200), except
         # under run-ahead, the other way of waiting on the GPU, set in the environment, and under
