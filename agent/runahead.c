@@ -304,15 +304,18 @@ int runahead_try(const struct tally_launch *launch, uint64_t now) {
     return 1;
 }
 
-/* Blocks until nothing is queued: a launch gated in place (slices) must not pass queued ones;
- * then counts it in place until its API exit. */
+/* Blocks until the launches queued before it are released: a launch gated in place (slices)
+ * must not pass them; then counts it in place until its API exit. */
 void runahead_drain(void) {
     if (!RA.enabled) return;
     pthread_mutex_lock(&RA.lock);
-    uint64_t since = tally_now_ns();
-    while (RA.next != RA.tail && !RA.stopped && tally_now_ns() - since < S.max_hold_ns) {
-        wait_1ms(&RA.space);
-    }
+    /* Until what was queued before this launch is released, however long HP keeps it: the
+     * releaser fails the process open (and releases everything) once HP stops making progress,
+     * so this is bounded by that, not by a clock of its own (a saturated HP client no longer
+     * fails the releaser open after TALLY_MAX_HOLD_MS, and a bound here would let this launch
+     * pass them). Launches queued by other threads meanwhile are not waited for. */
+    uint64_t queued_before = RA.tail;
+    while (RA.next < queued_before && !RA.stopped) wait_1ms(&RA.space);
     count_in_place();
     pthread_mutex_unlock(&RA.lock);
 }

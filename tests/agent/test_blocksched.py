@@ -242,6 +242,39 @@ def test_gpu_gated_slices_are_held_on_the_gpu_while_hp_is_busy(daemon, spawn_app
     assert daemon.sb.slot_get(slot, "held_ns") >= 100 * MS
 
 
+def test_run_ahead_and_slices_wait_out_a_saturated_hp_client(daemon, spawn_app, tmp_path):
+    """Run-ahead queues two launches while HP is busy; a planned launch after them waits until they
+    are released, however long HP stays busy while its work keeps completing (three times the max
+    hold here): nobody fails open, and the slices run after the queued launches."""
+    from test_sched import hp_client_in_flight
+
+    image = tmp_path / "k.ptx"
+    image.write_bytes(PTX)
+    throttle_be(daemon.sb, MS)
+    hp = hp_client_in_flight(daemon.sb)
+    app = spawn_app(f"load:data:{image}", f"pkfunc:{ENTRY}", "launch:kernel:2:100:s0",
+                    "pklaunch:1:64:1:128:300:kernel", "sync", "records",
+                    env=daemon.env("best-effort", TALLY_BLOCKSCHED_PLAN=str(write_plan(tmp_path)),
+                                   TALLY_PROFILE_FILE=str(saved_wave(tmp_path, 5)), TALLY_BLOCKSCHED_FLOOR="0",
+                                   TALLY_RUN_AHEAD="1", TALLY_MAX_HOLD_MS="200"))
+    end = time.monotonic() + 0.6
+    k = 7
+    while time.monotonic() < end:  # HP busy, a completion every 20 ms
+        k += 1
+        daemon.sb.set_lane_launched(hp, 3, k)
+        daemon.sb.set_lane_completed(hp, 3, k - 1)
+        time.sleep(0.02)
+    daemon.sb.set_lane_completed(hp, 3, k)
+    r = app.finish()
+    completed_ok(r)
+    assert r.stderr == ""
+    recs = records(r)
+    first_slice = next(n for n, rec in enumerate(recs) if rec["name"].endswith("__tally_slice"))
+    assert first_slice == 2 and all(not rec["name"].endswith("__tally_slice") for rec in recs[:2])
+    (launch,) = slices_of(recs, (64, 1, 1))
+    assert_exact_cover(launch, (64, 1, 1), r.values["pk_first_param"])
+
+
 def test_after_long_hp_idleness_slices_are_sized_by_the_idle_depth(daemon, run_app, tmp_path):
     """HP idle for unthrottle_after: the gate bounds BE by the idle depth (2 ms), and so does
     slicing: a 2.4 ms kernel runs as 6-wave slices (not the 3 of a 1 ms budget), and a 1.2 ms one
