@@ -5,6 +5,8 @@
 
 static uint64_t load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static uint32_t load32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+/* Time from since to now; 0 for a since ahead of now (another thread's later clock reading). */
+static uint64_t elapsed(uint64_t since, uint64_t now) { return now > since ? now - since : 0; }
 
 int tally_gate_hp_inflight(const struct tally_sb_header *h) {
     struct tally_sb_header *hh = (struct tally_sb_header *)h;
@@ -38,7 +40,7 @@ static uint64_t hp_idle_ns(const struct tally_sb_header *h, uint64_t now_ns) {
     uint64_t last = load64(&h->hp_last_launch_ns);
     uint64_t busy = load64(&h->hp_last_busy_ns);
     if (busy > last) last = busy;
-    return now_ns > last ? now_ns - last : 0;
+    return elapsed(last, now_ns);
 }
 
 static uint64_t bound_when_idle(const struct tally_sb_header *h, uint64_t idle_ns) {
@@ -130,7 +132,7 @@ const char *tally_gate_decision_name(enum tally_gate_decision d) {
 }
 
 int tally_gate_held_too_long(uint64_t held_since, uint64_t now_ns, uint64_t max_hold_ns) {
-    return held_since != 0 && now_ns > held_since && now_ns - held_since >= max_hold_ns;
+    return held_since != 0 && elapsed(held_since, now_ns) >= max_hold_ns;
 }
 
 uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_sb_header *h, uint64_t now_ns) {
@@ -158,8 +160,7 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
             }
             any = 1;
             if (before != done || !w->lane[i][j].since_ns) w->lane[i][j].since_ns = now_ns;
-            if (now_ns > w->lane[i][j].since_ns && now_ns - w->lane[i][j].since_ns > longest)
-                longest = now_ns - w->lane[i][j].since_ns;
+            if (elapsed(w->lane[i][j].since_ns, now_ns) > longest) longest = elapsed(w->lane[i][j].since_ns, now_ns);
         }
         /* Launch calls in progress make progress by ending, seen as the count at 0 or as the slot's
          * work completing (threads whose calls overlap may never leave it at 0); a call that never
@@ -167,8 +168,7 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
         if (load32(&s->launching)) {
             any = 1;
             if (!w->call_since_ns[i] || completed_any) w->call_since_ns[i] = now_ns;
-            if (now_ns > w->call_since_ns[i] && now_ns - w->call_since_ns[i] > longest)
-                longest = now_ns - w->call_since_ns[i];
+            if (elapsed(w->call_since_ns[i], now_ns) > longest) longest = elapsed(w->call_since_ns[i], now_ns);
         } else {
             w->call_since_ns[i] = 0;
         }
@@ -186,7 +186,7 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
         w->idle_mark = mark;
         w->idle_since_ns = now_ns;
     }
-    return now_ns > w->idle_since_ns ? now_ns - w->idle_since_ns : 0;
+    return elapsed(w->idle_since_ns, now_ns);
 }
 
 size_t tally_gate_watch_size(void) { return sizeof(struct tally_gate_watch); }
@@ -206,10 +206,9 @@ uint64_t tally_gate_hold_stall_ns(struct tally_gate_hold *hold, const struct tal
     } else {
         hold->rate_since_ns = 0;
         if (d == TALLY_GATE_WAIT_HP)
-            return hold->watch ? tally_gate_hp_stall_ns(hold->watch, h, now_ns)
-                               : (now_ns > hold->held_since_ns ? now_ns - hold->held_since_ns : 0);
+            return hold->watch ? tally_gate_hp_stall_ns(hold->watch, h, now_ns) : elapsed(hold->held_since_ns, now_ns);
         if (!hold->own_oldest_ns) return 0; /* nothing of ours in flight: this wait ends at the next look */
         since = hold->own_oldest_ns > hold->held_since_ns ? hold->own_oldest_ns : hold->held_since_ns;
     }
-    return now_ns > since ? now_ns - since : 0;
+    return elapsed(since, now_ns);
 }

@@ -130,20 +130,21 @@ static void *opening_thread(void *unused) {
     uint64_t closed_since = 0;
     int first_look = 1; /* the word starts closed until this look: no HP closed it */
     struct tally_gate_watch *watch = thread_watch(); /* HP's progress while the word is closed */
-    if (watch) memset(watch, 0, sizeof *watch);
     while (!atomic_load(&GG.disabled)) {
         uint64_t word = __atomic_load_n(GG.word, __ATOMIC_ACQUIRE);
         uint64_t now = tally_now_ns();
         if (word & TALLY_SB_GPU_GATE_OPEN) {
             first_look = 0;
-            if (closed_since && watch) memset(watch, 0, sizeof *watch);
             closed_since = 0;
             atomic_store(&GG.first_closed_wait_ns, 0);
             atomic_store(&GG.closed_launches, 0);
             nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
             continue;
         }
-        if (!closed_since) closed_since = now;
+        if (!closed_since) { /* a closed period begins: HP's progress is watched afresh */
+            closed_since = now;
+            if (watch) memset(watch, 0, sizeof *watch);
+        }
         enum tally_gate_decision d = tally_gate_decide(S.sb, now, 0, 0, 0);
         if (d == TALLY_GATE_DAEMON_DEAD) {
             warn_if_daemon_dead(d);
@@ -158,7 +159,6 @@ static void *opening_thread(void *unused) {
                 } else {
                     count_hold();
                 }
-                if (watch) memset(watch, 0, sizeof *watch);
                 closed_since = 0; /* HP may close it again before the next look */
             }
             first_look = 0;
@@ -195,9 +195,7 @@ void gpugate_init(void) {
 
 /* From the SLO controller's first step on (its warm-up included, when no target is judged yet). */
 static int slo_mode_on(void) {
-    const struct tally_sb_slo_status *slo =
-        (const struct tally_sb_slo_status *)((const char *)S.sb + TALLY_SB_SLO_AREA_OFFSET);
-    return __atomic_load_n(&slo->slo_state, __ATOMIC_RELAXED) != TALLY_SB_SLO_STATE_OFF;
+    return __atomic_load_n(&tally_sb_slo_status_of(S.sb)->slo_state, __ATOMIC_RELAXED) != TALLY_SB_SLO_STATE_OFF;
 }
 
 /* The first gated launch starts the thread; launches before it runs take the launch-level gate. */

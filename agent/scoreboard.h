@@ -212,6 +212,11 @@ static inline uint32_t tally_sb_slot_index(const struct tally_sb_header *h, cons
 {
     return (uint32_t)(((const char *)s - (const char *)h - TALLY_SB_HEADER_SIZE) / TALLY_SB_SLOT_SIZE);
 }
+/* SLO mode's state, at the start of the SLO area after the slots. */
+static inline struct tally_sb_slo_status *tally_sb_slo_status_of(struct tally_sb_header *h)
+{
+    return (struct tally_sb_slo_status *)((char *)h + TALLY_SB_SLO_AREA_OFFSET);
+}
 /* Slot i's request latencies (SLO mode), in the SLO area after the slots. */
 static inline struct tally_sb_slo *tally_sb_slo_at(struct tally_sb_header *h, uint32_t i)
 {
