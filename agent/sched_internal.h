@@ -164,8 +164,9 @@ void runahead_drain(void);                /* launch_enter, before slicing */
 void runahead_ring_entry(struct lane *l, struct inflight *entry); /* track_launch's ring entry */
 void runahead_exit(void);                 /* the end of every API exit */
 
-/* This thread's watch of HP's progress for tally_gate_hold_start (gate.h), which bounds a hold by
- * TALLY_MAX_HOLD_MS of waiting for nothing; NULL without memory (HP's busy time then counts). */
+/* This thread's watch of HP's progress (gate.h), which bounds a hold by TALLY_MAX_HOLD_MS of
+ * waiting for nothing; not cleared (tally_gate_hold_start clears it); NULL without memory (HP's
+ * busy time then counts). */
 struct tally_gate_watch *thread_watch(void);
 
 /* gpugate.c (TALLY_GPU_GATE=1), for the same ways in and out. */

@@ -177,16 +177,14 @@ def run_command(priority, auto_up, memory_limit, stats_dir, slo_p99_ms, save_mod
     if gpu_gate is not None and priority != "best-effort":
         raise TallyError(f"--{'' if gpu_gate else 'no-'}gpu-gate needs --priority best-effort: "
                          "only best-effort launches are gated")
+    if run_ahead and priority != "best-effort":
+        raise TallyError("--run-ahead needs --priority best-effort: only best-effort launches are held")
+    if gpu_gate and (run_ahead or env.get("TALLY_RUN_AHEAD") == "1"):
+        raise TallyError("--gpu-gate and run-ahead (--run-ahead or TALLY_RUN_AHEAD=1) both hold launches on the "
+                         "GPU: pick one")
     if run_ahead:
-        if priority != "best-effort":
-            raise TallyError("--run-ahead needs --priority best-effort: only best-effort launches are held")
-        if gpu_gate:
-            raise TallyError("--run-ahead and --gpu-gate are two ways of holding launches on the GPU: pick one")
         env["TALLY_RUN_AHEAD"] = "1"
         gpu_gate = False  # run-ahead is the other way of waiting on the GPU
-    elif gpu_gate and env.get("TALLY_RUN_AHEAD") == "1":
-        raise TallyError("--gpu-gate with TALLY_RUN_AHEAD=1 in the environment: both hold launches on the GPU, "
-                         "pick one")
     if priority == "best-effort" and (gpu_gate is not None or "TALLY_GPU_GATE" not in env):
         # on by default (measured: benchmarks/results/issue3-gpu-gate-2026-12-03e-h200), except
         # under run-ahead, the other way of waiting on the GPU, set in the environment, and under
