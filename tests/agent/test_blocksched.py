@@ -246,7 +246,7 @@ def test_run_ahead_and_slices_wait_out_a_saturated_hp_client(daemon, spawn_app, 
     """Run-ahead queues two launches while HP is busy; a planned launch after them waits until they
     are released, however long HP stays busy while its work keeps completing (three times the max
     hold here): nobody fails open, and the slices run after the queued launches."""
-    from test_sched import hp_client_in_flight
+    from test_sched import hp_client_in_flight, keep_hp_busy_completing
 
     image = tmp_path / "k.ptx"
     image.write_bytes(PTX)
@@ -257,14 +257,7 @@ def test_run_ahead_and_slices_wait_out_a_saturated_hp_client(daemon, spawn_app, 
                     env=daemon.env("best-effort", TALLY_BLOCKSCHED_PLAN=str(write_plan(tmp_path)),
                                    TALLY_PROFILE_FILE=str(saved_wave(tmp_path, 5)), TALLY_BLOCKSCHED_FLOOR="0",
                                    TALLY_RUN_AHEAD="1", TALLY_MAX_HOLD_MS="200"))
-    end = time.monotonic() + 0.6
-    k = 7
-    while time.monotonic() < end:  # HP busy, a completion every 20 ms
-        k += 1
-        daemon.sb.set_lane_launched(hp, 3, k)
-        daemon.sb.set_lane_completed(hp, 3, k - 1)
-        time.sleep(0.02)
-    daemon.sb.set_lane_completed(hp, 3, k)
+    daemon.sb.set_lane_completed(hp, 3, keep_hp_busy_completing(daemon.sb, hp, 0.6))
     r = app.finish()
     completed_ok(r)
     assert r.stderr == ""

@@ -60,6 +60,20 @@ def hp_client_in_flight(sb: Scoreboard, lane: int = 3) -> int:
     return slot
 
 
+def keep_hp_busy_completing(sb: Scoreboard, hp: int, seconds: float, lane: int = 3) -> int:
+    """The HP client of hp_client_in_flight stays busy for `seconds`, one launch always in flight and
+    a completion every 20 ms (a saturated client making progress); returns the last sequence
+    number launched, still in flight."""
+    end = time.monotonic() + seconds
+    k = sb.lane(hp, lane)[0]
+    while time.monotonic() < end:
+        k += 1
+        sb.set_lane_launched(hp, lane, k)
+        sb.set_lane_completed(hp, lane, k - 1)
+        time.sleep(0.02)
+    return k
+
+
 def throttle_be(sb: Scoreboard, budget_ns: int) -> None:
     """An HP client seen just now and no idle window: BE is admitted within `budget_ns`, throttled."""
     sb.set_params(PolicyParams(idle_window_ns=0, turnaround_budget_ns=budget_ns,
@@ -522,13 +536,7 @@ def test_a_saturated_hp_client_holds_be_without_failing_it_open(daemon, spawn_ap
     hp = hp_client_in_flight(sb)
     app = spawn_app("launch:kernel:1:100:s0", "sync", "launch:kernel:1:0:s1",
                     env=daemon.env("best-effort", TALLY_GPU_GATE=gpu_gate, TALLY_MAX_HOLD_MS="200"))
-    end = time.monotonic() + 0.6
-    k = 7
-    while time.monotonic() < end:  # a completion every 20 ms, one launch always in flight
-        k += 1
-        sb.set_lane_launched(hp, 3, k)
-        sb.set_lane_completed(hp, 3, k - 1)
-        time.sleep(0.02)
+    k = keep_hp_busy_completing(sb, hp, 0.6)
     # held at launch (launch-level gate), or returned at once and held on the GPU (GPU-side gate)
     assert app.printed("launch i=0 ") == (gpu_gate == "1")
     released = time.monotonic_ns()
