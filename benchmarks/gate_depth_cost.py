@@ -27,7 +27,16 @@ timed in turn as
 
 The daemon is restarted for each configuration. BE throughput is steps per
 second over --seconds after the bench worker's warm-up; the BE client's gate
-counters come from `tally status --json` taken while it runs.
+counters come from `tally status --json` taken while it runs. Each round runs
+every configuration once, so a configuration's ratio to mps is also taken per
+round (the two runs closest in time); the table gives the median and range of
+those paired ratios beside the ratio of medians.
+
+cuDNN's algorithm choice by timing (cudnn.benchmark) is off unless
+--cudnn-benchmark: it may pick differently in each run. With it on, one
+configuration's steps/s spread by 15% between rounds (H200, 2026-12-03), far
+more than the cost measured here; the algorithm choice is the spread's one
+source this script can remove.
 
     python3 benchmarks/gate_depth_cost.py --out DIR [--workloads bert-base-train,resnet50-train]
 
@@ -164,26 +173,42 @@ def environment() -> dict:
     return out
 
 
+def paired_ratios(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(workload, configuration) -> its steps/s over mps's in the same round, for rounds that have both."""
+    mps = {(r["workload"], r.get("round")): r["steps_per_s"] for r in rows if r["config"] == "mps"}
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        ref = mps.get((r["workload"], r.get("round")))
+        if ref:
+            out.setdefault((r["workload"], r["config"]), []).append(r["steps_per_s"] / ref)
+    return out
+
+
 def markdown(result: dict) -> str:
-    """One line per (workload, configuration): the median over rounds, each round's steps/s, and the
-    gate's counters of the last round."""
+    """One line per (workload, configuration): the median over rounds, each round's steps/s, the
+    median and range of the per-round ratios to mps, and the gate's counters of the last round."""
     env = result["environment"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in result["rows"]:
         groups.setdefault((row["workload"], row["config"]), []).append(row)
     median = {key: statistics.median(r["steps_per_s"] for r in rows) for key, rows in groups.items()}
+    paired = paired_ratios(result["rows"])
     lines = [f"# Gate depth cost ({env['date']}, {env.get('gpu', '?')}, driver {env.get('driver', '?')}, "
              f"Python/PyTorch {env['python_torch']})", "",
              f"{result['seconds']:g} s of BE training per configuration after warm-up, "
              f"{result.get('rounds', 1)} round(s) with the configurations interleaved; the HP client joined "
-             "and then sent nothing. Ratio: median steps/s against the plain MPS client's.", "",
-             "| workload | configuration | steps/s (median) | vs mps | per round | launches | held ms | held launches "
-             "| alone (long) | GPU-timed samples |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "and then sent nothing; cuDNN benchmark mode "
+             f"{'on' if result.get('cudnn_benchmark') else 'off'}. vs mps: median steps/s against the plain MPS "
+             "client's. Paired: the median of each round's ratio to that round's mps run (range in brackets).", "",
+             "| workload | configuration | steps/s (median) | vs mps | paired | per round | launches | held ms "
+             "| held launches | alone (long) | GPU-timed samples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (workload, config), rows in groups.items():
         ref = median.get((workload, "mps"))
         ratio = f"{median[workload, config] / ref:.3f}" if ref else "-"
-        cells = [workload, config, f"{median[workload, config]:.2f}", ratio,
+        pairs = paired.get((workload, config))
+        pair = (f"{statistics.median(pairs):.3f} [{min(pairs):.3f}-{max(pairs):.3f}]" if pairs else "-")
+        cells = [workload, config, f"{median[workload, config]:.2f}", ratio, pair,
                  ", ".join(f"{r['steps_per_s']:.2f}" for r in rows)]
         cells += [str(round(rows[-1][k])) if rows[-1].get(k) is not None else "-"
                   for k in ("launches", "held_ms", "held_launches", "long_kernels", "gpu_timed_samples")]
@@ -199,18 +224,21 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved")
     parser.add_argument("--configs", default="", help="comma list: only these configurations")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN pick algorithms by timing them, in each run anew (off: its heuristics)")
     parser.add_argument("--kernel-times", action="store_true", help="also each HP configuration with TALLY_KERNEL_TIMES=1")
     parser.add_argument("--batched", action="store_true", help="also each HP configuration with TALLY_BATCH_WRITES=1")
     parser.add_argument("--run-ahead", action="store_true", help="also each HP configuration with TALLY_RUN_AHEAD=1")
     args = parser.parse_args()
-    env = dict(os.environ)
+    env = dict(os.environ, TALLY_BENCH_CUDNN_BENCHMARK="1" if args.cudnn_benchmark else "0")
     wanted = {c for c in args.configs.split(",") if c}
     known = configs([int(b) for b in args.budgets.split(",") if b], args.kernel_times, args.batched, args.run_ahead)
     if wanted - {c["name"] for c in known}:
         parser.error(f"unknown configuration(s): {', '.join(sorted(wanted - {c['name'] for c in known}))}")
     plan = [c for c in known if not wanted or c["name"] in wanted]
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(), "seconds": args.seconds, "rounds": args.rounds, "rows": [], "errors": []}
+    result = {"environment": environment(), "seconds": args.seconds, "rounds": args.rounds,
+              "cudnn_benchmark": args.cudnn_benchmark, "rows": [], "errors": []}
     for workload, round_, cfg in [(w, r, c) for w in args.workloads.split(",") if w
                                   for r in range(args.rounds) for c in plan]:
         t0 = time.time()

@@ -3,16 +3,18 @@
 # 10-minute device call keeps what finished:
 #   0. what the GPU-side gate lets past a closed word, and what its waits cost (gpu_gate_lookahead.py)
 #   1. host cost per BE launch on each gate path (tracked_launch_cost.py)
-#   2. what the gate costs BE with no HP client, and the GPU-side gate's waits with an idle HP
-#      client, against plain MPS, interleaved over three rounds (gate_depth_cost.py --rounds 3)
+#   2. what the gate costs BE with no HP client against plain MPS, interleaved over five rounds
+#      (gate_depth_cost.py --rounds 5; EVIDENCE_DEPTH_CONFIGS adds e.g. idle-hp-gpu-gate)
 #   3. the issue's two pairs under EVIDENCE_SYSTEMS, once per seed of EVIDENCE_SEEDS
 #
 #   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 0 1 2 3, run in the order given
-#                                                         (default "0 3 2 1": the time box cuts the least needed)
+#                                                         (default "3 2": steps 0 and 1 were measured on
+#                                                         2026-12-03 and change only with the agent)
 #
 # Environment: EVIDENCE_BUDGET_S (default 570) bounds the whole script;
 # EVIDENCE_SEEDS (default "0": four systems take about 5 min a seed) the pair runs;
-# EVIDENCE_SYSTEMS (default "standalone,tally,tally[gpu-gate=0],tally[be-thread-percent=90]") their systems.
+# EVIDENCE_SYSTEMS (default "standalone,tally,tally[be-thread-percent=90],
+# tally[be-thread-percent=90;hp-stream-priority=1]") their systems.
 # A step starts only with time left for it (a minimum per step, below), and is killed at the
 # end of the budget (TERM, then KILL 10 s later).
 # EVIDENCE_COMMIT names the commit of the tree sent to the device (its .git may be stale);
@@ -20,7 +22,7 @@
 # the raw HP latency files are dropped either way (runs/ keeps every latency).
 set -u
 out=${1:?usage: issue3_evidence.sh OUT_DIR [STEPS]}
-steps=${2:-"0 3 2 1"}
+steps=${2:-"3 2"}
 start=$(date +%s)
 budget=${EVIDENCE_BUDGET_S:-570}
 left() { echo $(( budget - ($(date +%s) - start) )); }
@@ -51,11 +53,11 @@ for step in $steps; do
      echo "step 0 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   1) boxed 60 30 "$out/launch.log" python3 benchmarks/tracked_launch_cost.py --out "$out/launch"
      echo "step 1 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
-  2) boxed 240 120 "$out/depth.log" python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
-       --workloads resnet50-train --seconds 6 --rounds 3 --configs mps,tally-no-hp,idle-hp-gpu-gate
+  2) boxed 300 120 "$out/depth.log" python3 benchmarks/gate_depth_cost.py --out "$out/depth" \
+       --workloads resnet50-train --seconds 6 --rounds 5 --configs "${EVIDENCE_DEPTH_CONFIGS:-mps,tally-no-hp}"
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   3) for seed in ${EVIDENCE_SEEDS:-0}; do
-       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[gpu-gate=0],tally[be-thread-percent=90]}
+       systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[be-thread-percent=90],tally[be-thread-percent=90;hp-stream-priority=1]}
        boxed 600 240 "$out/pairs-seed$seed.log" python3 -m tally bench --hp bert-infer@graph \
          --be resnet50-train,bert-base-train --systems "$systems" --arrivals poisson --duration 15 \
          --seed "$seed" --out "$out/pairs-seed$seed"

@@ -37,8 +37,9 @@ def test_the_table_gives_medians_over_rounds_against_the_mps_median():
     line = next(line for line in text.splitlines() if line.startswith("| w | budget-100 |"))
     assert mps_line.split(" | ")[2:4] == ["11.00", "1.000"]
     cells = line.split(" | ")
-    assert cells[2:5] == ["8.00", f"{8.0 / 11.0:.3f}", "8.00, 5.50, 9.00"]
-    assert cells[8] == "9"  # the last round's counter
+    assert cells[2:4] == ["8.00", f"{8.0 / 11.0:.3f}"]
+    assert cells[5] == "8.00, 5.50, 9.00"
+    assert cells[9] == "9"  # the last round's counter
 
 
 def test_an_unknown_configuration_is_a_usage_error():
@@ -46,3 +47,15 @@ def test_an_unknown_configuration_is_a_usage_error():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "unknown configuration(s): nope" in r.stderr
+
+
+def test_paired_ratios_compare_each_round_with_that_rounds_mps_run():
+    rows = [{"workload": "w", "config": "mps", "steps_per_s": s, "round": i} for i, s in enumerate([10.0, 20.0])]
+    rows += [{"workload": "w", "config": "tally-no-hp", "steps_per_s": s, "round": i}
+             for i, s in enumerate([9.0, 21.0, 30.0])]  # round 2 has no mps run: no pair
+    assert depth.paired_ratios(rows)[("w", "tally-no-hp")] == [0.9, 1.05]
+    text = depth.markdown({"environment": {"date": "d", "gpu": "g", "python_torch": "p"}, "seconds": 5,
+                           "rounds": 3, "rows": rows, "cudnn_benchmark": False})
+    line = next(line for line in text.splitlines() if line.startswith("| w | tally-no-hp |"))
+    assert line.split(" | ")[4] == "0.975 [0.900-1.050]"
+    assert "cuDNN benchmark mode off" in text

@@ -27,6 +27,12 @@ device's greatest priority. step() returns after that stream synchronized.
 
 TALLY_BENCH_TORCH_DEVICE=cpu builds and runs on the CPU (a developer aid for
 checking shapes without a GPU; graph variants need CUDA).
+
+cuDNN picks convolution algorithms by timing them (torch.backends.cudnn.benchmark),
+as training scripts usually ask it to. Timed next to other work, or just on another
+run, it can pick other algorithms, and a run's throughput moves with them:
+TALLY_BENCH_CUDNN_BENCHMARK=0 takes cuDNN's heuristic choice instead, the same in
+every process (for measuring small differences, e.g. benchmarks/gate_depth_cost.py).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import torch.nn.functional as F
 from tally.errors import TallyError
 
 HP_STREAM_PRIORITY_ENV = "TALLY_BENCH_HP_STREAM_PRIORITY"
+CUDNN_BENCHMARK_ENV = "TALLY_BENCH_CUDNN_BENCHMARK"
 # Inductor options of the compile-triton variant: GEMMs and convolutions from Triton templates only
 TRITON_KERNELS_ONLY = {"max_autotune": True, "max_autotune_gemm_backends": "TRITON",
                        "max_autotune_conv_backends": "TRITON"}
@@ -551,7 +558,7 @@ def _setup():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = os.environ.get(CUDNN_BENCHMARK_ENV, "1") != "0"
     torch.manual_seed(0)
     return device
 
