@@ -4,6 +4,9 @@ benchmarks/launch_cost.cu times back-to-back launches of an empty kernel (host
 time only). Here it runs as a client of one tally daemon (MPS), in turn:
 
   mps               a plain MPS client, no agent
+  agent-only        the same with the agent injected but not scheduling (no
+                    `tally run`, no priority): what CUPTI's launch callbacks
+                    and the agent's counting cost by themselves
   be-no-hp          tally best effort, no HP client: the gate's fast path
   be-tracked        an HP client is connected (idle), launch-level gate
                     (TALLY_GPU_GATE=0): every launch is tracked (completion
@@ -35,8 +38,10 @@ from gate_depth_cost import IDLE_HP  # the same idle HP client (this directory i
 HERE = Path(__file__).resolve().parent
 TALLY = [sys.executable, "-m", "tally"]
 
+AGENT_ONLY = "agent-only"
 CONFIGS = [
     ("mps", False, None),
+    (AGENT_ONLY, False, None),
     ("be-no-hp", False, {}),
     ("be-tracked", True, {"TALLY_GPU_GATE": "0"}),
     ("be-tracked-kernel-times", True, {"TALLY_GPU_GATE": "0", "TALLY_KERNEL_TIMES": "1"}),
@@ -70,7 +75,11 @@ def main() -> int:
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 if hp.stdout.readline().strip() != "joined":
                     raise SystemExit(f"idle HP client did not start: {hp.stderr.read()[-500:]}")
-            if extra is None:
+            if name == AGENT_ONLY:
+                from tally.launcher import agent_env
+
+                cmd, run_env = [str(exe)], agent_env([str(exe)], mps_env)
+            elif extra is None:
                 cmd, run_env = [str(exe)], mps_env
             else:
                 cmd = TALLY + ["run", "--priority", "best-effort", "--", str(exe)]

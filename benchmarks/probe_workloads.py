@@ -1,0 +1,34 @@
+"""Best-effort stand-ins for `tally bench --be module:function` (PYTHONPATH=benchmarks) that isolate
+what a real BE job changes for HP besides its kernels.
+
+  probe_workloads:idle_context   a BE process with a CUDA context and GPU memory (options: gib,
+                                 default 16) that runs one kernel and then never uses the GPU:
+                                 a step sleeps 20 ms. Next to it, HP meets a second MPS client
+                                 and its memory, and no BE work at all.
+"""
+from __future__ import annotations
+
+import time
+
+
+class IdleContext:
+    def __init__(self, gib: float):
+        import torch
+
+        self.memory = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda")
+        self.memory.fill_(1)  # touch it: the pages are the GPU's from here on
+        torch.cuda.synchronize()
+        self.gib = gib
+
+    def step(self) -> None:
+        time.sleep(0.020)
+
+    def info(self) -> dict:
+        return {"gib": self.gib}
+
+    def close(self) -> None:
+        del self.memory
+
+
+def idle_context(role: str, options: dict) -> IdleContext:
+    return IdleContext(float(options.get("gib", 16)))
