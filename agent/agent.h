@@ -29,6 +29,14 @@ static inline uint64_t tally_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The same clock at the kernel's tick (a few ms): never a system call. In a VM whose clock the vDSO
+ * cannot read, CLOCK_MONOTONIC is one, and a launch path that needs no precise time should not pay it. */
+static inline uint64_t tally_coarse_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 /* A launch as the scheduler sees it, decoded from the callback's parameters. */
 struct tally_launch {
     CUcontext context;     /* the launching context (one per GPU for PyTorch) */
@@ -52,6 +60,9 @@ enum { TALLY_REWRITE_NONE = 0, TALLY_REWRITE_KERNEL = 1 /* cuLaunchKernel(_ptsz)
 /* sched.c: priority scheduling through the scoreboard (TALLY_PRIORITY set). */
 void tally_sched_init(void);
 int tally_sched_enabled(void);
+/* Whether this thread's last launch_enter left work for launch_exit (tracking, run-ahead, HP's
+ * launching count); the common best-effort launch with nobody to protect leaves none. */
+int tally_sched_exit_needed(void);
 void tally_sched_launch_enter(const struct tally_launch *launch);
 void tally_sched_launch_exit(const struct tally_launch *launch, CUresult result);
 void tally_sched_exit(void);

@@ -141,7 +141,7 @@ struct tally_sb_slot {
     uint32_t failopen;                       /* @12  agent: nonzero once the agent failed open */
     uint64_t launches;                       /* @16  agent: kernel launches seen */
     uint64_t graph_launches;                 /* @24  agent: graph launches seen */
-    uint64_t last_launch_ns;                 /* @32  agent: CLOCK_MONOTONIC ns of the last launch */
+    uint64_t last_launch_ns;                 /* @32  agent: CLOCK_MONOTONIC ns of the last launch (BE with nobody to protect: at the clock's tick) */
     uint64_t held_ns;                        /* @40  agent: BE: time spent held at the gate (GPU-side gate: launches waiting behind the closed word) */
     uint64_t held_launches;                  /* @48  agent: BE: launches that were held (GPU-side gate: enqueued while closed) */
     uint64_t long_kernels;                   /* @56  agent: BE: kernels admitted alone because their estimate exceeded the budget */

@@ -469,7 +469,7 @@ static void on_driver_api(void *userdata, CUpti_CallbackDomain domain, CUpti_Cal
             launch.correlation = d->correlationId;
             tally_sched_launch_enter(&launch);
         }
-    } else if (d->callbackSite == CUPTI_API_EXIT && tally_sched_enabled()) {
+    } else if (d->callbackSite == CUPTI_API_EXIT && tally_sched_enabled() && tally_sched_exit_needed()) {
         decode_launch(cbid, d->functionParams, &launch);
         launch.context = d->context;
         CUresult result = d->functionReturnValue ? *(const CUresult *)d->functionReturnValue : CUDA_SUCCESS;
