@@ -1,8 +1,10 @@
 /* The GPU-side gate (TALLY_GPU_GATE=1; what `tally run --priority best-effort` sets by default).
  *
- * Why. On an H200, HP's overhead under the launch-level gate came from BE work
- * that was already on the GPU when an HP request arrived: about the budget's
- * worth at every arrival while BE kept the budget full. And holding the BE
+ * Why. On an H200, part of HP's overhead under the launch-level gate came from
+ * BE work that was already on the GPU when an HP request arrived: about the
+ * budget's worth at every arrival while BE kept the budget full (the rest comes
+ * with any second MPS client: benchmarks/results/issue3-floor-2026-12-03f-h200).
+ * And holding the BE
  * thread at the gate cost BE throughput that run-ahead admission won back
  * (benchmarks/results/issue3-switches-2026-12-03d-h200). Here the GPU itself
  * stops BE work the moment HP launches:

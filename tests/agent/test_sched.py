@@ -718,12 +718,15 @@ def test_be_ungated_pays_nothing(daemon, spawn_app, tmp_path, setup):
     else:
         hp_client_in_flight(sb)
         sb.policy = sbmod.POLICY_PASSTHROUGH
+    started = time.monotonic_ns()
     (c, _), r = inspect_while_alive(daemon, spawn_app, tmp_path,
                                     ["launch:kernel:10:1000:s0", "launch:kernel_ptsz:5:1000:null", "sync"],
                                     "best-effort")
     completed_ok(r)
     assert r.stderr == ""
     assert c["launches"] == 15 and c["held_launches"] == 0 and c["held_ns"] == 0
+    # the last launch's time, from the coarse clock on this path: behind by at most a tick
+    assert started - 50 * MS <= c["last_launch_ns"] <= time.monotonic_ns()
     assert r.gpu("gpu_writes_issued") == 0
     assert r.gpu("gpu_capturing_queries") == 0
 

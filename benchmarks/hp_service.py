@@ -1,0 +1,88 @@
+"""HP service time by run, from `tally bench` output directories: what every request pays, apart
+from queueing.
+
+A p99 at 50% load is mostly queueing, and it magnifies a small change in service time (the
+request's own start to completion). This prints, per run: the service mean and p10, the mean of
+the requests that queued behind an earlier one (they start the moment it completes, while HP is
+busy, so the gate keeps BE's new work away from them), and the service mean against the same
+directory's standalone run. A shift in every request, the queued ones and the fastest included,
+is not BE work arriving in HP's way; a difference in the first requests of busy periods only is.
+
+    python3 benchmarks/hp_service.py DIR [DIR...]      (each a bench output dir with runs/)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+QUEUED_MS = 0.05  # waited at least this long: an earlier request was still running at arrival
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+def breakdown(run: dict) -> dict | None:
+    """Service figures of one run JSON; None when it has no per-request latencies."""
+    hp = run.get("hp") or {}
+    latencies, service = hp.get("latencies_ms"), hp.get("service_ms")
+    if not latencies or not service or len(latencies) != len(service):
+        return None
+    queued = [s for lat, s in zip(latencies, service) if lat - s >= QUEUED_MS]
+    key = run.get("key") or {}
+    return {"system": key.get("system"), "be": key.get("be"),
+            "requests": len(service), "service_mean_ms": statistics.mean(service),
+            "service_p10_ms": quantile(service, 0.1),
+            "queued_service_mean_ms": statistics.mean(queued) if queued else None,
+            "queued": len(queued), "p99_ms": quantile(latencies, 0.99)}
+
+
+def rows_of(directory: Path) -> list[dict]:
+    rows = []
+    for path in sorted((directory / "runs").glob("*.json")):
+        row = breakdown(json.loads(path.read_text()))
+        if row:
+            rows.append(dict(row, dir=directory.name))
+    standalone = [r for r in rows if r["system"] == "standalone"]
+    ref = standalone[0]["service_mean_ms"] if standalone else None
+    for r in rows:
+        r["service_vs_standalone"] = r["service_mean_ms"] / ref - 1 if ref else None
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| dir | BE | system | service mean ms | vs standalone | service p10 ms | queued: mean ms (n) | p99 ms (rank below) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = f"{r['service_vs_standalone']:+.1%}" if r["service_vs_standalone"] is not None else "-"
+        queued = (f"{r['queued_service_mean_ms']:.3f} ({r['queued']})" if r["queued_service_mean_ms"] is not None
+                  else "-")
+        lines.append(f"| {r['dir']} | {r['be']} | {r['system']} | {r['service_mean_ms']:.3f} | {vs} | "
+                     f"{r['service_p10_ms']:.3f} | {queued} | {r['p99_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for d in args.dirs:
+        if not (d / "runs").is_dir():
+            print(f"hp_service: {d} has no runs/ directory", file=sys.stderr)
+            return 2
+        try:
+            rows += rows_of(d)
+        except ValueError as exc:
+            print(f"hp_service: a run file in {d} is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+    sys.stdout.write(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
