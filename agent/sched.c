@@ -36,7 +36,6 @@
 #define CU_STREAM_PER_THREAD ((CUstream)0x2)
 #define CU_STREAM_CAPTURE_STATUS_NONE 0
 #define SPIN_NS 200000      /* busy-wait this long before sleeping at the gate */
-#define DEFAULT_MAX_HOLD_NS 10000000000ull /* see tally_sched_init */
 #define ACCURATE_POLL_NS 20000 /* completions seen within this of the last poll are timed... */
 #define ACCURATE_POLL_SHARE 8  /* ...as are those whose timing error is under 1/8 of the sample */
 #define BATCH_MAX_LAUNCHES 16  /* batched completion writes: at most this many launches share one... */
@@ -86,7 +85,7 @@ void tally_sched_init(void) {
     /* The gate never holds a launch forever: a completion write that never
      * comes (a lost memory operation, a torn-down context) would otherwise
      * hang the program. Past this, the process fails open. */
-    S.max_hold_ns = DEFAULT_MAX_HOLD_NS;
+    S.max_hold_ns = TALLY_SB_AGENT_MAX_HOLD_NS;
     const char *hold = getenv("TALLY_MAX_HOLD_MS");
     if (hold && *hold) {
         char *end = NULL;

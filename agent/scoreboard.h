@@ -55,6 +55,7 @@
 #define TALLY_SB_SLO_STATE_FLOOR 5u
 #define TALLY_SB_GPU_GATE_OPEN 0x8000000000000000ULL /* gpu_gate: top bit set = open */
 #define TALLY_SB_GPU_GATE_DISABLED 0x8000000000000001ULL /* open for good */
+#define TALLY_SB_AGENT_MAX_HOLD_NS 10000000000ull /* TALLY_MAX_HOLD_MS's default */
 
 /* defaults the daemon writes unless told otherwise */
 #define TALLY_SB_DEFAULT_IDLE_WINDOW_NS 100000ull

@@ -95,6 +95,11 @@ SLO_HIST_MIN_LOG2 = 13
 GPU_GATE_OPEN = 1 << 63
 GPU_GATE_DISABLED = GPU_GATE_OPEN | 1  # open for good: the process stopped using the gate
 
+# How long the agent holds a BE launch while what it waits for makes no progress before the
+# process fails open (TALLY_MAX_HOLD_MS overrides it per client). An HP client that sits idle
+# makes none, so an idle window this long or longer would fail every BE client open.
+AGENT_MAX_HOLD_NS = 10_000_000_000
+
 
 def gpu_gate_state(word: int, in_use: bool) -> str | None:
     """A slot's GPU-side gate as `tally status` shows it; None when its process does not use it."""

@@ -108,6 +108,7 @@ def render_header() -> str:
         out.append(f"#define TALLY_SB_SLO_STATE_{name.upper()} {value}u")
     out.append(f"#define TALLY_SB_GPU_GATE_OPEN 0x{sb.GPU_GATE_OPEN:016x}ULL /* gpu_gate: top bit set = open */")
     out.append(f"#define TALLY_SB_GPU_GATE_DISABLED 0x{sb.GPU_GATE_DISABLED:016x}ULL /* open for good */")
+    out.append(f"#define TALLY_SB_AGENT_MAX_HOLD_NS {sb.AGENT_MAX_HOLD_NS}ull /* TALLY_MAX_HOLD_MS's default */")
     defaults = sb.PolicyParams()
     out.append("")
     out.append("/* defaults the daemon writes unless told otherwise */")

@@ -143,6 +143,11 @@ def test_gpu_selection(tally_env):
 
 def test_bad_policy_values(tally_env):
     assert "--idle-window-us must not be negative" in one_line_error(tally_env.tally(*UP, "--idle-window-us", "-1"))
+    # an idle HP client would hold BE past the agents' max hold (10 s): they would all fail open
+    assert "--idle-window-us must be under 10000000 us" in one_line_error(
+        tally_env.tally(*UP, "--idle-window-us", "10000000"))
+    assert tally_env.tally(*UP, "--idle-window-us", "9999999").returncode == 0
+    assert tally_env.tally("down").returncode == 0
     assert "--metrics-port must be in 0..65535" in one_line_error(tally_env.tally(*UP[:2], "--metrics-port", "70000"))
 
 

@@ -94,6 +94,9 @@ def _policy_params(opts: UpOptions) -> sbmod.PolicyParams:
             raise TallyError(f"{name} must not be negative ({value})")
     if opts.daemon_timeout_ms <= 0:
         raise TallyError(f"daemon timeout must be positive ({opts.daemon_timeout_ms} ms)")
+    if opts.idle_window_us * 1_000 >= sbmod.AGENT_MAX_HOLD_NS:
+        raise TallyError(f"--idle-window-us must be under {sbmod.AGENT_MAX_HOLD_NS // 1_000} us, the agents' "
+                         f"max hold: an idle HP client would keep best-effort clients held until they fail open")
     return sbmod.PolicyParams(policy=policies[opts.policy],
                               idle_window_ns=int(opts.idle_window_us * 1_000),
                               turnaround_budget_ns=int(opts.budget_us * 1_000),
