@@ -2,7 +2,8 @@
 what a real BE job changes for HP besides its kernels.
 
   probe_workloads:idle_context   a BE process with a CUDA context and GPU memory (options: gib,
-                                 default 16) that runs one kernel and then never uses the GPU:
+                                 default 16) that runs one kernel (none with touch=0) and then never
+                                 uses the GPU:
                                  a step sleeps 20 ms. Next to it, HP meets a second MPS client
                                  and its memory, and no BE work at all.
 """
@@ -12,11 +13,12 @@ import time
 
 
 class IdleContext:
-    def __init__(self, gib: float):
+    def __init__(self, gib: float, touch: bool = True):
         import torch
 
         self.memory = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda")
-        self.memory.fill_(1)  # touch it: the pages are the GPU's from here on
+        if touch:  # one kernel: the pages are the GPU's from here on
+            self.memory.fill_(1)
         torch.cuda.synchronize()
         self.gib = gib
 
@@ -31,4 +33,4 @@ class IdleContext:
 
 
 def idle_context(role: str, options: dict) -> IdleContext:
-    return IdleContext(float(options.get("gib", 16)))
+    return IdleContext(float(options.get("gib", 16)), bool(options.get("touch", True)))
