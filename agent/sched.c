@@ -962,6 +962,9 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     if (state != JOINED || launch->context != S.context) return;
     struct tally_sb_slot *slot = S.slot;
     __atomic_fetch_add(launch->is_graph ? &slot->graph_launches : &slot->launches, 1, __ATOMIC_RELAXED);
+    if (S.priority == TALLY_SB_PRIO_HIGH &&
+        __atomic_load_n(&slot->priority, __ATOMIC_RELAXED) != TALLY_SB_PRIO_HIGH)
+        demoted();
     /* The common case for training with nobody to protect: a few loads, no tracking, and no
      * precise clock (on an H200 VM this path cost 270 ns a launch more than CUPTI's callbacks
      * alone; the last launch's time serves SLO mode, which watches HP slots only). */
@@ -977,9 +980,6 @@ void tally_sched_launch_enter(const struct tally_launch *launch) {
     pending.now = now;
     uint64_t previous_launch_ns = __atomic_load_n(&slot->last_launch_ns, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->last_launch_ns, now, __ATOMIC_RELAXED);
-    if (S.priority == TALLY_SB_PRIO_HIGH &&
-        __atomic_load_n(&slot->priority, __ATOMIC_RELAXED) != TALLY_SB_PRIO_HIGH)
-        demoted();
     if (launch->trackable && capturing(launch->stream)) return; /* recorded into a graph, runs later */
     if (S.priority == TALLY_SB_PRIO_HIGH) {
         /* Busy from before the launch is enqueued until its completion is written. */

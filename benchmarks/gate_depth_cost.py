@@ -29,7 +29,7 @@ The daemon is restarted for each configuration. BE throughput is steps per
 second over --seconds after the bench worker's warm-up; the BE client's gate
 counters come from `tally status --json` taken while it runs. Each round runs
 every configuration once, so a configuration's ratio to mps is also taken per
-round (the two runs closest in time); the table gives the median and range of
+round, against that round's mps run; the table gives the median and range of
 those paired ratios beside the ratio of medians.
 
 cuDNN's algorithm choice by timing (cudnn.benchmark) is off unless

@@ -26,15 +26,34 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[int(q * (len(ordered) - 1))]
 
 
-def breakdown(run: dict) -> dict | None:
-    """Service figures of one run JSON; None when it has no per-request latencies."""
-    hp = run.get("hp") or {}
+class BadRun(ValueError):
+    """A run file that is not what `tally bench` writes."""
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def breakdown(run) -> dict | None:
+    """Service figures of one run JSON; None when it has no per-request latencies (a run that
+    failed, or one from before they were kept); BadRun for anything else out of place."""
+    if not isinstance(run, dict) or not isinstance(run.get("key"), dict):
+        raise BadRun("not a tally bench run (no key object)")
+    hp = run.get("hp")
+    if hp is None:
+        return None
+    if not isinstance(hp, dict):
+        raise BadRun("hp is not an object")
     latencies, service = hp.get("latencies_ms"), hp.get("service_ms")
-    if not latencies or not service or len(latencies) != len(service):
+    if latencies is None or service is None:
+        return None
+    if not _numbers(latencies) or not _numbers(service) or len(latencies) != len(service):
+        raise BadRun("latencies_ms and service_ms are not two lists of numbers of one length")
+    if not service:
         return None
     queued = [s for lat, s in zip(latencies, service) if lat - s >= QUEUED_MS]
-    key = run.get("key") or {}
-    return {"system": key.get("system"), "be": key.get("be"),
+    key = run["key"]
+    return {"hp": key.get("hp"), "load": key.get("load"), "system": key.get("system"), "be": key.get("be"),
             "requests": len(service), "service_mean_ms": statistics.mean(service),
             "service_p10_ms": quantile(service, 0.1),
             "queued_service_mean_ms": statistics.mean(queued) if queued else None,
@@ -42,27 +61,33 @@ def breakdown(run: dict) -> dict | None:
 
 
 def rows_of(directory: Path) -> list[dict]:
+    """The directory's runs with per-request data, each against the standalone run of its HP
+    workload and load (None without one). BadRun names a file that does not read."""
     rows = []
     for path in sorted((directory / "runs").glob("*.json")):
-        row = breakdown(json.loads(path.read_text()))
+        try:
+            row = breakdown(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise BadRun(f"{path}: {exc}") from None
         if row:
             rows.append(dict(row, dir=directory.name))
-    standalone = [r for r in rows if r["system"] == "standalone"]
-    ref = standalone[0]["service_mean_ms"] if standalone else None
+    reference = {(r["hp"], r["load"]): r["service_mean_ms"] for r in rows if r["system"] == "standalone"}
     for r in rows:
+        ref = reference.get((r["hp"], r["load"]))
         r["service_vs_standalone"] = r["service_mean_ms"] / ref - 1 if ref else None
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| dir | BE | system | service mean ms | vs standalone | service p10 ms | queued: mean ms (n) | p99 ms (rank below) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dir | HP | load | BE | system | service mean ms | vs standalone | service p10 ms | queued: mean ms (n) "
+             "| p99 ms (rank below) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"{r['service_vs_standalone']:+.1%}" if r["service_vs_standalone"] is not None else "-"
         queued = (f"{r['queued_service_mean_ms']:.3f} ({r['queued']})" if r["queued_service_mean_ms"] is not None
                   else "-")
-        lines.append(f"| {r['dir']} | {r['be']} | {r['system']} | {r['service_mean_ms']:.3f} | {vs} | "
-                     f"{r['service_p10_ms']:.3f} | {queued} | {r['p99_ms']:.2f} |")
+        lines.append(f"| {r['dir']} | {r['hp']} | {r['load']} | {r['be']} | {r['system']} | "
+                     f"{r['service_mean_ms']:.3f} | {vs} | {r['service_p10_ms']:.3f} | {queued} | {r['p99_ms']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,9 +102,12 @@ def main() -> int:
             return 2
         try:
             rows += rows_of(d)
-        except ValueError as exc:
-            print(f"hp_service: a run file in {d} is not valid JSON: {exc}", file=sys.stderr)
+        except BadRun as exc:
+            print(f"hp_service: {exc}", file=sys.stderr)
             return 2
+    if not rows:
+        print("hp_service: no run in these directories has per-request latencies", file=sys.stderr)
+        return 1
     sys.stdout.write(markdown(rows))
     return 0
 

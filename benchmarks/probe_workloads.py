@@ -2,8 +2,8 @@
 what a real BE job changes for HP besides its kernels.
 
   probe_workloads:idle_context   a BE process with a CUDA context and GPU memory (options: gib,
-                                 default 16) that runs one kernel (none with touch=0) and then never
-                                 uses the GPU:
+                                 default 16; touch, default 1: fill the memory with one kernel, or
+                                 with touch=0 run none) that then never uses the GPU:
                                  a step sleeps 20 ms. Next to it, HP meets a second MPS client
                                  and its memory, and no BE work at all.
 """
@@ -33,4 +33,7 @@ class IdleContext:
 
 
 def idle_context(role: str, options: dict) -> IdleContext:
-    return IdleContext(float(options.get("gib", 16)), bool(options.get("touch", True)))
+    touch = options.get("touch", True)
+    if isinstance(touch, str):
+        touch = touch.strip().lower() not in ("0", "false", "no", "off")
+    return IdleContext(float(options.get("gib", 16)), bool(touch))

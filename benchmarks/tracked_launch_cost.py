@@ -78,7 +78,9 @@ def main() -> int:
             if name == AGENT_ONLY:
                 from tally.launcher import agent_env
 
-                cmd, run_env = [str(exe)], agent_env([str(exe)], mps_env)
+                # no priority, whatever the caller's environment says: the agent only counts
+                base = {k: v for k, v in mps_env.items() if k != "TALLY_PRIORITY"}
+                cmd, run_env = [str(exe)], agent_env([str(exe)], base)
             elif extra is None:
                 cmd, run_env = [str(exe)], mps_env
             else:
