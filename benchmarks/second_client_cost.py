@@ -20,7 +20,7 @@ HP is started by `tally run --priority high`, a registered workload (default
 bert-infer@graph). It reports the mean and p10 of its service times every --window-s; a window
 counts for a phase when it lies inside it, after the client said it was ready plus --settle-s.
 
-    python3 benchmarks/second_client_cost.py --out DIR [--rounds 4] [--phase-s 4]
+    python3 benchmarks/second_client_cost.py --out DIR [--rounds 3] [--phase-s 4]
         [--variants mps,mps-16g,mps-1conn,tally-be] [--hp bert-infer@graph]
 
 Writes second_client_cost.json and .md in DIR: per variant, the mean service time of its
@@ -217,7 +217,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--hp", default="bert-infer@graph")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--phase-s", type=float, default=4.0)
     parser.add_argument("--settle-s", type=float, default=0.5)
     parser.add_argument("--window-s", type=float, default=0.25)
