@@ -13,8 +13,9 @@ only sleeps: benchmarks/probe_workloads.py):
   mps            a plain client of the daemon's MPS, 0.01 GiB
   mps-16g        the same with 16 GiB
   mps-1conn      the same as mps with CUDA_DEVICE_MAX_CONNECTIONS=1 (one hardware queue)
-  tally-be       started by `tally run --priority best-effort` (agent, MPS client priority 1);
-                 its memory is not filled (the kernel would wait on the gate: HP is never idle)
+  tally-be       started by `tally run --priority best-effort` (agent, MPS client priority 1,
+                 tally's client settings); it launches nothing (its kernel would wait on the gate:
+                 HP is never idle), so it never joins the scoreboard
 
 HP is started by `tally run --priority high`, a registered workload (default
 bert-infer@graph). It reports the mean and p10 of its service times every --window-s; a window
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,15 +43,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TALLY = [sys.executable, "-m", "tally"]
 
-IDLE_CLIENT = ("import sys, time\n"
+# Holds its context until its stdin closes: a client is never left behind by a parent that died.
+IDLE_CLIENT = ("import sys\n"
                "from probe_workloads import IdleContext\n"
                "client = IdleContext(float(sys.argv[1]), touch=sys.argv[2] == '1')\n"
                "print('ready', flush=True)\n"
-               "time.sleep(3600)\n")
+               "sys.stdin.read()\n")
 
 # name -> (GiB the client allocates, environment it adds, started through `tally run --priority best-effort`).
 # A tally BE client does not fill its memory: that kernel would wait on the gate until HP is idle, and
-# here HP never is; it is still an MPS client of priority 1 with the agent loaded.
+# here HP never is. So it launches nothing and never joins the scoreboard (the agent joins at the first
+# launch): it measures an MPS client of priority 1 with the agent loaded, not HP closing its gate word.
 VARIANTS = {
     "mps": (0.01, {}, False),
     "mps-16g": (16.0, {}, False),
@@ -108,11 +112,18 @@ def summarize(phases: list[dict]) -> list[dict]:
         row["means_ms"].append(phase["mean_ms"])
     for row in out.values():
         row["median"] = statistics.median(row["ratios"])
-    alone = [p["mean_ms"] for p in phases if p["variant"] == "alone" and p.get("mean_ms") is not None]
+    # alone against alone: each alone phase against the alone phases next to it (two places away),
+    # the drift and noise any variant's figure carries
+    alone = [(i, p["mean_ms"]) for i, p in enumerate(phases) if p["variant"] == "alone" and p.get("mean_ms") is not None]
+    ratios = []
+    for i, mean in alone:
+        around = [m for j, m in alone if abs(j - i) == 2]
+        if around:
+            ratios.append(mean / statistics.mean(around) - 1)
     rows = list(out.values())
-    if alone:
-        rows.insert(0, {"variant": "alone", "ratios": [m / statistics.mean(alone) - 1 for m in alone],
-                        "means_ms": alone, "median": 0.0})
+    if ratios:
+        rows.insert(0, {"variant": "alone", "ratios": ratios, "means_ms": [m for _, m in alone],
+                        "median": statistics.median(ratios)})
     return rows
 
 
@@ -121,8 +132,9 @@ def markdown(result: dict) -> str:
     lines = [f"# A second MPS client that runs nothing ({env.get('date')}, {env.get('gpu', '?')}, "
              f"driver {env.get('driver', '?')})", "",
              f"HP `{result['hp']}` back to back in one process, {result['rounds']} rounds of alone / each variant, "
-             f"{result['phase_s']:g} s phases. Paired: each variant phase's mean service time against the alone "
-             "phases next to it (for alone: each alone phase against all of them).", "",
+             f"{result['phase_s']:g} s phases, the variants' order rotated each round. Paired: each variant "
+             "phase's mean service time against the alone phases next to it (for alone: each alone phase "
+             "against the alone phases next to it, the spread without any client).", "",
              "| variant | phases | paired median | paired range | mean service ms per phase |",
              "|---|---|---|---|---|"]
     for row in result["summary"]:
@@ -139,14 +151,34 @@ class Reader:
         self.windows: list[dict] = []
         self.proc = proc
         self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.strip() == "ready":
                 self.ready.set()
             elif line.startswith("{"):
-                self.windows.append(json.loads(line))
+                try:
+                    self.windows.append(json.loads(line))
+                except ValueError:
+                    pass  # not ours: the program printed it
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def wait_ready(proc: subprocess.Popen, ready: threading.Event, timeout: float, what: str) -> None:
+    """Until `ready` is set; RuntimeError (one line) when `proc` exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.2):
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"{what} exited ({proc.returncode}) before it was ready: {last_line(err)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not ready after {timeout:g} s")
 
 
 def start_client(variant: str, env: dict, timeout: float) -> subprocess.Popen:
@@ -156,45 +188,65 @@ def start_client(variant: str, env: dict, timeout: float) -> subprocess.Popen:
     client_env = dict(env, **extra)
     prefix: list[str] = TALLY + ["run", "--priority", "best-effort", "--"] if via_tally else []
     if not via_tally:
-        client_env.update(mps_client_env(find_daemon()))
+        state = find_daemon()
+        mps = mps_client_env(state) if state else {}
+        if not mps:
+            raise RuntimeError("the tally daemon is gone, or runs without MPS: no MPS for the idle client")
+        client_env.update(mps)
     proc = subprocess.Popen(prefix + [sys.executable, "-c", IDLE_CLIENT, str(gib), "0" if via_tally else "1"],
-                            env=client_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=client_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     ready = threading.Event()
     threading.Thread(target=lambda: (proc.stdout.readline().strip() == "ready" and ready.set()), daemon=True).start()
-    if not ready.wait(timeout):
-        proc.kill()
-        raise RuntimeError(f"idle client {variant} did not start: {proc.stderr.read()[-500:]}")
+    try:
+        wait_ready(proc, ready, timeout, f"idle client {variant}")
+    except BaseException:
+        stop(proc)
+        raise
     return proc
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """Ends a child: its stdin closed (the idle client and the HP loop leave then), else TERM, else KILL."""
     try:
+        if proc.stdin:
+            proc.stdin.close()
         proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    except (subprocess.TimeoutExpired, OSError):
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def measure(args, env: dict) -> dict:
+def round_order(variants: list[str], round_: int) -> list[str]:
+    """Rotated each round, so that no variant always follows the same one (a client's after-effects)."""
+    k = round_ % len(variants)
+    return variants[k:] + variants[:k]
+
+
+def measure(args, env: dict, phases: list[dict], reader_box: list) -> None:
+    """Runs the phases, appending to `phases` as it goes (the caller keeps them on failure)."""
     variants = [v for v in args.variants.split(",") if v]
     hp = subprocess.Popen(TALLY + ["run", "--priority", "high", "--", sys.executable, str(Path(__file__).resolve()),
                                    "--hp-loop", args.hp, "--window-s", str(args.window_s)],
                           env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     reader = Reader(hp)
-    phases: list[dict] = []
+    reader_box.append(reader)
     try:
-        if not reader.ready.wait(args.start_timeout_s):
-            raise RuntimeError("the HP process did not get ready")
+        wait_ready(hp, reader.ready, args.start_timeout_s, "the HP process")
 
         def phase(variant: str) -> None:
             start = time.monotonic() + args.settle_s
             time.sleep(args.settle_s + args.phase_s)
+            if hp.poll() is not None:
+                raise RuntimeError(f"the HP process exited ({hp.returncode}) during a {variant} phase")
             phases.append({"variant": variant, "start": start, "end": time.monotonic()})
 
-        for _ in range(args.rounds):
-            for variant in variants:
+        for r in range(args.rounds):
+            for variant in round_order(variants, r):
                 phase("alone")
                 client = start_client(variant, env, args.start_timeout_s)
                 try:
@@ -204,13 +256,25 @@ def measure(args, env: dict) -> dict:
         phase("alone")
         time.sleep(args.window_s * 1.5)  # the last window lands
     finally:
-        hp.stdin.close()
-        try:
-            hp.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            hp.kill()
-    assign(reader.windows, phases)
-    return {"phases": phases, "windows": reader.windows}
+        stop(hp)
+        reader.thread.join(timeout=10)
+
+
+def write(args, phases: list[dict], windows: list[dict], error: str | None) -> str:
+    sys.path.insert(0, str(HERE))
+    from gate_depth_cost import environment
+
+    assign(windows, phases)
+    result = {"environment": environment(), "hp": args.hp, "rounds": args.rounds, "phase_s": args.phase_s,
+              "error": error, "phases": phases, "windows": windows, "summary": summarize(phases)}
+    (args.out / "second_client_cost.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result) + (f"\nThe run stopped early: {error}\n" if error else "")
+    (args.out / "second_client_cost.md").write_text(text)
+    return text
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # the finally blocks stop the clients, HP and the daemon
 
 
 def main() -> int:
@@ -232,29 +296,28 @@ def main() -> int:
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    sys.path.insert(0, str(HERE))
-    from gate_depth_cost import environment
-
+    signal.signal(signal.SIGTERM, _terminate)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     args.out.mkdir(parents=True, exist_ok=True)
     subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
-    up = subprocess.run(TALLY + ["up", "--metrics-port", "0"], capture_output=True, text=True, env=env)
+    up = subprocess.run(TALLY + ["up", "--mps", "--metrics-port", "0"], capture_output=True, text=True, env=env)
     if up.returncode != 0:
-        print(f"second_client_cost: tally up failed: {up.stderr.strip()}", file=sys.stderr)
+        print(f"second_client_cost: tally up failed: {last_line(up.stderr)}", file=sys.stderr)
         return 1
+    phases: list[dict] = []
+    reader_box: list[Reader] = []
+    error = None
     try:
-        measured = measure(args, env)
-    except RuntimeError as exc:
-        print(f"second_client_cost: {exc}", file=sys.stderr)
-        return 1
+        measure(args, env, phases, reader_box)
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        error = str(exc) or "interrupted"
+        print(f"second_client_cost: {error}", file=sys.stderr)
     finally:
         subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
-    result = {"environment": environment(), "hp": args.hp, "rounds": args.rounds, "phase_s": args.phase_s,
-              **measured, "summary": summarize(measured["phases"])}
-    (args.out / "second_client_cost.json").write_text(json.dumps(result, indent=1))
-    (args.out / "second_client_cost.md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
+    windows = reader_box[0].windows if reader_box else []
+    if phases:
+        print(write(args, phases, windows, error))
+    return 1 if error else 0
 
 
 if __name__ == "__main__":

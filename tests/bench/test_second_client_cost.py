@@ -36,7 +36,9 @@ def test_each_variant_phase_is_compared_with_the_alone_phases_next_to_it():
     assert abs(rows["mps"]["ratios"][0] - 0.0) < 1e-9  # 2.1 against (2.0 + 2.2) / 2
     assert len(rows["mps"]["ratios"]) == 1  # the last mps phase has no measured alone phase next to it
     assert abs(rows["mps-16g"]["ratios"][0] - 0.0) < 1e-9  # against 2.2 alone: the None one is skipped
-    assert rows["alone"]["means_ms"] == [2.0, 2.2] and rows["alone"]["median"] == 0.0
+    # alone phases against their alone neighbours: 2.0 against 2.2, 2.2 against 2.0
+    assert rows["alone"]["means_ms"] == [2.0, 2.2]
+    assert [round(x, 4) for x in rows["alone"]["ratios"]] == [round(2.0 / 2.2 - 1, 4), 0.1]
     text = cost.markdown({"environment": {"date": "d", "gpu": "g", "driver": "v"}, "hp": "h", "rounds": 1,
                           "phase_s": 4.0, "summary": cost.summarize(phases)})
     assert "| mps-16g | 1 | +0.00% | +0.00% to +0.00% | 2.200 |" in text
@@ -57,3 +59,25 @@ def test_an_unknown_variant_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--variants", "mps,nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown variant(s): nope" in r.stderr
+
+
+def test_a_child_that_exits_before_it_is_ready_fails_at_once_with_its_last_line():
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('Traceback', file=sys.stderr); "
+                             "print('boom: no GPU', file=sys.stderr); sys.exit(3)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    try:
+        cost.wait_ready(proc, threading.Event(), 60, "idle client mps")
+    except RuntimeError as exc:
+        assert str(exc) == "idle client mps exited (3) before it was ready: boom: no GPU"
+    else:
+        raise AssertionError("no error")
+    assert time.monotonic() - t0 < 10  # not the 60-s timeout
+
+
+def test_each_round_starts_the_variants_one_further_on():
+    assert [cost.round_order(["a", "b", "c"], r) for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
