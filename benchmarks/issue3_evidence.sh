@@ -8,8 +8,10 @@
 #   3. the issue's two pairs under EVIDENCE_SYSTEMS, once per seed of EVIDENCE_SEEDS
 #   4. what a second MPS client that runs nothing costs HP, inside one HP process
 #      (second_client_cost.py: idle clients come and go around HP's back-to-back requests)
+#   5. whether BE training steps are bound by the host's launches or by the GPU, with and without
+#      the agent (be_host_bound.py): whether the gate's host cost per launch can cost throughput
 #
-#   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 0 1 2 3 4, run in the order given
+#   bash benchmarks/issue3_evidence.sh OUT_DIR [STEPS]     STEPS: any of 0 1 2 3 4 5, run in the order given
 #                                                         (default "3 2": steps 0 and 1 were measured on
 #                                                         2026-12-03 and change only with the agent)
 #
@@ -60,6 +62,8 @@ for step in $steps; do
      echo "step 2 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   4) boxed 300 150 "$out/second-client.log" python3 benchmarks/second_client_cost.py --out "$out/second-client"
      echo "step 4 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
+  5) boxed 240 90 "$out/host-bound.log" python3 benchmarks/be_host_bound.py --out "$out/host-bound"
+     echo "step 5 rc=$? at $(( $(date +%s) - start )) s" >> "$out/env.txt" ;;
   3) for seed in ${EVIDENCE_SEEDS:-0}; do
        systems=${EVIDENCE_SYSTEMS:-standalone,tally,tally[be-thread-percent=90],tally[be-thread-percent=90;hp-stream-priority=1]}
        boxed 600 240 "$out/pairs-seed$seed.log" python3 -m tally bench --hp bert-infer@graph \

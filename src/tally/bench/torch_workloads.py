@@ -519,14 +519,19 @@ class TrainingWorkload:
         self.loss = None
 
     def step(self) -> None:
+        self.enqueue_step()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+
+    def enqueue_step(self) -> None:
+        """The step's work, enqueued: returns when the host has launched it, not when it ran
+        (benchmarks/be_host_bound.py times the two apart)."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss = self.make_loss(self.model)
         loss.backward()
         self.optimizer.step()
         self.loss = loss.detach()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
 
     def check(self) -> str:
         value = float(self.loss) if self.loss is not None else math.nan
