@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TALLY = [sys.executable, "-m", "tally"]
+from gpu_session import TALLY, daemon_down, daemon_up, heading, last_line, mps_env  # this directory is on sys.path
 
 
 def steps_of(workload: str, steps: int, warmup: int) -> dict:
@@ -73,8 +72,7 @@ def summary(row: dict) -> dict:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# BE steps: host enqueue against GPU ({env.get('date')}, {env.get('gpu', '?')}, "
-             f"driver {env.get('driver', '?')})", "",
+    lines = [heading("BE steps: host enqueue against GPU", env), "",
              f"{result['steps']} steps after {result['warmup']} of warm-up; medians. Margin: step - enqueue, the host "
              "time per step the agent could add before the step took longer. Host-bound steps: enqueue above 90% "
              "of the step.", "",
@@ -89,24 +87,17 @@ def markdown(result: dict) -> str:
 
 
 def run_client(client: str, workload: str, args, env: dict) -> dict:
-    from tally.daemon.client import find_daemon, mps_client_env
-
     cmd = [sys.executable, str(Path(__file__).resolve()), "--in-process", workload, "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
     if client == "mps":
-        state = find_daemon()
-        mps = mps_client_env(state) if state else {}
-        if not mps:
-            raise RuntimeError("the tally daemon is gone, or runs without MPS")
-        run_env = dict(env, **mps)
+        run_env = dict(env, **mps_env())
     else:
         cmd = TALLY + ["run", "--priority", "best-effort", "--"] + cmd
         run_env = env
     proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        err = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"{workload} as {client} failed ({proc.returncode}): {err[-1] if err else 'no output'}")
+        raise RuntimeError(f"{workload} as {client} failed ({proc.returncode}): {last_line(proc.stderr)}")
     return json.loads(lines[-1])
 
 
@@ -123,16 +114,13 @@ def main() -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    sys.path.insert(0, str(HERE))
     from gate_depth_cost import environment
 
     env = dict(os.environ)
     args.out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
-    up = subprocess.run(TALLY + ["up", "--mps", "--metrics-port", "0"], capture_output=True, text=True, env=env)
-    if up.returncode != 0:
-        err = [line for line in up.stderr.splitlines() if line.strip()]
-        print(f"be_host_bound: tally up failed: {err[-1] if err else 'no output'}", file=sys.stderr)
+    error = daemon_up(env)
+    if error:
+        print(f"be_host_bound: {error}", file=sys.stderr)
         return 1
     result = {"environment": environment(), "steps": args.steps, "warmup": args.warmup, "rows": [], "errors": []}
     try:
@@ -146,7 +134,7 @@ def main() -> int:
                     continue
                 result["rows"].append({"workload": workload, "client": client, **row, "summary": summary(row)})
     finally:
-        subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
+        daemon_down(env)
     (args.out / "be_host_bound.json").write_text(json.dumps(result, indent=1))
     (args.out / "be_host_bound.md").write_text(markdown(result))
     print(markdown(result))

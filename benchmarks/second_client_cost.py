@@ -40,8 +40,9 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_session import TALLY, daemon_down, daemon_up, heading, last_line, mps_env  # this directory is on sys.path
+
 HERE = Path(__file__).resolve().parent
-TALLY = [sys.executable, "-m", "tally"]
 
 # Holds its context until its stdin closes: a client is never left behind by a parent that died.
 IDLE_CLIENT = ("import sys\n"
@@ -129,8 +130,7 @@ def summarize(phases: list[dict]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# A second MPS client that runs nothing ({env.get('date')}, {env.get('gpu', '?')}, "
-             f"driver {env.get('driver', '?')})", "",
+    lines = [heading("A second MPS client that runs nothing", env), "",
              f"HP `{result['hp']}` back to back in one process, {result['rounds']} rounds of alone / each variant, "
              f"{result['phase_s']:g} s phases, the variants' order rotated each round. Paired: each variant "
              "phase's mean service time against the alone phases next to it (for alone: each alone phase "
@@ -165,11 +165,6 @@ class Reader:
                     pass  # not ours: the program printed it
 
 
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
 def wait_ready(proc: subprocess.Popen, ready: threading.Event, timeout: float, what: str) -> None:
     """Until `ready` is set; RuntimeError (one line) when `proc` exits first or the time runs out."""
     deadline = time.monotonic() + timeout
@@ -183,16 +178,10 @@ def wait_ready(proc: subprocess.Popen, ready: threading.Event, timeout: float, w
 
 def start_client(variant: str, env: dict, timeout: float) -> subprocess.Popen:
     gib, extra, via_tally = VARIANTS[variant]
-    from tally.daemon.client import find_daemon, mps_client_env
-
     client_env = dict(env, **extra)
     prefix: list[str] = TALLY + ["run", "--priority", "best-effort", "--"] if via_tally else []
     if not via_tally:
-        state = find_daemon()
-        mps = mps_client_env(state) if state else {}
-        if not mps:
-            raise RuntimeError("the tally daemon is gone, or runs without MPS: no MPS for the idle client")
-        client_env.update(mps)
+        client_env.update(mps_env())
     proc = subprocess.Popen(prefix + [sys.executable, "-c", IDLE_CLIENT, str(gib), "0" if via_tally else "1"],
                             env=client_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -261,7 +250,6 @@ def measure(args, env: dict, phases: list[dict], reader_box: list) -> None:
 
 
 def write(args, phases: list[dict], windows: list[dict], error: str | None) -> str:
-    sys.path.insert(0, str(HERE))
     from gate_depth_cost import environment
 
     assign(windows, phases)
@@ -299,10 +287,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     args.out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
-    up = subprocess.run(TALLY + ["up", "--mps", "--metrics-port", "0"], capture_output=True, text=True, env=env)
-    if up.returncode != 0:
-        print(f"second_client_cost: tally up failed: {last_line(up.stderr)}", file=sys.stderr)
+    error = daemon_up(env)
+    if error:
+        print(f"second_client_cost: {error}", file=sys.stderr)
         return 1
     phases: list[dict] = []
     reader_box: list[Reader] = []
@@ -313,7 +300,7 @@ def main() -> int:
         error = str(exc) or "interrupted"
         print(f"second_client_cost: {error}", file=sys.stderr)
     finally:
-        subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
+        daemon_down(env)
     windows = reader_box[0].windows if reader_box else []
     if phases:
         print(write(args, phases, windows, error))
