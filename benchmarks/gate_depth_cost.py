@@ -28,8 +28,8 @@ timed in turn as
 The daemon is restarted for each configuration. BE throughput is steps per
 second over --seconds after the bench worker's warm-up; the BE client's gate
 counters come from `tally status --json` taken while it runs. Each round runs
-every configuration once, so a configuration's ratio to mps is also taken per
-round, against that round's mps run; the table gives the median and range of
+every configuration once (in reverse order every other round), so a
+configuration's ratio to mps is also taken per round, against that round's mps run; the table gives the median and range of
 those paired ratios beside the ratio of medians.
 
 cuDNN's algorithm choice by timing (cudnn.benchmark) is off unless
@@ -173,6 +173,12 @@ def environment() -> dict:
     return out
 
 
+def round_order(plan: list, round_: int) -> list:
+    """The configurations in plan order, reversed every other round: a drift within rounds (the
+    GPU warming, say) then favours no configuration by always running it first."""
+    return list(plan) if round_ % 2 == 0 else list(reversed(plan))
+
+
 def paired_ratios(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
     """(workload, configuration) -> its steps/s over mps's in the same round, for rounds that have both."""
     mps = {(r["workload"], r.get("round")): r["steps_per_s"] for r in rows if r["config"] == "mps"}
@@ -196,7 +202,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Gate depth cost ({env['date']}, {env.get('gpu', '?')}, driver {env.get('driver', '?')}, "
              f"Python/PyTorch {env['python_torch']})", "",
              f"{result['seconds']:g} s of BE training per configuration after warm-up, "
-             f"{result.get('rounds', 1)} round(s) with the configurations interleaved; the HP client joined "
+             f"{result.get('rounds', 1)} round(s) with the configurations interleaved (reversed every other round); "
+             "the HP client joined "
              "and then sent nothing; cuDNN benchmark mode "
              f"{'on' if result.get('cudnn_benchmark') else 'off'}. vs mps: median steps/s against the plain MPS "
              "client's. Paired: the median of each round's ratio to that round's mps run (range in brackets).", "",
@@ -240,7 +247,7 @@ def main() -> int:
     result = {"environment": environment(), "seconds": args.seconds, "rounds": args.rounds,
               "cudnn_benchmark": args.cudnn_benchmark, "rows": [], "errors": []}
     for workload, round_, cfg in [(w, r, c) for w in args.workloads.split(",") if w
-                                  for r in range(args.rounds) for c in plan]:
+                                  for r in range(args.rounds) for c in round_order(plan, r)]:
         t0 = time.time()
         try:
             row = run_config(cfg, workload, args.seconds, env)

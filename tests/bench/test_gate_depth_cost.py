@@ -59,3 +59,8 @@ def test_paired_ratios_compare_each_round_with_that_rounds_mps_run():
     line = next(line for line in text.splitlines() if line.startswith("| w | tally-no-hp |"))
     assert line.split(" | ")[4] == "0.975 [0.900-1.050]"
     assert "cuDNN benchmark mode off" in text
+
+
+def test_rounds_alternate_the_order_of_the_configurations():
+    assert [depth.round_order(["mps", "tally-no-hp", "idle-hp"], r) for r in range(3)] == [
+        ["mps", "tally-no-hp", "idle-hp"], ["idle-hp", "tally-no-hp", "mps"], ["mps", "tally-no-hp", "idle-hp"]]
