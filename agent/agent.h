@@ -23,19 +23,17 @@ void tally_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* The same, for a part of the agent with its own one warning (*flag). */
 void tally_warn_once(atomic_int *flag, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-static inline uint64_t tally_now_ns(void) {
+static inline uint64_t tally_clock_ns(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+static inline uint64_t tally_now_ns(void) { return tally_clock_ns(CLOCK_MONOTONIC); }
+
 /* The same clock at the kernel's tick (a few ms): never a system call. In a VM whose clock the vDSO
  * cannot read, CLOCK_MONOTONIC is one, and a launch path that needs no precise time should not pay it. */
-static inline uint64_t tally_coarse_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+static inline uint64_t tally_coarse_now_ns(void) { return tally_clock_ns(CLOCK_MONOTONIC_COARSE); }
 
 /* A launch as the scheduler sees it, decoded from the callback's parameters. */
 struct tally_launch {

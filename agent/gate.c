@@ -34,13 +34,16 @@ int tally_gate_daemon_alive(const struct tally_sb_header *h, uint64_t now_ns) {
     return now_ns <= beat || now_ns - beat <= load64(&h->daemon_timeout_ns);
 }
 
-/* How long HP has been idle at now_ns, given it has nothing in flight: from
- * its last launch or the last moment its work was seen in flight. */
-static uint64_t hp_idle_ns(const struct tally_sb_header *h, uint64_t now_ns) {
+/* HP's last sign of life: its last launch or the last moment its work was seen in flight. */
+static uint64_t hp_last_mark(const struct tally_sb_header *h) {
     uint64_t last = load64(&h->hp_last_launch_ns);
     uint64_t busy = load64(&h->hp_last_busy_ns);
-    if (busy > last) last = busy;
-    return elapsed(last, now_ns);
+    return busy > last ? busy : last;
+}
+
+/* How long HP has been idle at now_ns, given it has nothing in flight. */
+static uint64_t hp_idle_ns(const struct tally_sb_header *h, uint64_t now_ns) {
+    return elapsed(hp_last_mark(h), now_ns);
 }
 
 static uint64_t bound_when_idle(const struct tally_sb_header *h, uint64_t idle_ns) {
@@ -179,9 +182,7 @@ uint64_t tally_gate_hp_stall_ns(struct tally_gate_watch *w, const struct tally_s
     }
     /* Busy by the idle window alone: that ends by itself unless HP's marks stop moving in a way the
      * window never passes (a mark ahead of this clock). */
-    uint64_t mark = load64(&h->hp_last_launch_ns);
-    uint64_t busy = load64(&h->hp_last_busy_ns);
-    if (busy > mark) mark = busy;
+    uint64_t mark = hp_last_mark(h);
     if (mark != w->idle_mark || !w->idle_since_ns) {
         w->idle_mark = mark;
         w->idle_since_ns = now_ns;

@@ -113,6 +113,12 @@ static uint64_t held_since_for(uint64_t closed_since) {
     return held_since;
 }
 
+/* Nothing of ours is behind the closed word (any more). */
+static void forget_hold(void) {
+    atomic_store(&GG.first_closed_wait_ns, 0);
+    atomic_store(&GG.closed_launches, 0);
+}
+
 /* The word opens (or the thread stops looking at it): what it held counts as held at the gate, as
  * the launch-level gate's holds do (tally status, the metrics): from the first wait enqueued while
  * it was closed, and the program launches enqueued meanwhile. Not a close with nothing behind it,
@@ -138,8 +144,7 @@ static void *opening_thread(void *unused) {
         if (word & TALLY_SB_GPU_GATE_OPEN) {
             first_look = 0;
             closed_since = 0;
-            atomic_store(&GG.first_closed_wait_ns, 0);
-            atomic_store(&GG.closed_launches, 0);
+            forget_hold();
             nap(__atomic_load_n(&S.sb->hp_active, __ATOMIC_RELAXED) ? LOOK_WHILE_OPEN_NS : LOOK_WITHOUT_HP_NS);
             continue;
         }
@@ -155,12 +160,8 @@ static void *opening_thread(void *unused) {
         }
         if (d != TALLY_GATE_WAIT_HP) {
             if (__atomic_compare_exchange_n(GG.word, &word, TALLY_SB_GPU_GATE_OPEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-                if (first_look) { /* opened at once: the start's own close held nothing for HP */
-                    atomic_store(&GG.first_closed_wait_ns, 0);
-                    atomic_store(&GG.closed_launches, 0);
-                } else {
-                    count_hold();
-                }
+                if (first_look) forget_hold(); /* opened at once: the start's own close held nothing for HP */
+                else count_hold();
                 closed_since = 0; /* HP may close it again before the next look */
             }
             first_look = 0;
