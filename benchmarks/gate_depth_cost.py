@@ -55,7 +55,7 @@ import threading
 import time
 from pathlib import Path
 
-TALLY = [sys.executable, "-m", "tally"]
+from gpu_session import TALLY, daemon_down, daemon_up, mps_env  # this directory is on sys.path
 
 # A client that joins as HP (its first launch) and then never launches again.
 IDLE_HP = ("import sys, time, torch\n"
@@ -105,12 +105,9 @@ def be_status(stop: threading.Event, seen: dict) -> None:
 
 
 def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
-    from tally.daemon.client import find_daemon, mps_client_env
-
-    subprocess.run(TALLY + ["down", "--force"], capture_output=True, text=True, env=env)
-    up = subprocess.run(TALLY + ["up", "--metrics-port", "0"] + cfg["up"], capture_output=True, text=True, env=env)
-    if up.returncode != 0:
-        raise RuntimeError(f"tally up failed: {up.stderr.strip()}")
+    error = daemon_up(env, *cfg["up"])
+    if error:
+        raise RuntimeError(error)
     hp = None
     try:
         if cfg["hp"]:
@@ -121,7 +118,7 @@ def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
                 raise RuntimeError(f"idle HP client did not start: {hp.stderr.read()[-500:]}")
         with tempfile.TemporaryDirectory() as tmp:
             if cfg["client"] == "mps":
-                be_env = dict(env, **mps_client_env(find_daemon()))
+                be_env = dict(env, **mps_env())
                 prefix: list[str] = []
             else:
                 be_env = dict(env, **cfg.get("env", {}))
@@ -146,7 +143,7 @@ def run_config(cfg: dict, workload: str, seconds: float, env: dict) -> dict:
                 hp.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 hp.kill()
-        subprocess.run(TALLY + ["down", "--force"], capture_output=True, text=True, env=env)
+        daemon_down(env)
     ends = result.get("step_end_times") or []
     if result.get("error") or len(ends) < 3:
         raise RuntimeError(f"BE worker: {result.get('error') or 'fewer than 3 steps'}")

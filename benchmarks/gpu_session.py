@@ -14,10 +14,12 @@ def last_line(text: str | None) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def daemon_up(env: dict) -> str | None:
-    """A fresh daemon with MPS (any left over is stopped first); None, or why it did not start."""
+def daemon_up(env: dict, *options: str) -> str | None:
+    """A fresh daemon with MPS and `tally up` OPTIONS (any daemon left over is stopped first);
+    None, or why it did not start."""
     subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
-    up = subprocess.run(TALLY + ["up", "--mps", "--metrics-port", "0"], capture_output=True, text=True, env=env)
+    up = subprocess.run(TALLY + ["up", "--mps", "--metrics-port", "0", *options], capture_output=True, text=True,
+                        env=env)
     return None if up.returncode == 0 else f"tally up failed: {last_line(up.stderr)}"
 
 

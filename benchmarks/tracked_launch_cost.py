@@ -34,9 +34,9 @@ import tempfile
 from pathlib import Path
 
 from gate_depth_cost import IDLE_HP  # the same idle HP client (this directory is on sys.path)
+from gpu_session import TALLY, daemon_down, daemon_up, mps_env
 
 HERE = Path(__file__).resolve().parent
-TALLY = [sys.executable, "-m", "tally"]
 
 AGENT_ONLY = "agent-only"
 CONFIGS = [
@@ -56,19 +56,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from tally.daemon.client import find_daemon, mps_client_env
-
     work = Path(tempfile.mkdtemp())
     exe = work / "launch_cost"
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     subprocess.run([nvcc, "-O2", "-arch=sm_90", "-o", str(exe), str(HERE / "launch_cost.cu")], check=True)
     env = dict(os.environ)
-    subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
-    subprocess.run(TALLY + ["up", "--metrics-port", "0"], check=True, capture_output=True, env=env)
+    error = daemon_up(env)
+    if error:
+        raise SystemExit(f"tracked_launch_cost: {error}")
     hp = None
     rows = []
     try:
-        mps_env = dict(env, **mps_client_env(find_daemon()))
+        try:
+            mps_run_env = dict(env, **mps_env())
+        except RuntimeError as exc:
+            raise SystemExit(f"tracked_launch_cost: {exc}") from None
         for name, tracked, extra in CONFIGS:
             if tracked and hp is None:
                 hp = subprocess.Popen(TALLY + ["run", "--priority", "high", "--", sys.executable, "-c", IDLE_HP, "600"],
@@ -79,10 +81,10 @@ def main() -> int:
                 from tally.launcher import agent_env
 
                 # no priority, whatever the caller's environment says: the agent only counts
-                base = {k: v for k, v in mps_env.items() if k != "TALLY_PRIORITY"}
+                base = {k: v for k, v in mps_run_env.items() if k != "TALLY_PRIORITY"}
                 cmd, run_env = [str(exe)], agent_env([str(exe)], base)
             elif extra is None:
-                cmd, run_env = [str(exe)], mps_env
+                cmd, run_env = [str(exe)], mps_run_env
             else:
                 cmd = TALLY + ["run", "--priority", "best-effort", "--", str(exe)]
                 run_env = dict(env, **extra)
@@ -98,7 +100,7 @@ def main() -> int:
         if hp is not None:
             hp.terminate()
             hp.wait(timeout=20)
-        subprocess.run(TALLY + ["down", "--force"], capture_output=True, env=env)
+        daemon_down(env)
     base = rows[0]["ns_per_launch"]
     lines = ["| configuration | ns per launch | over mps | rounds |", "|---|---|---|---|"]
     for r in rows:
