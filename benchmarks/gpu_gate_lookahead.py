@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tally.bench.runner import collect_environment  # noqa: E402
 from tally.scoreboard import GPU_GATE_OPEN as OPEN  # noqa: E402  (the agent's value, defined once)
+from gpu_session import heading  # noqa: E402  (this directory is on sys.path)
 
 REOPENED = OPEN | 2
 CLOSED = 12345
@@ -70,8 +71,7 @@ def median_of_samples(samples: list[float]) -> float:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# GPU-side gate: lookahead and wait cost ({env['date']}, {env.get('gpu', '?')}, driver "
-             f"{env.get('driver', '?')})", "",
+    lines = [heading("GPU-side gate: lookahead and wait cost", env), "",
              "Kernels that started after the word was closed (they had passed their wait already), "
              "per round; and the time per kernel of a stream with a wait before each kernel, against "
              "one without (word open).", "",
